@@ -1,0 +1,76 @@
+"""Guidance ``robust-nfsd``: the study's robust NFSD (``shared/seed/single-view-sds.md``).
+
+"For each iteration, I sample a large timestep to compute the classifier term and
+additionally, a small timestep to compute the correction term. I scale the correction
+term to make it twice the norm of the classifier term." With the classifier term
+δ_C = ε(z_t; y) − ε(z_t; ∅) at the schedule's (large) t and the correction
+δ_D = ε(z_s; ∅) at a small s ∈ [correction_t_min, correction_t_max) drawn here::
+
+    score = s_cfg · δ_C + ratio · ‖s_cfg · δ_C‖ / ‖δ_D‖ · δ_D
+
+so every step balances semantics and realism by the same proportion, whatever the
+parameterization. During a schedule's ``warmup`` phase it is plain NFSD at the (large)
+timestep: the classifier term plus ``warmup_correction_scale`` times NFSD's negative-prompt
+correction. Both timesteps' rows go through the UNet in one batched call (three rows).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+
+import sdsctl
+from sdsctl.components import GuidanceOutput, InvalidConfig, StepTimes
+
+from .nfsd import NFSD, NFSDConfig
+
+
+class RobustNFSDConfig(NFSDConfig):
+    name: str = "robust-nfsd"
+    ratio: float = Field(2.0, gt=0, description="‖correction‖ / ‖classifier‖ after rescaling")
+    correction_t_min: int = Field(20, ge=0, description="smallest timestep of the correction term")
+    correction_t_max: int = Field(200, gt=0, description="the correction's timestep is below this")
+    warmup_correction_scale: float = Field(0.0, ge=0, description="NFSD correction scale during warm-up (0: classifier only)")
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.correction_t_min >= self.correction_t_max:
+            raise ValueError(f"correction_t_min ({self.correction_t_min}) must be below correction_t_max ({self.correction_t_max})")
+        return self
+
+
+class RobustNFSD(NFSD):
+    Config = RobustNFSDConfig
+
+    @classmethod
+    def check(cls, config, recipe, model) -> None:
+        if config.correction_t_max > model.num_train_timesteps:
+            raise InvalidConfig(f"{config.correction_t_max} is outside the model's timesteps 0..{model.num_train_timesteps - 1}",
+                                field="correction_t_max")
+
+    def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
+        cfg = self.config
+        if times.phase == "warmup":
+            classifier, correction = self.terms(self.noised(z, times.t), times.t)
+            c = cfg.guidance_scale * classifier
+            d = cfg.warmup_correction_scale * correction
+            return GuidanceOutput(score=c + d, norms={"classifier": c.norm(), "correction": d.norm()},
+                                  timesteps={"t": times.t})
+        g = self.ctx.generator
+        s = int(torch.randint(cfg.correction_t_min, cfg.correction_t_max, (1,), generator=g, device=g.device))
+        z_t, z_s = self.noised(z, times.t), self.noised(z, s)
+        t_rows = torch.tensor([times.t, times.t, s], device=z.device)
+        preds = self.ctx.prior.predict_noise(
+            torch.cat([z_t, z_t, z_s]), t_rows.repeat_interleave(z.shape[0]),
+            torch.cat([self.uncond, self.cond, self.uncond])).chunk(3)
+        c = cfg.guidance_scale * (preds[1] - preds[0])
+        d = preds[2]
+        c_norm = c.norm()
+        d = d * (cfg.ratio * c_norm / d.norm().clamp_min(1e-12))
+        return GuidanceOutput(score=c + d, norms={"classifier": c_norm, "correction": d.norm()},
+                              timesteps={"t": times.t, "t_correction": s})
+
+
+@sdsctl.hookimpl
+def register_guidances(register):
+    register("robust-nfsd", RobustNFSD)

@@ -1,0 +1,145 @@
+"""Commands of the shapes prior: ``train-shapes``, ``sample`` and ``evaluate-prior``.
+
+``train-shapes`` trains the embedded prior (``sdsctl.shapes.train``), resumable from its own
+checkpoint; ``sample`` draws one image from any prior with DDIM (diffusers'
+``StableDiffusionPipeline``); ``evaluate-prior`` measures a shapes prior's fidelity, its
+quality words and its encoder's robustness (``sdsctl.shapes.evaluate``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+import sdsctl
+from sdsctl.errors import SdsctlError
+
+
+def _model_folder(model: str) -> tuple[str, str]:
+    from sdsctl.components import InvalidConfig
+    from sdsctl.prior import resolve_source
+
+    try:
+        return resolve_source(model)
+    except InvalidConfig as exc:
+        raise SdsctlError(f"--model {model}: {exc}") from exc
+
+
+def _pipeline(model: str, device: str):
+    from sdsctl import sampling
+    from sdsctl.prior import _hub_hint
+
+    kind, source = _model_folder(model)
+    try:
+        return sampling.load_pipeline(source, device=device, local_files_only=kind == "folder")
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise SdsctlError(f"{_hub_hint(source)}\n  ({type(exc).__name__}: {exc})") from exc
+        raise SdsctlError(f"cannot load the model in {source}: {type(exc).__name__}: {exc}") from exc
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def train_shapes(
+    out: Annotated[Path, typer.Option("--out", help="work folder: checkpoint, tokenizer and the exported prior/")],
+    seed: Annotated[int, typer.Option(help="seed of the world and of the training")] = 0,
+    vae_steps: Annotated[int, typer.Option(help="VAE training steps")] = 2500,
+    prior_steps: Annotated[int, typer.Option(help="UNet + text encoder training steps")] = 8000,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="train the VAE on world images only")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    smoke: Annotated[bool, typer.Option("--smoke", help="a few steps of every stage (to check the set-up)")] = False,
+) -> None:
+    """Train the shapes prior (resumes from OUT/checkpoint.pt); the result is OUT/prior/."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from sdsctl.shapes.train import Trainer, TrainConfig
+
+    if min(vae_steps, prior_steps) <= 0:
+        raise SdsctlError("--vae-steps and --prior-steps must be positive")
+    kw = dict(seed=seed, augment=not no_augment, device=_device(device))
+    cfg = TrainConfig.smoke(**kw) if smoke else TrainConfig(vae_steps=vae_steps, prior_steps=prior_steps, **kw)
+    columns = [TextColumn("{task.description:>8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[logs]}")]
+    with Progress(*columns) as progress:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, step: int, total: int, logs: dict) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total, logs="")
+            text = "  ".join(f"{k} {v:.4g}" for k, v in logs.items())
+            progress.update(tasks[stage], completed=step, logs=text)
+
+        folder = Trainer(out, cfg, report).run()
+    typer.echo(f"prior written to {folder}")
+
+
+def sample(
+    prompt: Annotated[str, typer.Option(help="the text prompt ('' for an unconditional sample)")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write")],
+    seed: Annotated[int, typer.Option(help="seed of the initial noise")] = 0,
+    steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
+    guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 7.5,
+    negative_prompt: Annotated[str, typer.Option(help="prompt of the unconditional branch")] = "",
+    model: Annotated[str, typer.Option(help="shapes, a diffusers folder or a hub id")] = "shapes",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+) -> None:
+    """Draw one image from a prior with DDIM."""
+    from PIL import Image
+
+    from sdsctl import sampling
+    from sdsctl.rundir import atomic_write_bytes
+
+    if out.suffix.lower() != ".png":
+        raise SdsctlError(f"--out {out}: the image is written as PNG; give a file name ending in .png")
+    if out.exists() and not overwrite:
+        raise SdsctlError(f"--out {out} exists; choose another file or pass --overwrite")
+    if steps <= 0:
+        raise SdsctlError(f"--steps {steps}: must be positive")
+    pipe = _pipeline(model, _device(device))
+    unknown = __import__("sdsctl.shapes.tokenizer", fromlist=["x"]).unknown_words(pipe.tokenizer, prompt)
+    if unknown:
+        typer.echo(f"warning: the model does not know the word(s): {', '.join(unknown)}", err=True)
+    image = sampling.sample(pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale,
+                            negative_prompt=negative_prompt or None)[0]
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray((image * 255 + 0.5).astype("uint8")).save(buf, format="PNG")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, buf.getvalue())
+    typer.echo(str(out))
+
+
+def evaluate_prior(
+    model: Annotated[str, typer.Option(help="shapes or a folder holding a shapes prior")] = "shapes",
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for report.json and sample grids")] = None,
+    quick: Annotated[bool, typer.Option(help="fewer samples (a smoke check)")] = False,
+) -> None:
+    """Measure a shapes prior: prompt fidelity, unconditional samples, quality words, encoder robustness."""
+    from sdsctl.shapes import evaluate
+
+    kind, source = _model_folder(model)
+    if kind != "folder":
+        raise SdsctlError(f"--model {model}: evaluate-prior needs a local shapes prior folder")
+    t0 = time.time()
+    report = evaluate.evaluate(source, quick=quick, out=out)
+    report["seconds"] = round(time.time() - t0, 1)
+    typer.echo(json.dumps(report, indent=2))
+
+
+@sdsctl.hookimpl
+def register_commands(app):
+    app.command("train-shapes")(train_shapes)
+    app.command("sample")(sample)
+    app.command("evaluate-prior")(evaluate_prior)

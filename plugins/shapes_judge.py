@@ -1,0 +1,31 @@
+"""Metric ``shapes-judge``: the shapes world's judge (``sdsctl.shapes.judge``) on a run's image.
+
+It applies to any prior whose tokenizer knows the shapes world's words and whose images
+are 64x64 (the shipped prior, or one retrained with ``sdsctl train-shapes``). Its result,
+in ``summary.json`` under ``metrics.shapes-judge``: the judged background, colour and shape,
+``match`` (and ``match_color``, ``match_shape``, ``match_background``) against the prompt,
+the palette error and the realism figures (sharpness, noise, saturation, contrast,
+brightness).
+"""
+
+from __future__ import annotations
+
+import sdsctl
+from sdsctl.components import Metric
+from sdsctl.shapes import judge, world
+
+
+class ShapesJudge(Metric):
+    @classmethod
+    def applies_to(cls, prior) -> bool:
+        vocab = prior.tokenizer.get_vocab()
+        words = [w for w in world.vocabulary() if w.isalpha()]
+        return prior.image_size == world.IMAGE_SIZE and all(w + "</w>" in vocab for w in words)
+
+    def __call__(self, image, prompt: str) -> dict:
+        return judge.judge(image, prompt).to_dict(prompt)
+
+
+@sdsctl.hookimpl
+def register_metrics(register):
+    register("shapes-judge", ShapesJudge)

@@ -1,0 +1,52 @@
+"""Schedule ``warmup``: a warm-up phase at large timesteps, then the guidance's main mode.
+
+The study's second cuisine: "For the first 300 iterations, only sample timestep between
+200 to 980 and optimize the NFSD", then robust NFSD. The first ``warmup_steps`` steps draw
+t ~ U{warmup_t_min, ..., warmup_t_max} with phase ``warmup``; later steps draw
+t ~ U{t_min, ..., t_max} with phase ``main`` (for ``robust-nfsd`` this t is the classifier
+term's; it draws the correction's small timestep itself).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+
+import sdsctl
+from sdsctl.components import InvalidConfig, StepTimes
+
+from .uniform_schedule import UniformSchedule
+
+
+class WarmupSchedule(UniformSchedule):
+    class Config(UniformSchedule.Config):
+        name: str = "warmup"
+        warmup_steps: int = Field(300, ge=0, description="number of warm-up steps")
+        warmup_t_min: int = Field(200, ge=0, description="smallest warm-up timestep (inclusive)")
+        warmup_t_max: int = Field(980, ge=0, description="largest warm-up timestep (inclusive)")
+        t_min: int = Field(200, ge=0, description="smallest timestep after warm-up (inclusive)")
+
+        @model_validator(mode="after")
+        def _warmup_order(self):
+            if self.warmup_t_min >= self.warmup_t_max:
+                raise ValueError(f"warmup_t_min ({self.warmup_t_min}) must be below warmup_t_max ({self.warmup_t_max})")
+            return self
+
+    @classmethod
+    def check(cls, config, recipe, model) -> None:
+        super().check(config, recipe, model)
+        last = model.num_train_timesteps - 1
+        if config.warmup_t_max > last:
+            raise InvalidConfig(f"{config.warmup_t_max} is outside the model's timesteps 0..{last}", field="warmup_t_max")
+
+    def __call__(self, step: int) -> StepTimes:
+        cfg, g = self.config, self.ctx.generator
+        warm = step < cfg.warmup_steps
+        lo, hi = (cfg.warmup_t_min, cfg.warmup_t_max) if warm else (cfg.t_min, cfg.t_max)
+        t = torch.randint(lo, hi + 1, (1,), generator=g, device=g.device)
+        return StepTimes(t=int(t), phase="warmup" if warm else "main")
+
+
+@sdsctl.hookimpl
+def register_schedules(register):
+    register("warmup", WarmupSchedule)

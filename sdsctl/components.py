@@ -1,0 +1,238 @@
+"""The base classes every component derives from, and the small types they exchange.
+
+A component is a class with a nested pydantic ``Config`` (a :class:`ComponentConfig`:
+unknown keys are rejected, the field ``name`` selects the class) holding its options and
+their defaults next to its code. The loop builds components as ``cls(config, ctx)`` with the
+run's :class:`RunContext`; models, which exist before the context, as ``cls(config)``.
+
+The step these components take part in (``docs/architecture.md``)::
+
+    times  = schedule(step)
+    x      = parameterization()
+    z      = x if space == "latent" else prior.encode_images(x)
+    out    = guidance.score(z.detach(), times)
+    g      = score_scale * weighting(times.t) * out.score
+    target = (z - g).detach();  loss = 0.5 * ||z - target||^2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .prior import Prior
+    from .recipe import Recipe
+
+
+class ComponentConfig(BaseModel):
+    """Options of one component; subclasses add fields with their defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+
+
+class InvalidConfig(ValueError):
+    """Raised by a component's ``check`` (or a model's ``describe``) for a bad option.
+
+    ``field`` is the option's key within the component's section, so the error can point
+    at its line in the recipe.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What validation needs to know about a model, read without loading its weights."""
+
+    source: str  # the folder or hub id
+    num_train_timesteps: int
+    prediction_type: str
+    vae_scale_factor: int  # pixels per latent pixel
+    latent_multiple: int  # the UNet needs latent sizes divisible by this
+    latent_channels: int
+    latent_size: int  # native latent size
+    max_prompt_tokens: int
+    tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def image_size(self) -> int:
+        """The native image resolution in pixels."""
+        return self.latent_size * self.vae_scale_factor
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words of ``prompt`` the tokenizer holds no whole-word token for."""
+        if self.tokenizer is None:
+            return []
+        from .shapes.tokenizer import unknown_words
+
+        return unknown_words(self.tokenizer, prompt)
+
+
+@dataclasses.dataclass
+class StepTimes:
+    """The schedule's answer for one step."""
+
+    t: int  # the step's timestep
+    phase: str = "main"  # e.g. "warmup" / "main"; shown in the panel and metrics.jsonl
+
+
+@dataclasses.dataclass
+class GuidanceOutput:
+    """A guidance's answer for one step."""
+
+    score: Tensor  # same shape as z; float32
+    norms: dict[str, float | Tensor]  # e.g. {"classifier": .., "correction": ..}; 0-dim tensors are fine
+    timesteps: dict[str, int]  # every timestep used, e.g. {"t": 700, "t_correction": 120}
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Everything a component may use during a run."""
+
+    prior: Prior  # the frozen model, on ``device``
+    recipe: Recipe  # the validated recipe
+    device: torch.device
+    dtype: torch.dtype  # compute dtype of the prior's forward passes
+    generator: torch.Generator  # all randomness of the run (seeded by recipe.seed)
+    steps: int
+    _embeddings: dict[str, Tensor] = dataclasses.field(default_factory=dict, repr=False)
+
+    def embeddings(self, prompt: str) -> Tensor:
+        """Text embeddings ``[1, L, D]`` of ``prompt``, computed once per run and cached."""
+        if prompt not in self._embeddings:
+            self._embeddings[prompt] = self.prior.encode_prompts([prompt])
+        return self._embeddings[prompt]
+
+
+class Component:
+    """What every component has: its validated ``config`` and the run's ``ctx``."""
+
+    kind: ClassVar[str] = "component"
+    Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+
+    def __init__(self, config: ComponentConfig, ctx: RunContext):
+        self.config = config
+        self.ctx = ctx
+
+    @classmethod
+    def check(cls, config: ComponentConfig, recipe: Recipe, model: ModelInfo) -> None:
+        """Validate options against the model and the recipe, before any weights load.
+
+        Raise :class:`InvalidConfig` (with ``field``) for a bad option. The default accepts
+        everything.
+        """
+
+
+class Model(Component):
+    """A frozen text-to-image model; ``load`` returns the run's :class:`~sdsctl.prior.Prior`."""
+
+    kind = "model"
+
+    def __init__(self, config: ComponentConfig):  # built before the run context exists
+        self.config = config
+
+    def describe(self) -> ModelInfo:
+        """Read the model's configuration (no weights) for validation."""
+        raise NotImplementedError
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> Prior:
+        raise NotImplementedError
+
+
+class Parameterization(torch.nn.Module, Component):
+    """Holds θ and renders it: latents ``[1, C, h, w]`` or RGB in [0, 1] ``[1, 3, H, W]``."""
+
+    kind = "parameterization"
+    space: ClassVar[str] = "latent"  # "latent" or "rgb"
+
+    def __init__(self, config: ComponentConfig, ctx: RunContext):
+        torch.nn.Module.__init__(self)
+        Component.__init__(self, config, ctx)
+
+    def initialize(self) -> None:
+        """Set θ's starting value (a fresh run only; a resumed run loads its state)."""
+
+    def image(self) -> Tensor:
+        """The current image as float RGB ``[3, H, W]`` in [0, 1], without gradients."""
+        with torch.no_grad():
+            x = self()
+            if self.space == "latent":
+                x = self.ctx.prior.decode_latents(x)
+            return x[0].float().clamp(0, 1)
+
+
+class Guidance(Component):
+    """Turns latents into a latent-space score.
+
+    ``score`` is called under ``torch.no_grad()``; a guidance that trains something of its
+    own (e.g. VSD's LoRA) enables gradients for that part itself. A guidance with state
+    overrides ``state_dict``/``load_state_dict`` so that ``sdsctl resume`` restores it.
+    """
+
+    kind = "guidance"
+
+    def score(self, z: Tensor, times: StepTimes) -> GuidanceOutput:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Schedule(Component):
+    """Gives step ``step`` (0-based) its timestep and phase."""
+
+    kind = "schedule"
+
+    def __call__(self, step: int) -> StepTimes:
+        raise NotImplementedError
+
+
+class Weighting(Component):
+    """w(t), from the model's ``alphas_cumprod`` (kept on the CPU here: no device sync)."""
+
+    kind = "weighting"
+
+    def __init__(self, config: ComponentConfig, ctx: RunContext):
+        super().__init__(config, ctx)
+        self.alpha_bar = ctx.prior.alphas_cumprod.detach().double().cpu()
+
+    def __call__(self, t: int) -> float:
+        raise NotImplementedError
+
+
+class Metric(Component):
+    """A number (or a few) computed on the final image; goes into ``summary.json``."""
+
+    kind = "metric"
+
+    @classmethod
+    def applies_to(cls, prior: Prior) -> bool:
+        """Whether this metric makes sense for this model (e.g. a judge of the shapes world)."""
+        return True
+
+    def __call__(self, image: Tensor, prompt: str) -> dict[str, Any]:
+        """``image``: float RGB ``[3, H, W]`` in [0, 1]."""
+        raise NotImplementedError
+
+
+#: kind (plural, as in ``sdsctl plugins --json``) -> (hook name, base class)
+KINDS: dict[str, tuple[str, type]] = {
+    "models": ("register_models", Model),
+    "parameterizations": ("register_parameterizations", Parameterization),
+    "guidances": ("register_guidances", Guidance),
+    "schedules": ("register_schedules", Schedule),
+    "weightings": ("register_weightings", Weighting),
+    "metrics": ("register_metrics", Metric),
+}

@@ -1,0 +1,401 @@
+"""The optimization loop -- one loop for every method (``docs/architecture.md``).
+
+One step::
+
+    times  = schedule(step)
+    x      = parameterization()                      # latents, or RGB
+    z      = x if space == "latent" else prior.encode_images(x)
+    out    = guidance.score(z.detach(), times)       # under no_grad: no gradient through the UNet
+    g      = score_scale * weighting(times.t) * out.score
+    target = (z - g).detach()
+    loss   = 0.5 * ||z - target||^2                  # its gradient w.r.t. z is g
+    loss.backward(); optimizer.step()                # then inner_steps - 1 more fits of θ to target
+
+Reliability (issue 5): the step's numbers are checked before θ moves, so a non-finite score
+stops the run with the last good θ; SIGINT/SIGTERM finish the step and save; the saved state
+(θ, Adam, the generator, the guidance's own state, the step) makes ``sdsctl resume`` continue
+exactly where the run stopped -- on the CPU, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import math
+import platform
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import plugins
+from .components import RunContext
+from .errors import PluginError, RunFailed, SdsctlError
+from .images import contact_sheet, save_image
+from .plugins import Registered
+from .recipe import LoadedRecipe, to_yaml
+from .rundir import RunDir, check_target
+
+#: CUDA out-of-memory (torch.cuda.OutOfMemoryError before torch 2.5)
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str  # "completed" or "interrupted" (failures raise RunFailed)
+    steps_done: int
+    steps: int
+    run_dir: Path
+
+
+class NonFinite(Exception):
+    def __init__(self, step: int, term: str, value: float):
+        super().__init__(f"{term} is {value}")
+        self.step, self.term, self.value = step, term, value
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; an unavailable device is an input error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SdsctlError(f"device: {name} requested, but torch sees no CUDA device "
+                              "(a CPU build of torch, or no GPU); use --device cpu or --device auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SdsctlError(f"device: {name} requested, but there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SdsctlError(f"device: {name} requested, but MPS is not available; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """The prior's compute dtype; half precision only on CUDA (θ and the loss stay float32)."""
+    if name != "float32" and device.type != "cuda":
+        return torch.float32, f"dtype {name} is for CUDA devices; running in float32 on {device.type}"
+    return DTYPES[name], None
+
+
+@contextlib.contextmanager
+def blame(reg: Registered, action: str):
+    """Turn an exception inside a plugin into a PluginError naming the plugin and component."""
+    try:
+        yield
+    except (SdsctlError, NonFinite, KeyboardInterrupt, OOM):
+        raise
+    except Exception as exc:
+        raise PluginError(f"{reg.describe()} failed while {action}: {type(exc).__name__}: {exc}") from exc
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT aborts."""
+
+    def __init__(self, reporter):
+        self.reporter = reporter
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        self.reporter.note(f"{signal.Signals(signum).name} received: finishing the step, then saving "
+                           "(press Ctrl-C again to abort without saving)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("sdsctl", "torch", "diffusers", "transformers", "pluggy", "pydantic"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def oom_message(step: int, device: torch.device) -> str:
+    return (
+        f"CUDA out of memory at step {step} on {device}. To use less memory: --set dtype=float16 "
+        "(or bfloat16); a smaller image (--set parameterization.resolution=...); a guidance with "
+        "fewer UNet rows (e.g. guidance_scale-only methods over VSD); close other processes on the "
+        "GPU (nvidia-smi); or run on the CPU with --device cpu (slow). The last good state is in "
+        "state.pt: `sdsctl resume` continues from it."
+    )
+
+
+class Optimization:
+    """The components of one run and the step that ties them together."""
+
+    def __init__(self, loaded: LoadedRecipe, prior, device: torch.device, dtype: torch.dtype):
+        recipe = loaded.recipe
+        self.recipe, self.regs, self.prior = recipe, loaded.components, prior
+        torch.manual_seed(recipe.seed)  # modules' default weight init, should a plugin use it
+        self.generator = torch.Generator(device=device).manual_seed(recipe.seed)
+        self.ctx = RunContext(prior=prior, recipe=recipe, device=device, dtype=dtype,
+                              generator=self.generator, steps=recipe.steps)
+
+        def build(section: str):
+            reg = self.regs[section]
+            with blame(reg, "starting"):
+                return reg.obj(getattr(recipe, section), self.ctx)
+
+        self.param = build("parameterization")
+        with blame(self.regs["parameterization"], "starting"):
+            self.param.to(device)
+        self.guidance = build("guidance")
+        self.schedule = build("schedule")
+        self.weighting = build("weighting")
+        opt = recipe.optimizer
+        self.optimizer = torch.optim.Adam(self.param.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        self.latent = self.param.space == "latent"
+
+    def initialize(self) -> None:
+        with blame(self.regs["parameterization"], "initializing"):
+            self.param.initialize()
+
+    # -- state
+    def state(self, step: int, seconds: float) -> dict[str, Any]:
+        return {
+            "step": step,
+            "seconds": seconds,
+            "param": self.param.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "guidance": self.guidance.state_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.param.load_state_dict(state["param"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        with blame(self.regs["guidance"], "loading its state"):
+            self.guidance.load_state_dict(state["guidance"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def theta_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.param.parameters())
+
+    def image(self) -> torch.Tensor:
+        with blame(self.regs["parameterization"], "rendering the image"):
+            return self.param.image()
+
+    # -- the step
+    def render(self) -> torch.Tensor:
+        with blame(self.regs["parameterization"], "rendering"):
+            x = self.param()
+            return x if self.latent else self.prior.encode_images(x)
+
+    def fit(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = 0.5 * (z - target).pow(2).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        with blame(self.regs["parameterization"], "back-propagating"):
+            loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def step(self, k: int) -> dict[str, Any]:
+        """Step ``k`` (0-based); returns its metrics record (``step`` = k + 1)."""
+        regs = self.regs
+        with blame(regs["schedule"], f"giving step {k + 1} its timestep"):
+            times = self.schedule(k)
+        z = self.render()
+        with torch.no_grad(), blame(regs["guidance"], f"computing the score at step {k + 1}"):
+            out = self.guidance.score(z.detach(), times)
+        with blame(regs["weighting"], f"weighting t={times.t}"):
+            w = float(self.weighting(times.t))
+        g = (self.recipe.optimizer.score_scale * w) * out.score
+        target = (z - g).detach()
+        loss = 0.5 * (z - target).pow(2).sum()
+        # One device sync per step: every number the record and the finiteness check need.
+        terms = ["render", *out.norms, "score", "loss"]
+        values = torch.stack([
+            z.detach().norm(),
+            *(torch.as_tensor(v, dtype=torch.float32, device=z.device) for v in out.norms.values()),
+            g.norm(),
+            loss.detach(),
+        ]).tolist()
+        for term, value in zip(terms, values):
+            if not math.isfinite(value):
+                raise NonFinite(k + 1, term, value)
+        self.fit(z, target)
+        for _ in range(self.recipe.optimizer.inner_steps - 1):
+            self.fit(self.render(), target)
+        stats = dict(zip(terms, values))
+        return {
+            "step": k + 1,
+            "phase": times.phase,
+            "t": times.t,
+            "timesteps": {"t": times.t, **out.timesteps},
+            "weight": w,
+            "loss": stats["loss"],
+            "norms": {"score": stats["score"], **{n: stats[n] for n in out.norms}},
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+
+def _title(loaded: LoadedRecipe) -> str:
+    r = loaded.recipe
+    return f"{r.guidance.name} on {r.parameterization.name} · {r.prompt!r}"
+
+
+def _metrics(opt: Optimization, image: torch.Tensor, reporter) -> dict[str, Any]:
+    """Every registered metric that applies to the prior, on the final image."""
+    results: dict[str, Any] = {}
+    for name, reg in plugins.components("metrics").items():
+        try:
+            with blame(reg, "scoring the final image"):
+                if not reg.obj.applies_to(opt.prior):
+                    continue
+                metric = reg.obj(reg.obj.Config(name=name), opt.ctx)
+                results[name] = metric(image, opt.recipe.prompt)
+        except PluginError as exc:  # a metric must not cost the run its result
+            reporter.note(f"warning: {exc}")
+            results[name] = {"error": str(exc)}
+    return results
+
+
+def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = False, resume: bool = False) -> RunResult:
+    """Run (or resume) a validated recipe into the run directory ``path``."""
+    recipe = loaded.recipe
+    device = resolve_device(recipe.device)
+    dtype, dtype_warning = resolve_dtype(recipe.dtype, device)
+    if dtype_warning:
+        reporter.note(f"warning: {dtype_warning}")
+    state = None
+    if resume:
+        run = RunDir.open(path)
+        previous = run.read_summary()
+        if previous.get("status") == "completed":
+            raise SdsctlError(f"{path} is a completed run ({previous.get('steps_done')}/{recipe.steps} steps); nothing to resume")
+        state = run.load_state()
+    else:
+        check_target(path, overwrite)
+
+    with StopRequest(reporter) as stop:
+        with blame(loaded.components["model"], "loading the model"):
+            model = loaded.components["model"].obj(recipe.model)
+            prior = model.load(device, dtype)
+        if not resume:
+            run = RunDir.create(path, overwrite)
+            run.write_recipe(f"# resolved by sdsctl from {loaded.origin}\n" + to_yaml(recipe))
+        start = state["step"] if state else 0
+        run.load_metrics(start)
+        run.drop_previews_after(start)
+        opt = Optimization(loaded, prior, device, dtype)
+        if state:
+            opt.load_state(state)
+        else:
+            opt.initialize()
+        seconds_before = state["seconds"] if state else 0.0
+        started = time.perf_counter()
+        base_summary = {"steps": recipe.steps, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                        "recipe": "recipe.yaml", "versions": versions()}
+
+        def summary(status: str, done: int, **extra) -> dict[str, Any]:
+            session = time.perf_counter() - started
+            return {"status": status, "steps_done": done, **base_summary,
+                    "seconds": round(seconds_before + session, 3),
+                    "steps_per_second": round((done - start) / session, 3) if session > 0 and done > start else 0.0,
+                    **extra}
+
+        def save(step: int) -> None:
+            run.save_state(opt.state(step, seconds_before + time.perf_counter() - started))
+            run.flush_metrics()
+
+        def finish(step: int) -> torch.Tensor:
+            image = opt.image()
+            save_image(image, run.file("final.png"))
+            sheet = contact_sheet(run.preview_paths())
+            if sheet is not None:
+                save_image(sheet, run.file("progress.png"))
+            save(step)
+            return image
+
+        run.write_summary(summary("running", start))
+        reporter.start({"title": _title(loaded), "steps": recipe.steps, "start_step": start,
+                        "device": str(device), "run_dir": str(path)})
+        every, ckpt = recipe.output.preview_every, recipe.output.checkpoint_every
+        done = start
+        try:
+            try:
+                for k in range(start, recipe.steps):
+                    if stop.signal is not None:
+                        break
+                    record = opt.step(k)
+                    done = k + 1
+                    record["seconds"] = round(seconds_before + time.perf_counter() - started, 4)
+                    run.add_metrics(record)
+                    reporter.step(record)
+                    if done % every == 0 or done == recipe.steps:
+                        image = opt.image()
+                        save_image(image, run.preview_path(done))
+                        reporter.preview(done, image)
+                    if done % ckpt == 0:
+                        save(done)
+            except NonFinite as exc:
+                kept = _keep_good(opt, run, done, finish)
+                message = (f"non-finite value at step {exc.step}: {exc.term} is {exc.value} "
+                           f"({_term_owner(exc.term, loaded)}). Stopped; {kept}. Lower optimizer.lr, "
+                           "the guidance scale or optimizer.score_scale, or use dtype float32.")
+                run.write_summary(summary("failed", done, error=message, failed_step=exc.step, failed_term=exc.term))
+                raise RunFailed(message) from None
+            except PluginError as exc:
+                run.write_error_log("".join(traceback.format_exception(exc.__cause__ or exc)))
+                kept = _keep_good(opt, run, done, finish)
+                message = f"{exc}. Stopped at step {done + 1}; {kept}; traceback in {run.file('error.log')}"
+                run.write_summary(summary("failed", done, error=message))
+                raise RunFailed(message) from None
+            except OOM:
+                message = oom_message(done + 1, device)
+                run.write_summary(summary("failed", done, error=message))
+                raise RunFailed(message) from None
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint
+            run.flush_metrics()
+            run.write_summary(summary("interrupted", done, note="aborted mid-step; state.pt is the last checkpoint"))
+            return RunResult("interrupted", done, recipe.steps, path)
+        finally:
+            reporter.close()
+
+        image = finish(done)
+        if done < recipe.steps:
+            run.write_summary(summary("interrupted", done))
+            return RunResult("interrupted", done, recipe.steps, path)
+        metrics = _metrics(opt, image, reporter)
+        run.write_summary(summary("completed", done, metrics=metrics))
+        return RunResult("completed", done, recipe.steps, path)
+
+
+def _keep_good(opt: Optimization, run: RunDir, done: int, finish) -> str:
+    """After a failure: save θ and its image if θ is still finite, else keep the last checkpoint."""
+    if opt.theta_finite():
+        finish(done)
+        return f"the last good state (step {done}) is in {run.file('state.pt')} and its image in final.png"
+    run.flush_metrics()
+    return f"θ itself is not finite; {run.file('state.pt')} keeps the last checkpoint"
+
+
+def _term_owner(term: str, loaded: LoadedRecipe) -> str:
+    if term == "render":
+        return f"the rendered latents of parameterization {loaded.recipe.parameterization.name!r}"
+    if term in ("score", "loss"):
+        return f"the weighted score of guidance {loaded.recipe.guidance.name!r} and weighting {loaded.recipe.weighting.name!r}"
+    return f"term {term!r} of guidance {loaded.recipe.guidance.name!r}"

@@ -1,0 +1,192 @@
+"""What a run shows while it optimizes: a rich live panel, or plain log lines.
+
+The loop talks to a *reporter* (:class:`LivePanel` or :class:`PlainLog`) through five calls:
+``start(info)``, ``step(record)`` after every step, ``preview(step, image)`` every
+``output.preview_every`` steps, ``note(text)`` and ``close()``. The live panel shows a
+progress bar with ETA, steps/s, the timestep(s) and phase, loss and score norms, the
+learning rate, device and memory, and the current image drawn with half blocks. When stdout
+is not a terminal (or with ``--no-live``) :class:`PlainLog` prints one line every
+``preview_every`` steps instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import resource
+import sys
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from .images import half_blocks
+
+
+def memory_text(device: torch.device) -> str:
+    """Allocated and peak memory on a CUDA device; the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        mib = 2**20
+        return (f"{torch.cuda.memory_allocated(device) / mib:.0f} MiB "
+                f"(peak {torch.cuda.max_memory_allocated(device) / mib:.0f} MiB)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_bytes = peak if sys.platform == "darwin" else peak * 1024
+    return f"peak RSS {peak_bytes / 2**20:.0f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+
+
+class Speed:
+    """Steps per second over the last few steps (for speed and ETA)."""
+
+    def __init__(self, window: int = 20):
+        self.times: deque[float] = deque(maxlen=window)
+
+    def tick(self) -> None:
+        self.times.append(time.perf_counter())
+
+    @property
+    def steps_per_second(self) -> float:
+        if len(self.times) < 2:
+            return 0.0
+        return (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-9)
+
+    def eta(self, remaining: int) -> str:
+        sps = self.steps_per_second
+        return _duration(remaining / sps) if sps > 0 else "?"
+
+
+def _timesteps(record: dict[str, Any]) -> str:
+    return " ".join(f"{k} {v}" for k, v in record.get("timesteps", {"t": record.get("t")}).items())
+
+
+def _norms(record: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {_num(v)}" for k, v in record.get("norms", {}).items())
+
+
+class PlainLog:
+    """Periodic log lines, for logs and pipes."""
+
+    def __init__(self, every: int, stream=None):
+        self.every = max(1, every)
+        self.stream = stream
+        self.speed = Speed()
+        self.total = 0
+
+    def _print(self, text: str) -> None:
+        stream = self.stream or sys.stdout
+        print(text, file=stream, flush=True)
+
+    def start(self, info: dict[str, Any]) -> None:
+        self.total = info["steps"]
+        self.device = info["device"]
+        start = f" from step {info['start_step']}" if info["start_step"] else ""
+        self._print(f"sdsctl: {info['title']} -- {info['steps']} steps{start} on {info['device']} -> {info['run_dir']}")
+
+    def step(self, record: dict[str, Any]) -> None:
+        self.speed.tick()
+        step = record["step"]
+        if step % self.every and step != self.total:
+            return
+        self._print(
+            f"step {step}/{self.total}  {record['phase']}  {_timesteps(record)}  loss {_num(record['loss'])}  "
+            f"{_norms(record)}  lr {record['lr']:.2g}  {self.speed.steps_per_second:.1f} steps/s  "
+            f"eta {self.speed.eta(self.total - step)}"
+        )
+
+    def preview(self, step: int, image: torch.Tensor) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        self._print(text)
+
+    def close(self) -> None:
+        pass
+
+
+class LivePanel:
+    """The rich live panel (see the module docstring)."""
+
+    def __init__(self, console=None, preview_width: int = 32):
+        from rich.console import Console
+
+        self.console = console or Console()
+        self.preview_width = preview_width
+        self.speed = Speed()
+        self.record: dict[str, Any] = {}
+        self.image = None
+        self.notes: list[str] = []
+        self.live = None
+
+    def start(self, info: dict[str, Any]) -> None:
+        from rich.live import Live
+
+        self.info = info
+        self.started = time.perf_counter()
+        self.live = Live(console=self.console, get_renderable=self.render, refresh_per_second=4,
+                         transient=False, redirect_stdout=False, redirect_stderr=False)
+        self.live.start()
+
+    def step(self, record: dict[str, Any]) -> None:
+        self.speed.tick()
+        self.record = record
+
+    def preview(self, step: int, image: torch.Tensor) -> None:
+        self.image = half_blocks(image, self.preview_width)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.refresh()
+            self.live.stop()
+            self.live = None
+        for text in self.notes:
+            self.console.print(text, highlight=False, markup=False)
+        self.notes = []
+
+    def render(self):
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        info, rec = self.info, self.record
+        total = info["steps"]
+        step = rec.get("step", info["start_step"])
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(ProgressBar(total=total, completed=step, width=40),
+                    Text(f"{step}/{total}  {100 * step / total:.0f}%  ETA {self.speed.eta(total - step)}"))
+        lines = [
+            bar,
+            Text(f"{self.speed.steps_per_second:.1f} steps/s   elapsed {_duration(time.perf_counter() - self.started)}"),
+        ]
+        if rec:
+            lines += [
+                Text(f"phase {rec['phase']}   {_timesteps(rec)}"),
+                Text(f"loss {_num(rec['loss'])}   {_norms(rec)}"),
+                Text(f"lr {rec['lr']:.2g}   device {info['device']}   {memory_text(torch.device(info['device']))}"),
+            ]
+        lines.append(Text(f"run {info['run_dir']}", style="dim"))
+        lines += [Text(n, style="yellow") for n in self.notes[-2:]]
+        body = Table.grid(padding=(0, 2))
+        if self.image is not None:
+            body.add_row(Group(*lines), self.image)
+        else:
+            body.add_row(Group(*lines))
+        return Panel(body, title=f"sdsctl · {info['title']}", title_align="left", expand=False)
+
+
+def make_reporter(live: bool, every: int):
+    """The live panel when ``live`` and stdout is a terminal, else plain log lines."""
+    if live and sys.stdout.isatty():
+        return LivePanel()
+    return PlainLog(every)

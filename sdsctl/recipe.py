@@ -1,0 +1,478 @@
+"""Recipes: the YAML files that say everything about a run, validated before any model loads.
+
+A recipe merges in one visible order: its ``extends:`` parent (recursively), then the file,
+then ``--set a.b=c`` overrides (values parsed as YAML), then the run command's shortcut
+options (``--prompt``, ``--seed``, ...). Mappings merge key by key; a component section
+that names a different component than the section below it replaces that section instead
+of merging (options of one guidance mean nothing to another).
+
+Each component section (``model``, ``parameterization``, ``guidance``, ``schedule``,
+``weighting``) is validated by the ``Config`` of the class registered under its ``name``;
+the rest by :class:`Recipe`. Every problem is reported with its file, key path and YAML
+line:column (or the option it came from), unknown keys with the closest valid key.
+Parsing has no side effects: nothing is created or loaded here except the model's
+configuration files and tokenizer (:func:`check_model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+from . import plugins
+from .components import ComponentConfig, InvalidConfig, ModelInfo
+from .errors import Location, PluginError, Problem, RecipeError, SdsctlError
+
+#: recipe section -> registry kind
+SECTIONS = {
+    "model": "models",
+    "parameterization": "parameterizations",
+    "guidance": "guidances",
+    "schedule": "schedules",
+    "weighting": "weightings",
+}
+#: the component a section selects when it names none
+DEFAULT_NAMES = {
+    "model": "diffusers",
+    "parameterization": "latent-pixels",
+    "guidance": "sds",
+    "schedule": "uniform",
+    "weighting": "one-minus-alpha-bar",
+}
+
+
+class OptimizerConfig(BaseModel):
+    """Adam on θ. ``inner_steps`` refits θ to the same target k times per step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["adam"] = "adam"
+    lr: float = Field(0.01, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    inner_steps: int = Field(1, ge=1)
+    score_scale: float = Field(1.0, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
+
+
+class OutputConfig(BaseModel):
+    """Where runs go (``dir/<recipe>-<timestamp>/`` unless ``--out``) and how often to save."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dir: str = "runs"
+    preview_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+
+
+class Recipe(BaseModel):
+    """A validated recipe; component sections hold their own ``Config`` instances."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: SerializeAsAny[ComponentConfig]
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    steps: int = Field(500, gt=0)
+    parameterization: SerializeAsAny[ComponentConfig]
+    guidance: SerializeAsAny[ComponentConfig]
+    schedule: SerializeAsAny[ComponentConfig]
+    weighting: SerializeAsAny[ComponentConfig]
+    optimizer: OptimizerConfig = OptimizerConfig()
+    output: OutputConfig = OutputConfig()
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the prompt is empty; say what the image should show")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+
+@dataclasses.dataclass
+class LoadedRecipe:
+    """A recipe ready to run: validated, its components looked up, checked against the model."""
+
+    recipe: Recipe
+    components: dict[str, plugins.Registered]  # section -> registered component
+    model_info: ModelInfo
+    warnings: list[str]
+    name: str  # the recipe file's stem (names the run directory)
+    origin: str  # where it came from, for recipe.yaml's header
+
+
+# ----------------------------------------------------------------------------- files
+
+Path_ = tuple  # a key path: ("guidance", "guidance_scale"), ("optimizer", "betas", 1)
+
+
+@dataclasses.dataclass
+class Layer:
+    """Recipe data and, for every key path in it, where its key and value were written."""
+
+    data: dict[str, Any]
+    locs: dict[Path_, tuple[Location, Location]]
+
+
+def bundled_dir() -> Path:
+    """The folder of the recipes shipped with sdsctl (``recipes/``, package ``sdsctl_recipes``)."""
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("sdsctl_recipes")))
+    except ModuleNotFoundError:  # running from a source tree that is not installed
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def description(path: Path) -> str:
+    """A recipe's first comment line."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
+
+
+def bundled_recipes() -> list[tuple[str, Path, str]]:
+    """(name, path, description) of every bundled recipe."""
+    folder = bundled_dir()
+    return [(p.stem, p, description(p)) for p in sorted(folder.glob("*.yaml"))]
+
+
+def _bundled(ref: str) -> Path | None:
+    if "/" in ref or "\\" in ref:
+        return None
+    for name in (ref, f"{ref}.yaml", f"{ref}.yml"):
+        candidate = bundled_dir() / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_recipe(ref: str) -> Path:
+    """A recipe argument -- a path or a bundled recipe's name -- as a file path."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        hint = " (a run directory? continue it with `sdsctl resume`)" if (path / "recipe.yaml").is_file() else ""
+        raise SdsctlError(f"{ref} is a directory, not a recipe file{hint}")
+    found = _bundled(ref)
+    if found is not None:
+        return found
+    names = ", ".join(n for n, _, _ in bundled_recipes()) or "none"
+    raise SdsctlError(f"recipe {ref} not found (neither a file nor a bundled recipe; bundled: {names})")
+
+
+def _mark(source: str, mark) -> Location:
+    return Location(source, mark.line + 1, mark.column + 1)
+
+
+def _walk(node, path: Path_, source: str, locs: dict, problems: list[Problem]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, Location] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            here = _mark(source, key_node.start_mark)
+            if key in seen:
+                problems.append(Problem(here, ".".join(map(str, path + (key,))),
+                                        f"duplicate key (first written at line {seen[key].line})"))
+            seen[key] = here
+            locs[path + (key,)] = (here, _mark(source, value_node.start_mark))
+            _walk(value_node, path + (key,), source, locs, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            loc = _mark(source, item.start_mark)
+            locs[path + (i,)] = (loc, loc)
+            _walk(item, path + (i,), source, locs, problems)
+
+
+def _normalize(data: dict[str, Any]) -> dict[str, Any]:
+    """Component shorthands: ``model: DIR`` = ``{name: diffusers, path: DIR}``, ``guidance: sds``
+    = ``{name: sds}``."""
+    out = dict(data)
+    for section in SECTIONS:
+        value = out.get(section)
+        if isinstance(value, str):
+            out[section] = {"name": "diffusers", "path": value} if section == "model" else {"name": value}
+    return out
+
+
+def _read_yaml(path: Path) -> Layer:
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SdsctlError(f"cannot read recipe {path}: {exc}") from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = _mark(source, mark) if mark is not None else Location(source)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError([Problem(where, "", f"malformed YAML: {problem}")]) from None
+    if node is None:
+        raise RecipeError([Problem(Location(source), "", "the recipe is empty")])
+    if not isinstance(node, yaml.MappingNode):
+        raise RecipeError([Problem(_mark(source, node.start_mark), "",
+                                   "a recipe is a mapping of keys (prompt:, steps:, guidance:, ...)")])
+    locs: dict[Path_, tuple[Location, Location]] = {}
+    problems: list[Problem] = []
+    _walk(node, (), source, locs, problems)
+    if problems:
+        raise RecipeError(problems)
+    return Layer(_normalize(data), locs)
+
+
+def read_recipe_file(path: Path, _chain: tuple[Path, ...] = ()) -> Layer:
+    """A recipe file with its ``extends:`` chain merged in."""
+    layer = _read_yaml(path)
+    if "extends" not in layer.data:
+        return layer
+    ref = layer.data.pop("extends")
+    key_loc = layer.locs[("extends",)][0]
+    if not isinstance(ref, str) or not ref:
+        raise RecipeError([Problem(key_loc, "extends", "expected the path (or bundled name) of another recipe")])
+    parent = (path.parent / ref) if (path.parent / ref).is_file() else _bundled(ref)
+    if parent is None:
+        raise RecipeError([Problem(key_loc, "extends", f"{ref} not found (looked in {path.parent} and the bundled recipes)")])
+    chain = _chain + (path.resolve(),)
+    if parent.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in chain + (parent.resolve(),))
+        raise RecipeError([Problem(key_loc, "extends", f"extends cycle: {cycle}")])
+    return merge(read_recipe_file(parent, chain), layer)
+
+
+def merge(base: Layer, over: Layer) -> Layer:
+    """``over`` on top of ``base`` (see the module docstring for the rules)."""
+    dropped: list[Path_] = []
+
+    def merged(a: dict, b: dict, path: Path_) -> dict:
+        out = dict(a)
+        for key, value in b.items():
+            p = path + (key,)
+            old = out.get(key)
+            if isinstance(value, dict) and isinstance(old, dict):
+                renamed = path == () and key in SECTIONS and "name" in value and value["name"] != old.get("name")
+                if renamed:
+                    out[key] = dict(value)
+                    dropped.append(p)
+                else:
+                    out[key] = merged(old, value, p)
+            else:
+                out[key] = value
+                dropped.append(p)
+        return out
+
+    data = merged(base.data, over.data, ())
+    locs = {k: v for k, v in base.locs.items()
+            if not any(k[: len(d)] == d and len(k) > len(d) for d in dropped)}
+    locs.update(over.locs)
+    return Layer(data, locs)
+
+
+_SET = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=(.*)", re.DOTALL)
+
+
+def parse_set(expr: str) -> Layer:
+    """``a.b=c`` -> a layer ``{a: {b: c}}``, ``c`` parsed as YAML (empty = empty string)."""
+    where = Location(f"--set {expr}")
+    match = _SET.fullmatch(expr)
+    if match is None:
+        raise RecipeError([Problem(where, "", "bad --set expression: expected KEY=VALUE with a dotted KEY, "
+                                              "e.g. --set guidance.guidance_scale=50")])
+    key, raw = match.groups()
+    try:
+        value = "" if raw == "" else yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError([Problem(where, key, f"bad --set expression: the value is not valid YAML ({exc})")]) from None
+    parts = tuple(key.split("."))
+    for part in reversed(parts):
+        value = {part: value}
+    return Layer(_normalize(value), {parts[:i]: (where, where) for i in range(1, len(parts) + 1)})
+
+
+def overrides_layer(values: dict[str, Any]) -> Layer:
+    """The run command's shortcut options (``--prompt``, ``--seed``, ...), typed as given."""
+    data = {k: v for k, v in values.items() if v is not None}
+    locs = {(k,): (Location(f"--{k}"), Location(f"--{k}")) for k in data}
+    return Layer(_normalize(data), locs)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def suggest(word: Any, valid: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), valid, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+class _Locator:
+    def __init__(self, locs: dict, origin: Location):
+        self.locs, self.origin = locs, origin
+
+    def __call__(self, path: Path_, key: bool = False) -> Location:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.locs:
+                key_loc, value_loc = self.locs[path[:n]]
+                return key_loc if (key or n < len(path)) else value_loc
+        return self.origin
+
+
+def _problems(err: ValidationError, prefix: Path_, model: type[BaseModel], where: _Locator) -> list[Problem]:
+    out = []
+    for e in err.errors(include_url=False):
+        loc = prefix + tuple(e["loc"])
+        key = ".".join(map(str, loc))
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(model, tuple(e["loc"])[:-1])
+            msg = f"unknown key{suggest(loc[-1], valid)}; valid keys: {', '.join(valid)}"
+            out.append(Problem(where(loc, key=True), key, msg))
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            msg = "missing (required)"
+        elif "input" in e and not isinstance(e["input"], (dict, list)) and "got" not in msg:
+            msg += f" (got {e['input']!r})"
+        out.append(Problem(where(loc), key, msg))
+    return out
+
+
+def validate(data: dict[str, Any], where: _Locator) -> tuple[Recipe, dict[str, plugins.Registered]]:
+    """Typed configs for ``data``, or a :class:`RecipeError` listing every problem."""
+    problems: list[Problem] = []
+    fields = list(Recipe.model_fields)
+    for key in data:
+        if key not in fields:
+            problems.append(Problem(where((key,), key=True), str(key),
+                                    f"unknown key{suggest(key, fields + ['extends'])}; valid keys: {', '.join(fields)}, extends"))
+    configs: dict[str, ComponentConfig] = {}
+    found: dict[str, plugins.Registered] = {}
+    for section, kind in SECTIONS.items():
+        raw = data.get(section)
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            problems.append(Problem(where((section,)), section,
+                                    f"expected a component name or a mapping {{name: ..., <options>}}, got {raw!r}"))
+            continue
+        name = raw.get("name", DEFAULT_NAMES[section])
+        registry = plugins.components(kind)
+        if not isinstance(name, str) or name not in registry:
+            installed = ", ".join(sorted(registry)) or "none"
+            problems.append(Problem(where((section, "name")), f"{section}.name",
+                                    f"unknown {plugins.singular(kind)} {name!r}{suggest(name, list(registry))}; "
+                                    f"installed {kind}: {installed}"))
+            continue
+        reg = registry[name]
+        try:
+            configs[section] = reg.obj.Config.model_validate({**raw, "name": name})
+            found[section] = reg
+        except ValidationError as err:
+            problems += _problems(err, (section,), reg.obj.Config, where)
+    rest = {k: v for k, v in data.items() if k in fields and k not in SECTIONS}
+    placeholder = {s: configs.get(s, ComponentConfig(name=DEFAULT_NAMES[s])) for s in SECTIONS}
+    recipe = None
+    try:
+        recipe = Recipe.model_validate({**rest, **placeholder})
+    except ValidationError as err:
+        problems += _problems(err, (), Recipe, where)
+    if problems:
+        raise RecipeError(sorted(problems, key=_order))
+    assert recipe is not None
+    return recipe, found
+
+
+def _order(p: Problem):
+    loc = p.location
+    return (loc.source if loc else "", loc.line or 0 if loc else 0, loc.column or 0 if loc else 0, p.key)
+
+
+def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Locator) -> tuple[ModelInfo, list[str]]:
+    """Read the model's configuration and let every component check its options against it."""
+    model_reg = found["model"]
+    problems: list[Problem] = []
+
+    def run_check(section: str, fn):
+        try:
+            return fn()
+        except InvalidConfig as exc:
+            path = (section, exc.field) if exc.field else (section,)
+            problems.append(Problem(where(path), ".".join(path), str(exc)))
+        except SdsctlError:
+            raise
+        except Exception as exc:
+            reg = found[section]
+            raise PluginError(f"{reg.describe()} failed while checking the recipe: {type(exc).__name__}: {exc}") from exc
+
+    info = run_check("model", lambda: model_reg.obj(recipe.model).describe())
+    if info is None:
+        raise RecipeError(problems)
+    for section, reg in found.items():
+        run_check(section, lambda reg=reg, section=section: reg.obj.check(getattr(recipe, section), recipe, info))
+    if problems:
+        raise RecipeError(sorted(problems, key=_order))
+    warnings = []
+    for key in ("prompt", "negative_prompt"):
+        text = getattr(recipe, key)
+        unknown = info.unknown_words(text)
+        if unknown:
+            warnings.append(f"{key}: the model's tokenizer has no whole-word token for "
+                            f"{', '.join(map(repr, unknown))}; the prior has probably never seen "
+                            f"{'it' if len(unknown) == 1 else 'them'}")
+        if info.tokenizer is not None and text:
+            n = len(info.tokenizer(text).input_ids)
+            if n > info.max_prompt_tokens:
+                warnings.append(f"{key}: {n} tokens, more than the model's {info.max_prompt_tokens}; the rest is cut off")
+    return info, warnings
+
+
+def load_recipe(ref: str | Path, sets: list[str] | tuple[str, ...] = (), overrides: dict[str, Any] | None = None) -> LoadedRecipe:
+    """Find, merge, validate and check a recipe -- all before any model weights load."""
+    path = find_recipe(str(ref))
+    layer = read_recipe_file(path)
+    for expr in sets:
+        layer = merge(layer, parse_set(expr))
+    if overrides:
+        layer = merge(layer, overrides_layer(overrides))
+    where = _Locator(layer.locs, Location(str(path)))
+    recipe, found = validate(layer.data, where)
+    info, warnings = check_model(recipe, found, where)
+    origin = " ".join([str(path), *(f"--set {s}" for s in sets),
+                       *(f"--{k} {v}" for k, v in (overrides or {}).items() if v is not None)])
+    return LoadedRecipe(recipe, found, info, warnings, path.stem, origin)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (every default written out) as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)

@@ -1,0 +1,380 @@
+"""Training of the embedded shapes prior: a VAE, then a text-conditioned UNet on its latents.
+
+Three stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically every
+``checkpoint_every`` steps):
+
+1. ``vae``: an ``AutoencoderKL`` (64x64 -> 4x8x8). Besides reconstructing world images it is
+   trained off the data manifold, because the RGB hash-grid parameterization (EHC)
+   back-propagates through the encoder from images that are not yet renders: fine pixel
+   noise is removed (input x + noise, target x), colour shifts and blends of two images are
+   reconstructed as they are, and the encoder inverts the decoder on random latents
+   (E(D(z)) ~ z). ``augment=False`` trains on world images only (for comparison).
+2. ``latents``: the world is rendered once, encoded to scaled latents and the captions
+   tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
+3. ``prior``: ``UNet2DConditionModel`` + ``CLIPTextModel`` trained jointly from scratch with
+   the epsilon-prediction loss under SD's scaled-linear ``DDPMScheduler``, 10 % caption
+   dropout for classifier-free guidance.
+
+Then :func:`export` writes a standard ``StableDiffusionPipeline`` folder (safetensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import tokenizer as shapes_tokenizer
+from . import world
+
+ProgressFn = Callable[[str, int, int, dict], None]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    seed: int = 0
+    vae_steps: int = 2500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    augment: bool = True
+    n_images: int = 60_000
+    prior_steps: int = 8_000
+    prior_batch: int = 64
+    prior_lr: float = 5e-4
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 250
+    device: str = "cpu"
+    # model sizes
+    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
+    unet_channels: tuple[int, ...] = (32, 64)
+    text_width: int = 64
+    text_layers: int = 3
+
+    @classmethod
+    def smoke(cls, **kw) -> "TrainConfig":
+        """A configuration that trains a few steps of every stage (for tests)."""
+        base = dict(vae_steps=3, vae_batch=4, n_images=64, prior_steps=3, prior_batch=8, checkpoint_every=2)
+        return cls(**{**base, **kw})
+
+
+def build_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    )
+
+
+def build_vae(cfg: TrainConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels, sample_size=world.IMAGE_SIZE, scaling_factor=1.0,
+        norm_num_groups=16,
+    )
+
+
+def build_text_encoder(cfg: TrainConfig, vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4,
+        max_position_embeddings=shapes_tokenizer.MAX_LENGTH, bos_token_id=bos, eos_token_id=eos,
+        pad_token_id=eos, projection_dim=cfg.text_width,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(cfg: TrainConfig):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=world.IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=cfg.unet_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=cfg.text_width, attention_head_dim=8, norm_num_groups=16,
+    )
+
+
+def load_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+# ----------------------------------------------------------------------------- utilities
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """NHWC float [0, 1] -> NCHW float [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous() * 2 - 1
+
+
+def _perturb(x: torch.Tensor, other: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Off-manifold training pairs (input, target) in [-1, 1]: half fine noise to remove, half
+    colour shifts and blends to keep."""
+    n = x.shape[0]
+    half = n // 2
+    sigma = torch.rand(half, 1, 1, 1, generator=g) * 0.3
+    noisy = (x[:half] + sigma * torch.randn(x[:half].shape, generator=g)).clamp(-1, 1)
+    rest = x[half:]
+    gain = 1 + (torch.rand(n - half, 3, 1, 1, generator=g) - 0.5) * 0.4
+    shift = (torch.rand(n - half, 3, 1, 1, generator=g) - 0.5) * 0.4
+    alpha = torch.rand(n - half, 1, 1, 1, generator=g)
+    blend = alpha * rest + (1 - alpha) * other[half:]
+    use_blend = (torch.rand(n - half, 1, 1, 1, generator=g) < 0.5).float()
+    kept = (use_blend * blend + (1 - use_blend) * (rest * gain + shift)).clamp(-1, 1)
+    return torch.cat([noisy, kept]), torch.cat([x[:half], kept])
+
+
+def _vae_loss(vae, x_in, target, g):
+    posterior = vae.encode(x_in).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+    rec = vae.decode(z).sample
+    kl = posterior.kl().mean() / target[0].numel()
+    return F.l1_loss(rec, target) + F.mse_loss(rec, target) + 1e-4 * kl, posterior.mean
+
+
+# ----------------------------------------------------------------------------- stages
+
+class Trainer:
+    """Runs the stages in order, resuming from the work folder's checkpoint."""
+
+    def __init__(self, workdir: Path, cfg: TrainConfig, progress: ProgressFn | None = None):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.progress = progress or (lambda *a: None)
+        self.ckpt_path = self.dir / "checkpoint.pt"
+        self.tok_dir = self.dir / "tokenizer"
+        if not (self.tok_dir / "vocab.json").exists():
+            shapes_tokenizer.write_tokenizer_files(self.tok_dir)
+        self.tokenizer = load_tokenizer(self.tok_dir)
+        self.device = torch.device(cfg.device)
+
+    def _load(self) -> dict:
+        if self.ckpt_path.exists():
+            return torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        return {"stage": "vae", "step": 0}
+
+    def run(self) -> Path:
+        state = self._load()
+        if state["stage"] == "vae":
+            state = self.train_vae(state)
+        if state["stage"] == "latents":
+            state = self.make_latents(state)
+        if state["stage"] == "prior":
+            state = self.train_prior(state)
+        return self.export(state, self.dir / "prior")
+
+    # -- stage 1
+    def train_vae(self, state: dict) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        vae = build_vae(cfg).to(self.device)
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.1)
+        latent_std = 1.0
+        if "vae" in state:
+            vae.load_state_dict(state["vae"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            latent_std = state["latent_std"]
+        g = torch.Generator().manual_seed(cfg.seed)
+        t0, start = time.time(), state["step"]
+        for step in range(start, cfg.vae_steps):
+            g.manual_seed(cfg.seed * 1_000_003 + step)
+            imgs, _ = world.sample_batch(cfg.seed * 1_000_003 + step, cfg.vae_batch)
+            x = _to_tensor(imgs).to(self.device)
+            if cfg.augment:
+                half = x.shape[0] // 2
+                x_in, target = _perturb(x[half:], x[:half], g)
+                x_in, target = torch.cat([x[:half], x_in]), torch.cat([x[:half], target])
+            else:
+                x_in, target = x, x
+            loss, mean = _vae_loss(vae, x_in, target, g)
+            latent_std = 0.98 * latent_std + 0.02 * float(mean[: x.shape[0] // 2].detach().std())
+            logs = {"rec": float(loss.detach())}
+            if cfg.augment:
+                with torch.no_grad():
+                    z = torch.randn(x.shape[0] // 4, 4, 8, 8, generator=g) * latent_std
+                    decoded = vae.decode(z.to(self.device)).sample.clamp(-1, 1)
+                cycle = F.mse_loss(vae.encode(decoded).latent_dist.mean, z.to(self.device)) / latent_std**2
+                loss = loss + 0.1 * cycle
+                logs["cycle"] = float(cycle.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            done = step + 1
+            self.progress("vae", done, cfg.vae_steps, {**logs, "s/step": (time.time() - t0) / (done - start)})
+            if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
+                stage = "latents" if done == cfg.vae_steps else "vae"
+                state = {"stage": stage, "step": done, "vae": vae.state_dict(), "opt": opt.state_dict(),
+                         "sched": sched.state_dict(), "latent_std": latent_std}
+                _atomic_save(state, self.ckpt_path)
+                if done == 1000:
+                    _atomic_save({"vae": vae.state_dict()}, self.dir / "vae_step1000.pt")
+        return state
+
+    # -- stage 2
+    @torch.no_grad()
+    def make_latents(self, state: dict) -> dict:
+        cfg = self.cfg
+        vae = build_vae(cfg).to(self.device)
+        vae.load_state_dict(state["vae"])
+        vae.eval()
+        means, captions = [], []
+        chunk = 500
+        for i in range(0, cfg.n_images, chunk):
+            n = min(chunk, cfg.n_images - i)
+            imgs, scenes = world.sample_batch(10_000_019 + cfg.seed * 7919 + i, n)
+            x = _to_tensor(imgs).to(self.device)
+            means.append(vae.encode(x).latent_dist.mean.cpu())
+            captions += [s.caption for s in scenes]
+            self.progress("latents", i + n, cfg.n_images, {})
+        latents = torch.cat(means)
+        scaling = float(1.0 / latents.std())
+        ids = self.tokenizer(captions, padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH,
+                             truncation=True, return_tensors="pt").input_ids
+        state = {"stage": "prior", "step": 0, "vae": state["vae"], "scaling_factor": scaling,
+                 "latents": latents * scaling, "input_ids": ids}
+        _atomic_save(state, self.ckpt_path)
+        return state
+
+    # -- stage 3
+    def train_prior(self, state: dict) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + 1)
+        tok = self.tokenizer
+        unet = build_unet(cfg).to(self.device)
+        text = build_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id).to(self.device)
+        params = list(unet.parameters()) + list(text.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.prior_lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.prior_lr, total_steps=cfg.prior_steps, pct_start=0.05)
+        if "unet" in state:
+            unet.load_state_dict(state["unet"])
+            text.load_state_dict(state["text"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+        noise_sched = build_scheduler()
+        latents, ids = state["latents"], state["input_ids"]
+        empty = tok([""], padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH, return_tensors="pt").input_ids
+        g = torch.Generator()
+        t0, start = time.time(), state["step"]
+        for step in range(start, cfg.prior_steps):
+            g.manual_seed(cfg.seed * 1_000_033 + step)
+            idx = torch.randint(0, latents.shape[0], (cfg.prior_batch,), generator=g)
+            z0 = latents[idx].to(self.device)
+            batch_ids = ids[idx].clone()
+            drop = torch.rand(cfg.prior_batch, generator=g) < cfg.caption_dropout
+            batch_ids[drop] = empty
+            noise = torch.randn(z0.shape, generator=g).to(self.device)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.prior_batch,), generator=g).to(self.device)
+            zt = noise_sched.add_noise(z0, noise, t)
+            emb = text(batch_ids.to(self.device))[0]
+            pred = unet(zt, t, encoder_hidden_states=emb).sample
+            loss = F.mse_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            done = step + 1
+            self.progress("prior", done, cfg.prior_steps, {"loss": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
+            if done % cfg.checkpoint_every == 0 or done == cfg.prior_steps:
+                state = {**state, "stage": "prior" if done < cfg.prior_steps else "done", "step": done,
+                         "unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
+                         "sched": sched.state_dict()}
+                _atomic_save(state, self.ckpt_path)
+        return state
+
+    # -- export
+    def export(self, state: dict, out: Path) -> Path:
+        cfg = self.cfg
+        tok = self.tokenizer
+        vae = build_vae(cfg)
+        vae.load_state_dict(state["vae"])
+        vae.register_to_config(scaling_factor=state["scaling_factor"])
+        unet = build_unet(cfg)
+        unet.load_state_dict(state["unet"])
+        text = build_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
+        text.load_state_dict(state["text"])
+        return save_pipeline_folder(out, vae=vae, unet=unet, text_encoder=text, tokenizer_dir=self.tok_dir)
+
+
+def save_pipeline_folder(out: Path, *, vae, unet, text_encoder, tokenizer_dir: Path) -> Path:
+    """Write a ``StableDiffusionPipeline`` folder with safetensors weights."""
+    import shutil
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    build_scheduler().save_pretrained(out / "scheduler")
+    (out / "tokenizer").mkdir(exist_ok=True)
+    for f in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, out / "tokenizer" / f)
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience for long background runs
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("workdir")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
+    p.add_argument("--stop-after-vae", action="store_true")
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    last = [0.0]
+
+    def show(stage, step, total, logs):
+        if time.time() - last[0] > 20 or step == total:
+            last[0] = time.time()
+            print(stage, step, total, {k: round(v, 4) for k, v in logs.items()}, flush=True)
+
+    cfg = TrainConfig(augment=not a.no_augment, vae_steps=a.vae_steps)
+    tr = Trainer(Path(a.workdir), cfg, show)
+    if a.stop_after_vae:
+        tr.train_vae(tr._load())
+    else:
+        print(tr.run())

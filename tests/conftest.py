@@ -1,0 +1,113 @@
+"""Shared fixtures: a tiny randomly initialized prior, recipe files, the CLI runner.
+
+The tiny prior has the real shapes prior's geometry (64x64 images, 4x8x8 latents, VAE factor
+8, the shapes tokenizer, SD's noise schedule) with a few thousand parameters, so a step
+takes milliseconds on one CPU thread. It is built from arguments, never downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from sdsctl import plugins
+from sdsctl.cli import create_app
+
+# One thread everywhere (tests and the subprocesses they start): the machine is small, and
+# CPU results are compared bit for bit across processes.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
+
+def build_tiny_prior(out: Path, *, prediction_type: str = "epsilon") -> Path:
+    from sdsctl.shapes.tokenizer import write_tokenizer_files
+    from sdsctl.shapes.train import TrainConfig, build_text_encoder, build_unet, build_vae, load_tokenizer, save_pipeline_folder
+
+    from transformers.utils import logging as tlog
+
+    tlog.disable_progress_bar()
+    torch.manual_seed(0)
+    cfg = TrainConfig(vae_channels=(16, 16, 16, 16), unet_channels=(16, 32), text_width=32, text_layers=1)
+    tok_dir = out.parent / f"{out.name}-tokenizer"
+    write_tokenizer_files(tok_dir)
+    tok = load_tokenizer(tok_dir)
+    save_pipeline_folder(
+        out, vae=build_vae(cfg), unet=build_unet(cfg),
+        text_encoder=build_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id),
+        tokenizer_dir=tok_dir,
+    )
+    if prediction_type != "epsilon":
+        import json
+
+        path = out / "scheduler" / "scheduler_config.json"
+        config = json.loads(path.read_text())
+        config["prediction_type"] = prediction_type
+        path.write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_prior(tmp_path_factory) -> Path:
+    """A diffusers SD folder with a tiny random UNet, VAE and text encoder."""
+    return build_tiny_prior(tmp_path_factory.mktemp("prior") / "tiny")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _plugins_loaded():
+    plugins.load_plugins()
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_prior):
+    """Write a recipe (a dict, merged over a small valid one, or raw YAML text) and return its path."""
+
+    def write(content: dict | str | None = None, name: str = "recipe.yaml", base: bool = True) -> Path:
+        path = tmp_path / name
+        if isinstance(content, str):
+            path.write_text(content)
+            return path
+        data = {
+            "model": str(tiny_prior),
+            "prompt": "a red circle on a blue background",
+            "steps": 6,
+            "output": {"preview_every": 2},
+            "device": "cpu",
+        } if base else {}
+        data.update(content or {})
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process: ``cli("run", str(path), "--no-live")`` -> click Result."""
+    runner = CliRunner()
+
+    def invoke(*args: str, **kwargs):
+        return runner.invoke(create_app(), [str(a) for a in args], **kwargs)
+
+    return invoke
+
+
+@pytest.fixture
+def register_plugin():
+    """``register_plugin(obj, name)`` registers a test plugin; all are unregistered afterwards."""
+    names: list[str] = []
+
+    def register(plugin: object, name: str) -> object:
+        plugins.pm.register(plugin, name=name)
+        names.append(name)
+        return plugin
+
+    try:
+        yield register
+    finally:
+        for name in names:
+            plugins.pm.unregister(name=name)

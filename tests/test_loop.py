@@ -1,0 +1,310 @@
+"""The loop on the tiny prior: the run directory, determinism, faults, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import sdsctl
+from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, Metric
+from sdsctl.errors import RunFailed
+from sdsctl.loop import Optimization, execute
+from sdsctl.panel import PlainLog
+from sdsctl.prior import Prior
+from sdsctl.recipe import load_recipe
+from sdsctl_plugins.sds import SDS
+
+RUN_FILES = {"recipe.yaml", "metrics.jsonl", "final.png", "progress.png", "state.pt", "summary.json"}
+
+
+def test_run_writes_every_file(cli, recipe_file, tmp_path):
+    out = tmp_path / "run"
+    result = cli("run", recipe_file(), "--out", out, "--no-live")
+    assert result.exit_code == 0, result.output
+    assert RUN_FILES <= {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in (out / "previews").iterdir()) == [
+        "step_000002.png", "step_000004.png", "step_000006.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_done"] == 6 and summary["device"] == "cpu"
+    assert {"seconds", "steps_per_second", "versions", "metrics"} <= set(summary)
+    assert {"torch", "diffusers", "transformers", "sdsctl"} <= set(summary["versions"])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    first = lines[0]
+    assert {"step", "t", "phase", "timesteps", "loss", "norms", "seconds", "lr", "weight"} <= set(first)
+    assert first["phase"] == "main" and 20 <= first["t"] <= 980 and first["timesteps"]["t"] == first["t"]
+    assert {"score", "classifier", "denoise"} <= set(first["norms"])
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 6 and set(state["param"]) == {"latents"}
+    recipe = (out / "recipe.yaml").read_text()
+    assert "guidance_scale: 100.0" in recipe and "steps: 6" in recipe
+    assert "step 6/6" in result.stdout and "done: 6 steps" in result.stdout
+
+
+def test_same_recipe_and_seed_give_byte_identical_image(cli, recipe_file, tmp_path):
+    path = recipe_file()
+    images = []
+    for name in ("a", "b"):
+        assert cli("run", path, "--out", tmp_path / name, "--no-live").exit_code == 0
+        images.append((tmp_path / name / "final.png").read_bytes())
+    assert images[0] == images[1]
+    assert cli("run", path, "--out", tmp_path / "c", "--seed", "1", "--no-live").exit_code == 0
+    assert (tmp_path / "c" / "final.png").read_bytes() != images[0]
+
+
+def test_out_refuses_an_existing_run_unless_overwrite(cli, recipe_file, tmp_path):
+    out = tmp_path / "run"
+    path = recipe_file()
+    assert cli("run", path, "--out", out, "--no-live").exit_code == 0
+    result = cli("run", path, "--out", out, "--no-live")
+    assert result.exit_code == 2 and "--overwrite" in result.stderr
+    (out / "previews" / "step_000099.png").write_bytes(b"stale")
+    assert cli("run", path, "--out", out, "--no-live", "--overwrite").exit_code == 0
+    assert not (out / "previews" / "step_000099.png").exists()
+
+
+def test_default_run_dir_is_named_after_the_recipe(cli, recipe_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = recipe_file(name="my-recipe.yaml")
+    assert cli("run", path, "--no-live", "--steps", "2").exit_code == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("my-recipe-") and (run / "final.png").is_file()
+
+
+def test_text_embeddings_are_computed_once_per_run(recipe_file, tmp_path, monkeypatch):
+    calls = []
+    original = Prior.encode_prompts
+
+    def counting(self, prompts):
+        calls.append(tuple(prompts))
+        return original(self, prompts)
+
+    monkeypatch.setattr(Prior, "encode_prompts", counting)
+    execute(load_recipe(recipe_file()), tmp_path / "run", PlainLog(100))
+    assert sorted(calls) == [("",), ("a red circle on a blue background",)]
+
+
+def test_one_batched_unet_call_per_step(recipe_file, tmp_path, monkeypatch):
+    batches = []
+    original = Prior.predict_noise
+
+    def recording(self, z_t, t, embeddings):
+        batches.append(z_t.shape[0])
+        return original(self, z_t, t, embeddings)
+
+    monkeypatch.setattr(Prior, "predict_noise", recording)
+    execute(load_recipe(recipe_file()), tmp_path / "run", PlainLog(100))
+    assert batches == [2] * 6
+
+
+def test_gradient_of_the_surrogate_loss_is_the_weighted_score(recipe_file, tiny_prior):
+    loaded = load_recipe(recipe_file({"optimizer": {"score_scale": 2.0}}))
+    prior = Prior.load(str(tiny_prior), torch.device("cpu"), torch.float32)
+    opt = Optimization(loaded, prior, torch.device("cpu"), torch.float32)
+    opt.initialize()
+    seen = {}
+    original_fit = opt.fit
+
+    def fit(z, target):
+        loss = 0.5 * (z - target).pow(2).sum()
+        (grad,) = torch.autograd.grad(loss, z, retain_graph=True)
+        seen["grad"], seen["g"] = grad, (z - target).detach()
+        return original_fit(z, target)
+
+    opt.fit = fit
+    record = opt.step(0)
+    assert torch.allclose(seen["grad"], seen["g"])
+    assert seen["g"].norm().item() == pytest.approx(record["norms"]["score"], rel=1e-5)
+
+
+def test_inner_steps_refit_to_the_same_target(recipe_file, tmp_path, monkeypatch):
+    renders = []
+    original = Optimization.render
+
+    def counting(self):
+        renders.append(1)
+        return original(self)
+
+    monkeypatch.setattr(Optimization, "render", counting)
+    execute(load_recipe(recipe_file({"steps": 2, "optimizer": {"inner_steps": 3}})), tmp_path / "run", PlainLog(100))
+    assert len(renders) == 2 * 3  # the first fit of each step reuses the rendered z
+
+
+def test_negative_prompt_is_the_unconditional_row(recipe_file, tiny_prior):
+    loaded = load_recipe(recipe_file({"negative_prompt": "blurry, low quality"}))
+    prior = Prior.load(str(tiny_prior), torch.device("cpu"), torch.float32)
+    opt = Optimization(loaded, prior, torch.device("cpu"), torch.float32)
+    expected = prior.encode_prompts(["blurry, low quality", "a red circle on a blue background"])
+    assert torch.equal(opt.guidance.embeddings, expected)
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+class NaNAtStep3(Guidance):
+    """Behaves like SDS, then returns a NaN score at the third call."""
+
+    class Config(ComponentConfig):
+        name: str = "nan-at-3"
+
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        self.sds = SDS(SDS.Config(guidance_scale=10), ctx)
+        self.calls = 0
+
+    def score(self, z, times):
+        self.calls += 1
+        out = self.sds.score(z, times)
+        if self.calls == 3:
+            score = out.score.clone()
+            score[0, 0, 0, 0] = float("nan")
+            return GuidanceOutput(score, {"classifier": out.norms["classifier"], "correction": score.norm()}, out.timesteps)
+        return GuidanceOutput(out.score, {"classifier": out.norms["classifier"], "correction": torch.tensor(1.0)}, out.timesteps)
+
+
+class Crashes(Guidance):
+    class Config(ComponentConfig):
+        name: str = "crashes"
+
+    def score(self, z, times):
+        raise ZeroDivisionError("boom")
+
+
+class FaultyGuidances:
+    @sdsctl.hookimpl
+    def register_guidances(self, register):
+        register("nan-at-3", NaNAtStep3)
+        register("crashes", Crashes)
+
+
+@pytest.fixture
+def faulty_guidances(register_plugin):
+    register_plugin(FaultyGuidances(), "test-faulty-guidances")
+
+
+def test_non_finite_score_stops_and_keeps_the_last_good_state(cli, recipe_file, tmp_path, faulty_guidances):
+    out = tmp_path / "run"
+    result = cli("run", recipe_file({"guidance": "nan-at-3"}), "--out", out, "--no-live")
+    assert result.exit_code == 1
+    assert "non-finite value at step 3" in result.stderr and "'correction'" in result.stderr
+    assert "Traceback" not in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps_done"] == 2
+    assert summary["failed_step"] == 3 and summary["failed_term"] == "correction"
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 2 and torch.isfinite(state["param"]["latents"]).all()
+    assert (out / "final.png").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_failed_run_resumes(cli, recipe_file, tmp_path, faulty_guidances):
+    out = tmp_path / "run"
+    cli("run", recipe_file({"guidance": "nan-at-3"}), "--out", out, "--no-live")
+    # Each process's guidance fails at its own third call: resumed at step 2 it fails at
+    # step 5, resumed at step 4 it has only two steps left.
+    result = cli("resume", out, "--no-live")
+    assert result.exit_code == 1 and "non-finite value at step 5" in result.stderr
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 4
+    result = cli("resume", out, "--no-live")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+def test_exception_in_a_plugin_names_plugin_and_component(cli, recipe_file, tmp_path, faulty_guidances):
+    out = tmp_path / "run"
+    result = cli("run", recipe_file({"guidance": "crashes"}), "--out", out, "--no-live")
+    assert result.exit_code == 1
+    assert "guidance 'crashes' (plugin 'test-faulty-guidances')" in result.stderr
+    assert "ZeroDivisionError: boom" in result.stderr and "Traceback" not in result.stderr
+    assert "ZeroDivisionError" in (out / "error.log").read_text()
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+
+
+def test_out_of_memory_message_lists_the_remedies(recipe_file, tmp_path, faulty_guidances, monkeypatch):
+    from sdsctl import loop
+
+    def oom(self, z, times):
+        raise loop.OOM("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Crashes, "score", oom)
+    with pytest.raises(RunFailed) as err:
+        execute(load_recipe(recipe_file({"guidance": "crashes"})), tmp_path / "run", PlainLog(100))
+    assert "out of memory at step 1" in str(err.value) and "dtype=float16" in str(err.value)
+
+
+def test_resume_of_a_completed_run_is_refused(cli, recipe_file, tmp_path):
+    out = tmp_path / "run"
+    cli("run", recipe_file(), "--out", out, "--no-live")
+    result = cli("resume", out, "--no-live")
+    assert result.exit_code == 2 and "completed run" in result.stderr
+
+
+def test_resume_needs_a_run_directory(cli, tmp_path):
+    result = cli("resume", tmp_path, "--no-live")
+    assert result.exit_code == 2 and "not a run directory" in result.stderr
+    assert cli("resume", tmp_path / "nope").exit_code == 2
+
+
+def test_sigint_in_process_then_resume_matches_an_uninterrupted_run(cli, recipe_file, tmp_path):
+    path = recipe_file({"steps": 6})
+    assert cli("run", path, "--out", tmp_path / "full", "--no-live").exit_code == 0
+
+    class InterruptAfterStep3(PlainLog):
+        def step(self, record):
+            super().step(record)
+            if record["step"] == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # handled by the run: finish the step, save
+
+    result = execute(load_recipe(path), tmp_path / "part", InterruptAfterStep3(100))
+    assert (result.status, result.steps_done) == ("interrupted", 3)
+    summary = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert (summary["status"], summary["steps_done"]) == ("interrupted", 3)
+    assert torch.load(tmp_path / "part" / "state.pt", weights_only=True)["step"] == 3
+    assert cli("resume", tmp_path / "part", "--no-live").exit_code == 0
+    assert (tmp_path / "part" / "final.png").read_bytes() == (tmp_path / "full" / "final.png").read_bytes()
+    full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    part = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["t"], r["loss"]) for r in part] == [(r["step"], r["t"], r["loss"]) for r in full]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class Brightness(Metric):
+    class Config(ComponentConfig):
+        name: str = "brightness"
+
+    def __call__(self, image, prompt):
+        return {"mean": float(image.mean()), "prompt": prompt}
+
+
+class NeverApplies(Metric):
+    class Config(ComponentConfig):
+        name: str = "never"
+
+    @classmethod
+    def applies_to(cls, prior):
+        return False
+
+    def __call__(self, image, prompt):
+        raise AssertionError("not applicable")
+
+
+class Metrics:
+    @sdsctl.hookimpl
+    def register_metrics(self, register):
+        register("brightness", Brightness)
+        register("never", NeverApplies)
+
+
+def test_metrics_that_apply_go_into_the_summary(cli, recipe_file, tmp_path, register_plugin):
+    register_plugin(Metrics(), "test-metrics")
+    out = tmp_path / "run"
+    assert cli("run", recipe_file(), "--out", out, "--no-live").exit_code == 0
+    metrics = json.loads((out / "summary.json").read_text())["metrics"]
+    assert set(metrics) == {"brightness"}
+    assert 0 <= metrics["brightness"]["mean"] <= 1 and metrics["brightness"]["prompt"].startswith("a red circle")

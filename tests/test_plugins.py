@@ -1,0 +1,313 @@
+"""Plugins: every hook, the registry, duplicates, loading rules, ``sdsctl plugins``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pluggy
+import pytest
+import typer
+
+import sdsctl
+from sdsctl import hookspecs, plugins
+from sdsctl.components import (ComponentConfig, Guidance, Metric, Model, Parameterization, Schedule,
+                               StepTimes, Weighting)
+from sdsctl.errors import PluginError, SdsctlError
+from sdsctl_plugins.diffusers_model import DiffusersModel
+from sdsctl_plugins.latent_pixels import LatentPixels
+from sdsctl_plugins.sds import SDS
+from sdsctl_plugins.uniform_schedule import UniformSchedule
+
+HOOKS = sorted(name for name in dir(hookspecs) if name.startswith("register_"))
+FIRST_PARTY = {
+    "models": {"diffusers"},
+    "parameterizations": {"latent-pixels"},
+    "guidances": {"sds"},
+    "schedules": {"uniform"},
+    "weightings": {"one-minus-alpha-bar", "uniform", "fantasia3d"},
+}
+
+
+def _config(name):
+    return type("Config", (ComponentConfig,), {"__annotations__": {"name": str}, "name": name})
+
+
+class AllHooks:
+    """A test plugin implementing every hook once."""
+
+    @sdsctl.hookimpl
+    def register_models(self, register):
+        register("test-model", type("TestModel", (DiffusersModel,), {"Config": _config("test-model")}))
+
+    @sdsctl.hookimpl
+    def register_parameterizations(self, register):
+        register("test-param", type("TestParam", (LatentPixels,), {}))
+
+    @sdsctl.hookimpl
+    def register_guidances(self, register):
+        register("test-guidance", type("TestGuidance", (SDS,), {}))
+
+    @sdsctl.hookimpl
+    def register_schedules(self, register):
+        class Fixed(Schedule):
+            Config = _config("test-fixed")
+
+            def __call__(self, step):
+                return StepTimes(t=500, phase="fixed")
+
+        register("test-fixed", Fixed)
+
+    @sdsctl.hookimpl
+    def register_weightings(self, register):
+        class Half(Weighting):
+            Config = _config("test-half")
+
+            def __call__(self, t):
+                return 0.5
+
+        register("test-half", Half)
+
+    @sdsctl.hookimpl
+    def register_metrics(self, register):
+        class Size(Metric):
+            Config = _config("test-size")
+
+            def __call__(self, image, prompt):
+                return {"height": image.shape[1]}
+
+        register("test-size", Size)
+
+    @sdsctl.hookimpl
+    def register_commands(self, app):
+        @app.command("test-hello")
+        def hello(name: str = "world"):
+            """Say hello (a test command)."""
+            if name == "error":
+                raise SdsctlError("no such person")
+            print(f"hello {name}")
+
+
+@pytest.fixture
+def all_hooks(register_plugin):
+    register_plugin(AllHooks(), "test-all-hooks")
+
+
+def test_the_test_plugin_implements_every_hook():
+    assert HOOKS == sorted(n for n in dir(AllHooks) if n.startswith("register_"))
+    assert HOOKS == sorted(n for n in vars(hookspecs) if n.startswith("register_"))
+
+
+def test_first_party_plugins_come_from_entry_points():
+    for kind, names in FIRST_PARTY.items():
+        found = plugins.components(kind)
+        assert names <= set(found)
+        for name in names:
+            assert found[name].distribution == "sdsctl"
+    dist_names = {dist.project_name for _, dist in plugins.pm.list_plugin_distinfo()}
+    assert "sdsctl" in dist_names
+
+
+def test_every_component_hook_registers(all_hooks):
+    expected = {"models": "test-model", "parameterizations": "test-param", "guidances": "test-guidance",
+                "schedules": "test-fixed", "weightings": "test-half", "metrics": "test-size"}
+    for kind, name in expected.items():
+        reg = plugins.components(kind)[name]
+        assert (reg.plugin, reg.distribution) == ("test-all-hooks", None)
+
+
+def test_unregistered_plugin_components_are_gone():
+    plugins.pm.register(AllHooks(), name="test-temporary")
+    try:
+        assert "test-guidance" in plugins.components("guidances")
+    finally:
+        plugins.pm.unregister(name="test-temporary")
+    assert "test-guidance" not in plugins.components("guidances")
+
+
+def test_register_commands_adds_a_command(all_hooks, cli):
+    result = cli("test-hello", "--name", "you")
+    assert result.exit_code == 0 and result.stdout == "hello you\n"
+    result = cli("test-hello", "--name", "error")
+    assert result.exit_code == 2 and result.stderr == "error: no such person\n"
+
+
+def test_plugin_components_run_in_a_recipe(all_hooks, cli, recipe_file, tmp_path):
+    path = recipe_file({"schedule": "test-fixed", "weighting": "test-half", "guidance": "test-guidance",
+                        "parameterization": "test-param", "steps": 2})
+    out = tmp_path / "run"
+    result = cli("run", path, "--out", out, "--no-live")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["t"], r["phase"], r["weight"]) for r in records] == [(500, "fixed", 0.5)] * 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["test-size"] == {"height": 64}
+
+
+def test_plugins_json_lists_every_kind(all_hooks, cli):
+    result = cli("plugins", "--json")
+    assert result.exit_code == 0
+    listing = json.loads(result.stdout)
+    assert list(listing) == ["models", "parameterizations", "guidances", "schedules", "weightings", "metrics", "commands"]
+    for kind, names in FIRST_PARTY.items():
+        assert names <= {e["name"] for e in listing[kind]}
+    for entries in listing.values():
+        for e in entries:
+            assert {"name", "plugin", "distribution"} <= set(e)
+    sds = next(e for e in listing["guidances"] if e["name"] == "sds")
+    assert (sds["plugin"], sds["distribution"]) == ("sds", "sdsctl")
+    assert {"name": "test-hello", "plugin": "test-all-hooks", "distribution": None} in listing["commands"]
+
+
+def test_plugins_text_listing(cli):
+    result = cli("plugins")
+    assert result.exit_code == 0
+    assert "guidances:" in result.stdout and "sds" in result.stdout and "plugin sds (sdsctl)" in result.stdout
+
+
+def test_duplicate_component_names_fail_naming_both_plugins(register_plugin, cli, recipe_file):
+    class Again:
+        @sdsctl.hookimpl
+        def register_guidances(self, register):
+            register("sds", SDS)
+
+    register_plugin(Again(), "test-duplicate")
+    with pytest.raises(PluginError, match="'sds' is registered by two plugins: 'sds' and 'test-duplicate'"):
+        plugins.components("guidances")
+    result = cli("validate", recipe_file())
+    assert result.exit_code == 1 and "two plugins" in result.stderr and "Traceback" not in result.output
+
+
+def test_duplicate_command_names_fail(register_plugin):
+    from sdsctl.cli import create_app
+
+    class Clash:
+        @sdsctl.hookimpl
+        def register_commands(self, app):
+            @app.command("run")
+            def run_again():
+                pass
+
+    register_plugin(Clash(), "test-clash")
+    with pytest.raises(PluginError, match="command 'run' is registered by two plugins: 'sdsctl' and 'test-clash'"):
+        create_app()
+
+
+@pytest.mark.parametrize("bad", [("sds", object), ("", SDS), ("x", int)])
+def test_registering_something_that_is_not_a_component_fails(register_plugin, bad):
+    class Bad:
+        @sdsctl.hookimpl
+        def register_guidances(self, register):
+            register(*bad)
+
+    register_plugin(Bad(), "test-bad")
+    with pytest.raises(PluginError, match="test-bad"):
+        plugins.components("guidances")
+
+
+def test_a_crashing_hook_names_its_plugin(register_plugin):
+    class Crash:
+        @sdsctl.hookimpl
+        def register_schedules(self, register):
+            raise RuntimeError("oops")
+
+    register_plugin(Crash(), "test-crash")
+    with pytest.raises(PluginError, match="plugin 'test-crash' failed in register_schedules: RuntimeError: oops"):
+        plugins.components("schedules")
+
+
+def test_misspelled_hook_fails_check_pending():
+    manager = pluggy.PluginManager("sdsctl")
+    manager.add_hookspecs(hookspecs)
+
+    class Typo:
+        @sdsctl.hookimpl
+        def register_guidance(self, register):  # missing "s"
+            pass
+
+    manager.register(Typo(), name="typo")
+    with pytest.raises(pluggy.PluginValidationError, match="register_guidance"):
+        manager.check_pending()
+
+
+def _fresh_manager():
+    manager = pluggy.PluginManager("sdsctl")
+    manager.add_hookspecs(hookspecs)
+    return manager
+
+
+def test_allow_list_loads_only_named_plugins():
+    manager = _fresh_manager()
+    plugins.load_entrypoints(manager, "sds, weightings")
+    assert sorted(name for name, _ in manager.list_name_plugin()) == ["sds", "weightings"]
+    manager = _fresh_manager()
+    plugins.load_entrypoints(manager, "")
+    assert manager.get_plugins() == set()
+    manager = _fresh_manager()
+    plugins.load_entrypoints(manager, None)
+    assert {"sds", "latent_pixels", "diffusers_model", "uniform_schedule", "weightings"} <= {
+        name for name, _ in manager.list_name_plugin()}
+
+
+def test_allow_list_with_unknown_name_is_an_input_error():
+    with pytest.raises(SdsctlError, match="'nope'.*installed: .*sds"):
+        plugins.load_entrypoints(_fresh_manager(), "sds,nope")
+
+
+def test_allow_list_in_a_real_process(tmp_path):
+    env = {**__import__("os").environ, "SDSCTL_LOAD_PLUGINS": "sds"}
+    script = "from sdsctl.cli import main; main()"
+    out = subprocess.run([sys.executable, "-c", script, "plugins", "--json"], env=env,
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    listing = json.loads(out.stdout)
+    assert [e["name"] for e in listing["guidances"]] == ["sds"] and listing["models"] == []
+
+
+def test_trace_prints_hook_calls(capsys):
+    manager = _fresh_manager()
+    plugins.load_entrypoints(manager, "sds")
+    plugins.trace(manager)
+    manager.hook.register_guidances(register=lambda name, cls: None)
+    err = capsys.readouterr().err
+    assert "[sdsctl trace] register_guidances(register) -> plugins: sds" in err
+
+
+def test_no_bare_plugins_package_is_installed():
+    import importlib.util
+
+    import sdsctl_plugins
+
+    assert Path(sdsctl_plugins.__file__).parent.name == "plugins"
+    spec = importlib.util.find_spec("plugins")
+    # Only the source checkout's own folder may be importable as "plugins" (when the current
+    # directory is the repository root); nothing of that name is installed.
+    assert spec is None or Path(spec.origin).parent == Path(sdsctl_plugins.__file__).parent
+
+
+def test_hookimpl_is_importable_from_the_package_root():
+    assert sdsctl.hookimpl is hookspecs.hookimpl
+    assert isinstance(sdsctl.__version__, str) and sdsctl.__version__
+
+
+def test_base_classes_are_exported():
+    for cls in (Model, Parameterization, Guidance, Schedule, Weighting, Metric):
+        assert issubclass(cls.Config, ComponentConfig)
+    assert UniformSchedule.Config().t_min == 20
+
+
+def test_typer_not_click_is_handed_to_plugins(register_plugin):
+    from sdsctl.cli import create_app
+
+    seen = []
+
+    class Spy:
+        @sdsctl.hookimpl
+        def register_commands(self, app):
+            seen.append(app)
+
+    register_plugin(Spy(), "test-spy")
+    create_app()
+    assert len(seen) == 1 and isinstance(seen[0], typer.Typer)
