@@ -48,14 +48,15 @@ class NFSD(Guidance):
         eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
         return self.ctx.prior.add_noise(z, eps, t)
 
-    def terms(self, z_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(δ_C, δ_D) at one timestep, from one batched UNet call."""
+    def terms(self, z_t: torch.Tensor, t: int, correction: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(δ_C, δ_D) at one timestep, from one batched UNet call (δ_D None when not asked for)."""
         large = t >= self.config.threshold
-        rows = [self.uncond, self.cond] + ([self.negative] if large else [])
+        rows = [self.uncond, self.cond] + ([self.negative] if large and correction else [])
         preds = self.ctx.prior.predict_noise(torch.cat([z_t] * len(rows)), t, torch.cat(rows)).chunk(len(rows))
         classifier = preds[1] - preds[0]
-        correction = preds[0] - preds[2] if large else preds[0]
-        return classifier, correction
+        if not correction:
+            return classifier, None
+        return classifier, (preds[0] - preds[2] if large else preds[0])
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         classifier, correction = self.terms(self.noised(z, times.t), times.t)

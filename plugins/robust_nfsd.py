@@ -51,9 +51,10 @@ class RobustNFSD(NFSD):
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         cfg = self.config
         if times.phase == "warmup":
-            classifier, correction = self.terms(self.noised(z, times.t), times.t)
+            scale = cfg.warmup_correction_scale
+            classifier, correction = self.terms(self.noised(z, times.t), times.t, correction=scale > 0)
             c = cfg.guidance_scale * classifier
-            d = cfg.warmup_correction_scale * correction
+            d = scale * correction if scale > 0 else torch.zeros_like(c)
             return GuidanceOutput(score=c + d, norms={"classifier": c.norm(), "correction": d.norm()},
                                   timesteps={"t": times.t})
         g = self.ctx.generator

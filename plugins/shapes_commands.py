@@ -98,7 +98,7 @@ def sample(
     from PIL import Image
 
     from sdsctl import sampling
-    from sdsctl.rundir import atomic_write_bytes
+    from sdsctl.rundir import atomic_write
 
     if out.suffix.lower() != ".png":
         raise SdsctlError(f"--out {out}: the image is written as PNG; give a file name ending in .png")
@@ -117,7 +117,7 @@ def sample(
     buf = io.BytesIO()
     Image.fromarray((image * 255 + 0.5).astype("uint8")).save(buf, format="PNG")
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write(out, buf.getvalue())
     typer.echo(str(out))
 
 

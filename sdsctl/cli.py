@@ -79,9 +79,12 @@ def _first_line(cls) -> str:
 def _complete_recipe(incomplete: str) -> list[str]:
     from .recipe import bundled_recipes
 
-    names = [name for name, _, _ in bundled_recipes()]
-    files = [str(p) for p in Path(".").glob(f"{incomplete}*") if p.suffix in (".yaml", ".yml") or p.is_dir()]
-    return [n for n in names if n.startswith(incomplete)] + files
+    names = [name for name, _, _ in bundled_recipes() if name.startswith(incomplete)]
+    try:
+        files = [str(p) for p in Path(".").glob(f"{incomplete}*") if p.suffix in (".yaml", ".yml") or p.is_dir()]
+    except (NotImplementedError, ValueError, OSError):  # absolute or odd patterns
+        files = []
+    return names + sorted(files)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -117,7 +120,10 @@ def _run(loaded, path: Path, live: bool, overwrite: bool, resume: bool) -> None:
     try:
         result = execute(loaded, path, reporter, overwrite=overwrite, resume=resume)
     except OOM:
-        raise RunFailed(oom_message(0, loaded.recipe.device)) from None
+        raise RunFailed(oom_message(None, loaded.recipe.device)) from None
+    except KeyboardInterrupt:  # while the model loaded: nothing was written
+        print("interrupted before the first step; nothing written", file=sys.stderr)
+        raise typer.Exit(130) from None
     if result.status == "interrupted":
         print(f"interrupted at step {result.steps_done}/{result.steps}; state saved in {path}. "
               f"Continue with: sdsctl resume {path}", file=sys.stderr)

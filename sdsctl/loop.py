@@ -131,13 +131,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def oom_message(step: int, device: torch.device) -> str:
+def oom_message(step: int | None, device) -> str:
+    """What to do about CUDA running out of memory (``step`` None: while loading the model)."""
+    where = f"at step {step}" if step is not None else "while loading the model"
+    kept = " The last good state is in state.pt: `sdsctl resume` continues from it." if step is not None else ""
     return (
-        f"CUDA out of memory at step {step} on {device}. To use less memory: --set dtype=float16 "
+        f"CUDA out of memory {where} on {device}. To use less memory: --set dtype=float16 "
         "(or bfloat16); a smaller image (--set parameterization.resolution=...); a guidance with "
-        "fewer UNet rows (e.g. guidance_scale-only methods over VSD); close other processes on the "
-        "GPU (nvidia-smi); or run on the CPU with --device cpu (slow). The last good state is in "
-        "state.pt: `sdsctl resume` continues from it."
+        "fewer UNet rows (VSD needs the most); close other processes on the GPU (nvidia-smi); or "
+        f"run on the CPU with --device cpu (slow).{kept}"
     )
 
 
@@ -166,6 +168,7 @@ class Optimization:
         opt = recipe.optimizer
         self.optimizer = torch.optim.Adam(self.param.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps)
         self.latent = self.param.space == "latent"
+        self.image_fit = recipe.optimizer.fit_space == "image"  # validated: RGB parameterizations only
 
     def initialize(self) -> None:
         with blame(self.regs["parameterization"], "initializing"):
@@ -184,8 +187,9 @@ class Optimization:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.param.load_state_dict(state["param"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        with blame(self.regs["parameterization"], "loading its state"):
+            self.param.load_state_dict(state["param"])
+            self.optimizer.load_state_dict(state["optimizer"])
         with blame(self.regs["guidance"], "loading its state"):
             self.guidance.load_state_dict(state["guidance"])
         self.generator.set_state(state["generator"])
@@ -200,8 +204,10 @@ class Optimization:
 
     # -- the step
     def render(self) -> torch.Tensor:
+        """The step's latents z (RGB parameterizations: through the VAE encoder)."""
         with blame(self.regs["parameterization"], "rendering"):
             x = self.param()
+            self.last_rgb = x
             return x if self.latent else self.prior.encode_images(x)
 
     def fit(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -223,8 +229,14 @@ class Optimization:
         with blame(regs["weighting"], f"weighting t={times.t}"):
             w = float(self.weighting(times.t))
         g = (self.recipe.optimizer.score_scale * w) * out.score
-        target = (z - g).detach()
-        loss = 0.5 * (z - target).pow(2).sum()
+        if self.image_fit:  # fit the RGB image to the decoded target latent (no encoder gradient)
+            current, render = self.last_rgb, self.param
+            with blame(regs["model"], "decoding the target"), torch.no_grad():
+                target = self.prior.decode_latents(z.detach() - g)
+        else:
+            current, render = z, self.render
+            target = (z - g).detach()
+        loss = 0.5 * (current - target).pow(2).sum()
         # One device sync per step: every number the record and the finiteness check need.
         terms = ["render", *out.norms, "score", "loss"]
         values = torch.stack([
@@ -236,9 +248,10 @@ class Optimization:
         for term, value in zip(terms, values):
             if not math.isfinite(value):
                 raise NonFinite(k + 1, term, value)
-        self.fit(z, target)
+        self.fit(current, target)
         for _ in range(self.recipe.optimizer.inner_steps - 1):
-            self.fit(self.render(), target)
+            with blame(regs["parameterization"], "rendering"):
+                self.fit(render(), target)
         stats = dict(zip(terms, values))
         return {
             "step": k + 1,
@@ -284,31 +297,30 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
     if resume:
         run = RunDir.open(path)
         previous = run.read_summary()
-        if previous.get("status") == "completed":
-            raise SdsctlError(f"{path} is a completed run ({previous.get('steps_done')}/{recipe.steps} steps); nothing to resume")
+        if previous.get("status") == "completed" and previous.get("steps_done", 0) >= recipe.steps:
+            raise SdsctlError(f"{path} is a completed run ({previous.get('steps_done')}/{recipe.steps} steps); "
+                              "nothing to resume (raise `steps` in its recipe.yaml to continue it)")
         state = run.load_state()
     else:
         check_target(path, overwrite)
 
+    # Ctrl-C while the model loads raises KeyboardInterrupt: nothing has been written yet.
+    with blame(loaded.components["model"], "loading the model"):
+        prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
     with StopRequest(reporter) as stop:
-        with blame(loaded.components["model"], "loading the model"):
-            model = loaded.components["model"].obj(recipe.model)
-            prior = model.load(device, dtype)
         if not resume:
             run = RunDir.create(path, overwrite)
             run.write_recipe(f"# resolved by sdsctl from {loaded.origin}\n" + to_yaml(recipe))
         start = state["step"] if state else 0
         run.load_metrics(start)
         run.drop_previews_after(start)
-        opt = Optimization(loaded, prior, device, dtype)
-        if state:
-            opt.load_state(state)
-        else:
-            opt.initialize()
         seconds_before = state["seconds"] if state else 0.0
         started = time.perf_counter()
         base_summary = {"steps": recipe.steps, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                         "recipe": "recipe.yaml", "versions": versions()}
+        if device.type == "cuda":
+            base_summary["device_name"] = torch.cuda.get_device_name(device)
+        opt: Optimization | None = None
 
         def summary(status: str, done: int, **extra) -> dict[str, Any]:
             session = time.perf_counter() - started
@@ -330,13 +342,18 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
             save(step)
             return image
 
-        run.write_summary(summary("running", start))
-        reporter.start({"title": _title(loaded), "steps": recipe.steps, "start_step": start,
-                        "device": str(device), "run_dir": str(path)})
         every, ckpt = recipe.output.preview_every, recipe.output.checkpoint_every
         done = start
         try:
             try:
+                opt = Optimization(loaded, prior, device, dtype)
+                if state:
+                    opt.load_state(state)
+                else:
+                    opt.initialize()
+                run.write_summary(summary("running", start))
+                reporter.start({"title": _title(loaded), "steps": recipe.steps, "start_step": start,
+                                "device": str(device), "run_dir": str(path)})
                 for k in range(start, recipe.steps):
                     if stop.signal is not None:
                         break
@@ -365,6 +382,11 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
                 run.write_summary(summary("failed", done, error=message))
                 raise RunFailed(message) from None
             except OOM:
+                torch.cuda.empty_cache()
+                try:
+                    _keep_good(opt, run, done, finish)
+                except OOM:  # saving needs a little memory too; the last checkpoint stays
+                    run.flush_metrics()
                 message = oom_message(done + 1, device)
                 run.write_summary(summary("failed", done, error=message))
                 raise RunFailed(message) from None
@@ -384,8 +406,11 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
         return RunResult("completed", done, recipe.steps, path)
 
 
-def _keep_good(opt: Optimization, run: RunDir, done: int, finish) -> str:
+def _keep_good(opt: Optimization | None, run: RunDir, done: int, finish) -> str:
     """After a failure: save θ and its image if θ is still finite, else keep the last checkpoint."""
+    if opt is None:
+        run.flush_metrics()
+        return "nothing was optimized yet"
     if opt.theta_finite():
         finish(done)
         return f"the last good state (step {done}) is in {run.file('state.pt')} and its image in final.png"

@@ -113,11 +113,12 @@ class PlainLog:
 class LivePanel:
     """The rich live panel (see the module docstring)."""
 
-    def __init__(self, console=None, preview_width: int = 32):
+    def __init__(self, console=None, preview_width: int | None = None):
         from rich.console import Console
 
         self.console = console or Console()
-        self.preview_width = preview_width
+        # 32 columns (16 lines) beside the ~70 columns of figures, less on a narrow terminal
+        self.preview_width = preview_width or max(12, min(32, self.console.width - 74))
         self.speed = Speed()
         self.record: dict[str, Any] = {}
         self.image = None

@@ -61,10 +61,10 @@ def load_plugins() -> pluggy.PluginManager:
     """Load the entry-point plugins into the global manager (once) and return it."""
     global _loaded
     if not _loaded:
-        _loaded = True
         load_entrypoints(pm, os.environ.get("SDSCTL_LOAD_PLUGINS"))
         if os.environ.get("SDSCTL_TRACE_PLUGINS", "") not in ("", "0"):
             trace(pm)
+        _loaded = True
     return pm
 
 

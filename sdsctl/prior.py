@@ -37,8 +37,8 @@ def resolve_source(path: str) -> tuple[str, str]:
         if not (SHAPES_PRIOR / "model_index.json").is_file():
             raise InvalidConfig(
                 f"the shapes prior is not installed (expected in {SHAPES_PRIOR}); it is the product "
-                "of the shapes training -- until it is there, use a diffusers Stable Diffusion "
-                "folder: --model DIR (or model: DIR in the recipe)",
+                "of the shapes training (`sdsctl train-shapes`) -- until it is there, use a diffusers "
+                "Stable Diffusion folder: --model DIR (or model: DIR in the recipe)",
                 field="path",
             )
         return "folder", str(SHAPES_PRIOR)

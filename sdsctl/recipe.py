@@ -48,7 +48,13 @@ DEFAULT_NAMES = {
 
 
 class OptimizerConfig(BaseModel):
-    """Adam on θ. ``inner_steps`` refits θ to the same target k times per step."""
+    """Adam on θ. ``inner_steps`` refits θ to the same target k times per step.
+
+    ``fit_space`` says where θ is fitted to the step's target: ``latent`` (the surrogate
+    0.5·‖z − sg(z − g)‖², gradients through the VAE encoder for RGB parameterizations) or
+    ``image`` (RGB parameterizations only: the target latent is decoded, x* = D(z − g), and
+    θ fitted by 0.5·‖x − sg(x*)‖², HiFA's image-space loss; no gradient through the encoder).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,6 +64,7 @@ class OptimizerConfig(BaseModel):
     eps: float = Field(1e-8, gt=0)
     inner_steps: int = Field(1, ge=1)
     score_scale: float = Field(1.0, gt=0)
+    fit_space: Literal["latent", "image"] = "latent"
 
     @field_validator("betas")
     @classmethod
@@ -125,7 +132,7 @@ class LoadedRecipe:
 
 # ----------------------------------------------------------------------------- files
 
-Path_ = tuple  # a key path: ("guidance", "guidance_scale"), ("optimizer", "betas", 1)
+KeyPath = tuple  # ("guidance", "guidance_scale"), ("optimizer", "betas", 1)
 
 
 @dataclasses.dataclass
@@ -133,7 +140,7 @@ class Layer:
     """Recipe data and, for every key path in it, where its key and value were written."""
 
     data: dict[str, Any]
-    locs: dict[Path_, tuple[Location, Location]]
+    locs: dict[KeyPath, tuple[Location, Location]]
 
 
 def bundled_dir() -> Path:
@@ -189,7 +196,7 @@ def _mark(source: str, mark) -> Location:
     return Location(source, mark.line + 1, mark.column + 1)
 
 
-def _walk(node, path: Path_, source: str, locs: dict, problems: list[Problem]) -> None:
+def _walk(node, path: KeyPath, source: str, locs: dict, problems: list[Problem]) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, Location] = {}
         for key_node, value_node in node.value:
@@ -238,7 +245,7 @@ def _read_yaml(path: Path) -> Layer:
     if not isinstance(node, yaml.MappingNode):
         raise RecipeError([Problem(_mark(source, node.start_mark), "",
                                    "a recipe is a mapping of keys (prompt:, steps:, guidance:, ...)")])
-    locs: dict[Path_, tuple[Location, Location]] = {}
+    locs: dict[KeyPath, tuple[Location, Location]] = {}
     problems: list[Problem] = []
     _walk(node, (), source, locs, problems)
     if problems:
@@ -267,9 +274,9 @@ def read_recipe_file(path: Path, _chain: tuple[Path, ...] = ()) -> Layer:
 
 def merge(base: Layer, over: Layer) -> Layer:
     """``over`` on top of ``base`` (see the module docstring for the rules)."""
-    dropped: list[Path_] = []
+    dropped: list[KeyPath] = []
 
-    def merged(a: dict, b: dict, path: Path_) -> dict:
+    def merged(a: dict, b: dict, path: KeyPath) -> dict:
         out = dict(a)
         for key, value in b.items():
             p = path + (key,)
@@ -342,7 +349,7 @@ class _Locator:
     def __init__(self, locs: dict, origin: Location):
         self.locs, self.origin = locs, origin
 
-    def __call__(self, path: Path_, key: bool = False) -> Location:
+    def __call__(self, path: KeyPath, key: bool = False) -> Location:
         for n in range(len(path), 0, -1):
             if path[:n] in self.locs:
                 key_loc, value_loc = self.locs[path[:n]]
@@ -350,7 +357,7 @@ class _Locator:
         return self.origin
 
 
-def _problems(err: ValidationError, prefix: Path_, model: type[BaseModel], where: _Locator) -> list[Problem]:
+def _problems(err: ValidationError, prefix: KeyPath, model: type[BaseModel], where: _Locator) -> list[Problem]:
     out = []
     for e in err.errors(include_url=False):
         loc = prefix + tuple(e["loc"])
@@ -374,7 +381,9 @@ def validate(data: dict[str, Any], where: _Locator) -> tuple[Recipe, dict[str, p
     problems: list[Problem] = []
     fields = list(Recipe.model_fields)
     for key in data:
-        if key not in fields:
+        if key == "extends":
+            problems.append(Problem(where((key,), key=True), key, "only a recipe file can extend another (not --set)"))
+        elif key not in fields:
             problems.append(Problem(where((key,), key=True), str(key),
                                     f"unknown key{suggest(key, fields + ['extends'])}; valid keys: {', '.join(fields)}, extends"))
     configs: dict[str, ComponentConfig] = {}
@@ -440,6 +449,10 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
         raise RecipeError(problems)
     for section, reg in found.items():
         run_check(section, lambda reg=reg, section=section: reg.obj.check(getattr(recipe, section), recipe, info))
+    if recipe.optimizer.fit_space == "image" and found["parameterization"].obj.space != "rgb":
+        problems.append(Problem(where(("optimizer", "fit_space")), "optimizer.fit_space",
+                                f"'image' needs an RGB parameterization; {recipe.parameterization.name!r} renders "
+                                "latents (use fit_space: latent, or an rgb-* parameterization)"))
     if problems:
         raise RecipeError(sorted(problems, key=_order))
     warnings = []

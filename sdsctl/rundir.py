@@ -47,6 +47,20 @@ def atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def atomic_create(path: Path, data: bytes) -> None:
+    """Like :func:`atomic_write`, but raise FileExistsError instead of replacing ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # atomic, and fails if path exists
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, text.encode("utf-8"))
 
@@ -95,13 +109,22 @@ class RunDir:
         check_target(path, overwrite)
         run = cls(path)
         run.path.mkdir(parents=True, exist_ok=True)
+        if not overwrite:  # claim the folder: of two runs started at once, one gets it
+            try:
+                atomic_create(run.file("summary.json"), json.dumps({"status": "starting"}).encode())
+            except FileExistsError:
+                raise SdsctlError(f"{path} was just taken by another run; choose another --out") from None
+            return run._make_previews()
         for name in RUN_FILES:
             (run.path / name).unlink(missing_ok=True)
         if run.previews.is_dir():
             for old in run.previews.glob("step_*.png"):
                 old.unlink()
-        run.previews.mkdir(exist_ok=True)
-        return run
+        return run._make_previews()
+
+    def _make_previews(self) -> RunDir:
+        self.previews.mkdir(exist_ok=True)
+        return self
 
     @classmethod
     def open(cls, path: Path) -> RunDir:

@@ -57,6 +57,12 @@ def tiny_prior(tmp_path_factory) -> Path:
     return build_tiny_prior(tmp_path_factory.mktemp("prior") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_v_prior(tmp_path_factory) -> Path:
+    """The tiny prior with a v-prediction scheduler configuration."""
+    return build_tiny_prior(tmp_path_factory.mktemp("prior") / "tiny-v", prediction_type="v_prediction")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _plugins_loaded():
     plugins.load_plugins()

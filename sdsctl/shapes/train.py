@@ -7,8 +7,9 @@ Three stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomicall
    trained off the data manifold, because the RGB hash-grid parameterization (EHC)
    back-propagates through the encoder from images that are not yet renders: fine pixel
    noise is removed (input x + noise, target x), colour shifts and blends of two images are
-   reconstructed as they are, and the encoder inverts the decoder on random latents
-   (E(D(z)) ~ z). ``augment=False`` trains on world images only (for comparison).
+   reconstructed as they are. ``augment=False`` trains on world images only (for comparison).
+   (A cycle loss E(D(z)) ~ z on random latents was tried and dropped: the decoder learnt to
+   hide latent codes in small glints, the opposite of a smooth encoder.)
 2. ``latents``: the world is rendered once, encoded to scaled latents and the captions
    tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
 3. ``prior``: ``UNet2DConditionModel`` + ``CLIPTextModel`` trained jointly from scratch with
@@ -41,7 +42,7 @@ ProgressFn = Callable[[str, int, int, dict], None]
 @dataclasses.dataclass
 class TrainConfig:
     seed: int = 0
-    vae_steps: int = 2500
+    vae_steps: int = 2000
     vae_batch: int = 32
     vae_lr: float = 1e-3
     augment: bool = True
@@ -134,7 +135,7 @@ def _perturb(x: torch.Tensor, other: torch.Tensor, g: torch.Generator) -> tuple[
     colour shifts and blends to keep."""
     n = x.shape[0]
     half = n // 2
-    sigma = torch.rand(half, 1, 1, 1, generator=g) * 0.3
+    sigma = torch.rand(half, 1, 1, 1, generator=g) * 0.2
     noisy = (x[:half] + sigma * torch.randn(x[:half].shape, generator=g)).clamp(-1, 1)
     rest = x[half:]
     gain = 1 + (torch.rand(n - half, 3, 1, 1, generator=g) - 0.5) * 0.4
@@ -151,7 +152,7 @@ def _vae_loss(vae, x_in, target, g):
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
     rec = vae.decode(z).sample
     kl = posterior.kl().mean() / target[0].numel()
-    return F.l1_loss(rec, target) + F.mse_loss(rec, target) + 1e-4 * kl, posterior.mean
+    return F.l1_loss(rec, target) + F.mse_loss(rec, target) + 1e-4 * kl
 
 
 # ----------------------------------------------------------------------------- stages
@@ -193,12 +194,10 @@ class Trainer:
         vae = build_vae(cfg).to(self.device)
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.1)
-        latent_std = 1.0
         if "vae" in state:
             vae.load_state_dict(state["vae"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
-            latent_std = state["latent_std"]
         g = torch.Generator().manual_seed(cfg.seed)
         t0, start = time.time(), state["step"]
         for step in range(start, cfg.vae_steps):
@@ -211,16 +210,8 @@ class Trainer:
                 x_in, target = torch.cat([x[:half], x_in]), torch.cat([x[:half], target])
             else:
                 x_in, target = x, x
-            loss, mean = _vae_loss(vae, x_in, target, g)
-            latent_std = 0.98 * latent_std + 0.02 * float(mean[: x.shape[0] // 2].detach().std())
+            loss = _vae_loss(vae, x_in, target, g)
             logs = {"rec": float(loss.detach())}
-            if cfg.augment:
-                with torch.no_grad():
-                    z = torch.randn(x.shape[0] // 4, 4, 8, 8, generator=g) * latent_std
-                    decoded = vae.decode(z.to(self.device)).sample.clamp(-1, 1)
-                cycle = F.mse_loss(vae.encode(decoded).latent_dist.mean, z.to(self.device)) / latent_std**2
-                loss = loss + 0.1 * cycle
-                logs["cycle"] = float(cycle.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -231,7 +222,7 @@ class Trainer:
             if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
                 stage = "latents" if done == cfg.vae_steps else "vae"
                 state = {"stage": stage, "step": done, "vae": vae.state_dict(), "opt": opt.state_dict(),
-                         "sched": sched.state_dict(), "latent_std": latent_std}
+                         "sched": sched.state_dict()}
                 _atomic_save(state, self.ckpt_path)
                 if done == 1000:
                     _atomic_save({"vae": vae.state_dict()}, self.dir / "vae_step1000.pt")
@@ -323,6 +314,20 @@ class Trainer:
         return save_pipeline_folder(out, vae=vae, unet=unet, text_encoder=text, tokenizer_dir=self.tok_dir)
 
 
+def _prefix_text_encoder_keys(path: Path) -> None:
+    """Store the text encoder under Stable Diffusion's key names (``text_model.`` prefix).
+
+    transformers 5 saves ``CLIPTextModel`` weights without the prefix; older releases (which
+    other score-distillation tools pin) would then load a freshly initialized encoder. Every
+    release loads the prefixed names.
+    """
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path))
+    weights = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in weights.items()}
+    save_file(weights, str(path), metadata={"format": "pt"})
+
+
 def save_pipeline_folder(out: Path, *, vae, unet, text_encoder, tokenizer_dir: Path) -> Path:
     """Write a ``StableDiffusionPipeline`` folder with safetensors weights."""
     import shutil
@@ -332,6 +337,7 @@ def save_pipeline_folder(out: Path, *, vae, unet, text_encoder, tokenizer_dir: P
     vae.save_pretrained(out / "vae", safe_serialization=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    _prefix_text_encoder_keys(out / "text_encoder" / "model.safetensors")
     build_scheduler().save_pretrained(out / "scheduler")
     (out / "tokenizer").mkdir(exist_ok=True)
     for f in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
@@ -362,6 +368,7 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     p.add_argument("workdir")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
+    p.add_argument("--prior-steps", type=int, default=TrainConfig.prior_steps)
     p.add_argument("--stop-after-vae", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -372,7 +379,7 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
             last[0] = time.time()
             print(stage, step, total, {k: round(v, 4) for k, v in logs.items()}, flush=True)
 
-    cfg = TrainConfig(augment=not a.no_augment, vae_steps=a.vae_steps)
+    cfg = TrainConfig(augment=not a.no_augment, vae_steps=a.vae_steps, prior_steps=a.prior_steps)
     tr = Trainer(Path(a.workdir), cfg, show)
     if a.stop_after_vae:
         tr.train_vae(tr._load())

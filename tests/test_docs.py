@@ -1,0 +1,68 @@
+"""The docs keep up with the code: every hook, every component option, the README commands."""
+
+from __future__ import annotations
+
+import re
+import types
+from pathlib import Path
+
+from sdsctl import hookspecs, plugins
+from sdsctl.recipe import OptimizerConfig, OutputConfig, Recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOKS = sorted(name for name in vars(hookspecs) if name.startswith("register_"))
+
+
+def test_every_hook_has_a_docs_entry_and_a_docstring():
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    documented = re.findall(r"^### `(register_\w+)\(", text, flags=re.M)
+    assert sorted(documented) == HOOKS
+    for name in HOOKS:
+        assert getattr(hookspecs, name).__doc__.strip()
+
+
+def test_every_recipe_key_and_first_party_option_is_documented():
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    for model in (Recipe, OptimizerConfig, OutputConfig):
+        for key in model.model_fields:
+            assert f"| `{key}` |" in text, key
+    for kind in ("models", "parameterizations", "guidances", "schedules", "weightings", "metrics"):
+        for name, reg in plugins.components(kind).items():
+            if reg.distribution != "sdsctl":
+                continue
+            assert f"`{name}`" in text, name
+            for key in reg.obj.Config.model_fields:
+                if key != "name":
+                    assert f"| `{key}` |" in text, f"{name}.{key}"
+
+
+def _code_blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_quickstart_is_two_commands_and_ci_runs_the_second():
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    commands = [block.strip() for block in _code_blocks(quickstart, "bash")]
+    assert len(commands) == 2 and all("\n" not in c for c in commands)
+    run, test = commands
+    assert run.startswith("python3 -m venv .venv") and run.endswith("sdsctl run recipes/sds.yaml")
+    assert test.startswith("python3 -m venv .venv") and test.endswith("pytest") and "'.[test]'" in test
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test in ci
+
+
+def test_changelog_has_an_unreleased_section():
+    assert "## [Unreleased]" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_the_plugin_example_in_the_docs_works(register_plugin, recipe_file, tmp_path):
+    (code,) = _code_blocks((ROOT / "docs" / "plugins.md").read_text(), "python")
+    module = types.ModuleType("docs_example_plugin")
+    exec(compile(code, "docs/plugins.md", "exec"), module.__dict__)
+    register_plugin(module, "docs-example")
+    from sdsctl.loop import execute
+    from sdsctl.panel import PlainLog
+
+    loaded = load_recipe(recipe_file({"guidance": {"name": "mine", "guidance_scale": 5}, "steps": 2}))
+    assert execute(loaded, tmp_path / "run", PlainLog(100)).status == "completed"

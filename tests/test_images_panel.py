@@ -1,0 +1,79 @@
+"""The image writer, the contact sheet, the half-block preview, the panel and the log lines."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image
+from rich.console import Console
+
+from sdsctl.images import contact_sheet, half_blocks, save_image, to_pil
+from sdsctl.panel import LivePanel, PlainLog
+
+
+def test_save_image_is_deterministic_png(tmp_path):
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    save_image(image, tmp_path / "a.png")
+    save_image(image, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert Image.open(tmp_path / "a.png").size == (16, 16)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_to_pil_quantizes_and_clamps():
+    image = torch.tensor([0.0, 0.5, 2.0]).reshape(3, 1, 1)
+    assert to_pil(image).getpixel((0, 0)) == (0, 128, 255)
+
+
+def test_contact_sheet_grid(tmp_path):
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"step_{i:06d}.png"
+        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(path)
+        paths.append(path)
+    sheet = contact_sheet(paths, gap=2)
+    assert sheet.size == (3 * 64 + 2 * 2, 2 * 64 + 2)
+    assert sheet.getpixel((64 + 2 + 5, 5)) == (40, 0, 0)
+    assert contact_sheet([]) is None
+
+
+def test_half_blocks_use_upper_and_lower_pixel_colours():
+    image = torch.zeros(3, 2, 2)
+    image[0, 0] = 1.0  # top row red
+    image[2, 1] = 1.0  # bottom row blue
+    text = half_blocks(image, width=2)
+    assert text.plain == "▀▀"
+    style = text.spans[0].style
+    assert style.color.triplet == (255, 0, 0) and style.bgcolor.triplet == (0, 0, 255)
+
+
+RECORD = {"step": 10, "phase": "main", "t": 612, "timesteps": {"t": 612, "t_correction": 40}, "loss": 12.5,
+          "norms": {"score": 3.2, "classifier": 2.0}, "lr": 0.01, "weight": 0.8}
+INFO = {"title": "sds on latent-pixels", "steps": 20, "start_step": 0, "device": "cpu", "run_dir": "runs/x"}
+
+
+def test_live_panel_shows_progress_timesteps_norms_preview():
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, color_system="truecolor", width=120)
+    panel = LivePanel(console=console, preview_width=8)
+    panel.start(INFO)
+    panel.step(RECORD)
+    panel.preview(10, torch.rand(3, 64, 64))
+    console.print(panel.render())
+    panel.close()
+    out = buf.getvalue()
+    for part in ("10/20", "ETA", "steps/s", "phase main", "t 612", "t_correction 40", "loss 12.5",
+                 "classifier 2", "lr 0.01", "device cpu", "MiB", "▀", "sds on latent-pixels"):
+        assert part in out, part
+
+
+def test_plain_log_prints_every_n_steps_and_the_last():
+    buf = io.StringIO()
+    log = PlainLog(every=5, stream=buf)
+    log.start({**INFO, "steps": 12})
+    for step in range(1, 13):
+        log.step({**RECORD, "step": step})
+    lines = buf.getvalue().splitlines()
+    assert [line.split()[1] for line in lines[1:]] == ["5/12", "10/12", "12/12"]
+    assert "t 612 t_correction 40" in lines[1] and "score 3.2" in lines[1]

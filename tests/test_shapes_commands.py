@@ -1,0 +1,254 @@
+"""Commands of the shapes prior (``train-shapes``, ``sample``) and the ``shapes-judge`` metric."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sdsctl.cli import create_app
+from sdsctl.shapes import world
+from sdsctl.shapes.train import Trainer, TrainConfig
+
+PROMPT = "a red circle on a blue background"
+WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+           "text_encoder/model.safetensors")
+
+
+def invoke(*args):
+    return CliRunner().invoke(create_app(), [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One ``train-shapes --smoke`` run from scratch: its work folder and the CLI result."""
+    work = tmp_path_factory.mktemp("shapes") / "work"
+    result = invoke("train-shapes", "--smoke", "--out", work, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return SimpleNamespace(work=work, prior=work / "prior", result=result)
+
+
+# ----------------------------------------------------------------------------- train-shapes
+
+
+def test_train_shapes_smoke_writes_a_pipeline_folder(trained):
+    folder = trained.prior
+    assert f"prior written to {folder}" in trained.result.stdout
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / sub).is_dir(), sub
+    for name in ("vocab.json", "merges.txt"):
+        assert (folder / "tokenizer" / name).stat().st_size > 0
+    for path in WEIGHTS:
+        assert (folder / path).is_file(), path
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    state = torch.load(trained.work / "checkpoint.pt", map_location="cpu", weights_only=False)
+    smoke = TrainConfig.smoke()
+    assert (state["stage"], state["step"]) == ("done", smoke.prior_steps)
+    # the VAE's scaling factor comes from the encoded world, not the 1.0 it is built with
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    assert vae["scaling_factor"] == pytest.approx(state["scaling_factor"]) and vae["scaling_factor"] != 1.0
+
+
+def test_text_encoder_weights_use_the_classic_text_model_keys(trained):
+    from safetensors import safe_open
+
+    with safe_open(str(trained.prior / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys
+    assert [k for k in keys if not k.startswith("text_model.")] == []
+
+
+def test_trained_folder_loads_with_diffusers_offline(trained, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = StableDiffusionPipeline.from_pretrained(str(trained.prior), safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == world.IMAGE_SIZE
+    vocab = pipe.tokenizer.get_vocab()
+    assert all(w + "</w>" in vocab for w in world.vocabulary() if w.isalpha())
+    with torch.no_grad():
+        ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        emb = pipe.text_encoder(ids)[0]
+    assert emb.shape == (1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    # the loaded text encoder holds the trained weights (not a fresh random init)
+    state = torch.load(trained.work / "checkpoint.pt", map_location="cpu", weights_only=False)
+    loaded = pipe.text_encoder.state_dict()
+    for key, value in state["text"].items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_second_run_resumes_without_retraining(trained, monkeypatch):
+    checkpoint = (trained.work / "checkpoint.pt").read_bytes()
+
+    def must_not_run(self, state):
+        raise AssertionError("a completed training must not train again")
+
+    for stage in ("train_vae", "make_latents", "train_prior"):
+        monkeypatch.setattr(Trainer, stage, must_not_run)
+    weights = {p: (trained.prior / p).read_bytes() for p in WEIGHTS}
+    result = invoke("train-shapes", "--smoke", "--out", trained.work, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (trained.work / "checkpoint.pt").read_bytes() == checkpoint  # step unchanged, not rewritten
+    assert {p: (trained.prior / p).read_bytes() for p in WEIGHTS} == weights
+
+
+def test_interrupted_training_resumes_where_it_stopped(trained, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_vae_step_3(stage, step, total, logs):
+        if stage == "vae" and step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(work, TrainConfig.smoke(device="cpu"), stop_at_vae_step_3).run()
+    state = torch.load(work / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert (state["stage"], state["step"]) == ("vae", 2)  # smoke checkpoints every 2 steps
+
+    starts = []
+    original = Trainer.train_vae
+
+    def recording(self, state):
+        starts.append(state["step"])
+        return original(self, state)
+
+    monkeypatch.setattr(Trainer, "train_vae", recording)
+    result = invoke("train-shapes", "--smoke", "--out", work, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert starts == [2]
+    # resuming on the CPU gives exactly the uninterrupted run's prior
+    for path in WEIGHTS:
+        assert (work / "prior" / path).read_bytes() == (trained.prior / path).read_bytes(), path
+
+
+def test_train_shapes_rejects_bad_step_counts(tmp_path):
+    result = invoke("train-shapes", "--out", tmp_path / "w", "--vae-steps", "0")
+    assert result.exit_code == 2 and "must be positive" in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------- sample
+
+
+def _sample(tiny_prior, out, *extra):
+    return invoke("sample", "--prompt", PROMPT, "--out", out, "--model", tiny_prior, "--steps", "2",
+                  "--device", "cpu", *extra)
+
+
+def test_sample_writes_a_png_of_the_native_size(tiny_prior, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "sub" / "a.png"
+    result = _sample(tiny_prior, out)
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.stdout
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.mode == "RGB" and image.size == (64, 64)
+
+
+def test_sample_is_deterministic_for_a_seed(tiny_prior, tmp_path):
+    paths = {name: tmp_path / f"{name}.png" for name in ("a", "b", "c")}
+    assert _sample(tiny_prior, paths["a"], "--seed", "3").exit_code == 0
+    assert _sample(tiny_prior, paths["b"], "--seed", "3").exit_code == 0
+    assert _sample(tiny_prior, paths["c"], "--seed", "4").exit_code == 0
+    assert paths["a"].read_bytes() == paths["b"].read_bytes()
+    assert paths["a"].read_bytes() != paths["c"].read_bytes()
+
+
+def test_sample_refuses_to_overwrite(tiny_prior, tmp_path):
+    out = tmp_path / "a.png"
+    out.write_bytes(b"keep me")
+    result = _sample(tiny_prior, out)
+    assert result.exit_code == 2
+    assert "exists" in result.stderr and "--overwrite" in result.stderr and "Traceback" not in result.output
+    assert out.read_bytes() == b"keep me"
+    result = _sample(tiny_prior, out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write leaves no temporary file
+
+
+def test_sample_needs_a_png_name(tiny_prior, tmp_path):
+    result = _sample(tiny_prior, tmp_path / "a.jpg")
+    assert result.exit_code == 2 and ".png" in result.stderr
+    assert not (tmp_path / "a.jpg").exists()
+
+
+def test_sample_warns_about_unknown_words(tiny_prior, tmp_path):
+    result = invoke("sample", "--prompt", "a red zebra", "--out", tmp_path / "z.png", "--model", tiny_prior,
+                    "--steps", "1", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "zebra" in result.stderr and "warning" in result.stderr
+
+
+def test_sample_from_an_unreachable_hub_id_is_a_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    out = tmp_path / "x.png"
+    result = invoke("sample", "--prompt", PROMPT, "--out", out, "--model", "some/hubid", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "'some/hubid'" in result.stderr and "Hugging Face Hub" in result.stderr
+    assert "--model DIR" in result.stderr  # says what to do instead
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_sample_from_a_missing_folder_is_a_clear_error(tmp_path):
+    result = invoke("sample", "--prompt", PROMPT, "--out", tmp_path / "x.png", "--model", tmp_path / "nope")
+    assert result.exit_code == 2 and "not found" in result.stderr and "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- shapes-judge metric
+
+
+def test_shapes_judge_metric_in_a_runs_summary(cli, recipe_file, tmp_path):
+    out = tmp_path / "run"
+    result = cli("run", recipe_file({"steps": 2}), "--out", out, "--no-live")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    metric = summary["metrics"]["shapes-judge"]
+    assert "error" not in metric
+    assert metric["background"] in world.COLORS
+    assert {"color", "shape", "shape_iou", "palette_error", "sharpness", "noise", "saturation", "contrast",
+            "brightness", "match", "match_color", "match_shape", "match_background"} <= set(metric)
+    assert metric["match"] == (metric["match_color"] and metric["match_shape"] and metric["match_background"])
+    assert 0 <= metric["brightness"] <= 1 and metric["palette_error"] >= 0
+
+
+def test_shapes_judge_applies_only_to_shapes_priors(tiny_prior):
+    from transformers import CLIPTokenizer
+
+    from sdsctl_plugins.shapes_judge import ShapesJudge
+
+    tok = CLIPTokenizer.from_pretrained(str(tiny_prior / "tokenizer"))
+    assert ShapesJudge.applies_to(SimpleNamespace(tokenizer=tok, image_size=64))
+    assert not ShapesJudge.applies_to(SimpleNamespace(tokenizer=tok, image_size=512))
+    vocab = {k: v for k, v in tok.get_vocab().items() if k != "triangle</w>"}
+    assert not ShapesJudge.applies_to(SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: vocab), image_size=64))
+
+
+def test_shapes_judge_scores_a_render_exactly(tiny_prior):
+    from sdsctl_plugins.shapes_judge import ShapesJudge
+
+    images, scenes = world.sample_batch(11, 1, degradation=False)
+    image = torch.from_numpy(images[0]).permute(2, 0, 1)
+    metric = ShapesJudge(ShapesJudge.Config(name="shapes-judge"), ctx=None)
+    result = metric(image, scenes[0].plain_caption)
+    assert result["match"] is True
+    assert (result["color"], result["shape"], result["background"]) == (scenes[0].color, scenes[0].shape, scenes[0].background)
+    wrong = f"a {scenes[0].color} {'square' if scenes[0].shape != 'square' else 'circle'} on a {scenes[0].background} background"
+    assert metric(image, wrong)["match_shape"] is False
+
