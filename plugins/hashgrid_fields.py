@@ -19,7 +19,7 @@ import sdsctl
 from sdsctl.components import ComponentConfig, Parameterization
 from sdsctl.hashgrid import HashGridConfig, HashGridField, fit_to
 
-from .latent_pixels import LatentPixels
+from .latent_pixels import check_resolution
 
 
 class HashGridOptions(ComponentConfig):
@@ -34,7 +34,10 @@ class HashGridOptions(ComponentConfig):
 
 
 class _HashGridParameterization(Parameterization):
-    check = LatentPixels.check  # same resolution rules
+    @classmethod
+    def check(cls, config, recipe, model) -> None:
+        check_resolution(config.resolution, model)
+
 
     def _field(self, size: int, channels: int) -> HashGridField:
         c = self.config

@@ -15,12 +15,15 @@ from pydantic import Field
 import sdsctl
 from sdsctl.components import ComponentConfig, Parameterization
 
-from .latent_pixels import LatentPixels
+from .latent_pixels import check_resolution
 
 
 class RGBPixels(Parameterization):
     space = "rgb"
-    check = LatentPixels.check
+
+    @classmethod
+    def check(cls, config, recipe, model) -> None:
+        check_resolution(config.resolution, model)
 
     class Config(ComponentConfig):
         name: str = "rgb-pixels"
