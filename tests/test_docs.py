@@ -46,7 +46,7 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_second():
     commands = [block.strip() for block in _code_blocks(quickstart, "bash")]
     assert len(commands) == 2 and all("\n" not in c for c in commands)
     run, test = commands
-    assert run.startswith("python3 -m venv .venv") and run.endswith("sdsctl run recipes/sds.yaml")
+    assert run.startswith("python3 -m venv .venv") and run.endswith("sdsctl run recipes/robust_nfsd.yaml")
     assert test.startswith("python3 -m venv .venv") and test.endswith("pytest") and "'.[test]'" in test
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test in ci
