@@ -449,9 +449,9 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
         raise RecipeError(problems)
     for section, reg in found.items():
         run_check(section, lambda reg=reg, section=section: reg.obj.check(getattr(recipe, section), recipe, info))
-    if recipe.optimizer.fit_space == "image" and found["parameterization"].obj.space != "rgb":
+    if recipe.optimizer.fit_space != "latent" and found["parameterization"].obj.space != "rgb":
         problems.append(Problem(where(("optimizer", "fit_space")), "optimizer.fit_space",
-                                f"'image' needs an RGB parameterization; {recipe.parameterization.name!r} renders "
+                                f"{recipe.optimizer.fit_space!r} needs an RGB parameterization; {recipe.parameterization.name!r} renders "
                                 "latents (use fit_space: latent, or an rgb-* parameterization)"))
     if problems:
         raise RecipeError(sorted(problems, key=_order))
