@@ -53,7 +53,8 @@ def _device(device: str) -> str:
 def train_shapes(
     out: Annotated[Path, typer.Option("--out", help="work folder: checkpoint, tokenizer and the exported prior/")],
     seed: Annotated[int, typer.Option(help="seed of the world and of the training")] = 0,
-    vae_steps: Annotated[int, typer.Option(help="VAE training steps")] = 2500,
+    vae_steps: Annotated[int, typer.Option(help="VAE training steps")] = 2000,
+    decoder_steps: Annotated[int, typer.Option(help="decoder fine-tuning steps")] = 800,
     prior_steps: Annotated[int, typer.Option(help="UNet + text encoder training steps")] = 8000,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="train the VAE on world images only")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -64,10 +65,10 @@ def train_shapes(
 
     from sdsctl.shapes.train import Trainer, TrainConfig
 
-    if min(vae_steps, prior_steps) <= 0:
-        raise SdsctlError("--vae-steps and --prior-steps must be positive")
+    if min(vae_steps, prior_steps) <= 0 or decoder_steps < 0:
+        raise SdsctlError("--vae-steps and --prior-steps must be positive, --decoder-steps at least 0")
     kw = dict(seed=seed, augment=not no_augment, device=_device(device))
-    cfg = TrainConfig.smoke(**kw) if smoke else TrainConfig(vae_steps=vae_steps, prior_steps=prior_steps, **kw)
+    cfg = TrainConfig.smoke(**kw) if smoke else TrainConfig(vae_steps=vae_steps, decoder_steps=decoder_steps, prior_steps=prior_steps, **kw)
     columns = [TextColumn("{task.description:>8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[logs]}")]
     with Progress(*columns) as progress:
