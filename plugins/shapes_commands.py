@@ -100,6 +100,7 @@ def sample(
 
     from sdsctl import sampling
     from sdsctl.rundir import atomic_write
+    from sdsctl.shapes.tokenizer import unknown_words
 
     if out.suffix.lower() != ".png":
         raise SdsctlError(f"--out {out}: the image is written as PNG; give a file name ending in .png")
@@ -108,7 +109,7 @@ def sample(
     if steps <= 0:
         raise SdsctlError(f"--steps {steps}: must be positive")
     pipe = _pipeline(model, _device(device))
-    unknown = __import__("sdsctl.shapes.tokenizer", fromlist=["x"]).unknown_words(pipe.tokenizer, prompt)
+    unknown = unknown_words(pipe.tokenizer, prompt)
     if unknown:
         typer.echo(f"warning: the model does not know the word(s): {', '.join(unknown)}", err=True)
     image = sampling.sample(pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale,

@@ -208,7 +208,12 @@ class Optimization:
         with blame(self.regs["parameterization"], "rendering"):
             x = self.param()
             self.last_rgb = x
-            return x if self.latent else self.prior.encode_images(x)
+            if self.latent:
+                return x
+            if self.image_fit:  # z only feeds the score: no graph through the encoder
+                with torch.no_grad():
+                    return self.prior.encode_images(x)
+            return self.prior.encode_images(x)
 
     def fit(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = 0.5 * (z - target).pow(2).sum()

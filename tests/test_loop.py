@@ -362,3 +362,36 @@ def test_a_completed_run_continues_when_its_steps_are_raised(cli, recipe_file, t
     assert cli("resume", out, "--no-live").exit_code == 0
     # The schedule and the guidance draw from the generator independently of `steps`.
     assert (out / "final.png").read_bytes() == (longer / "final.png").read_bytes()
+
+
+def test_image_fit_fits_the_rgb_to_the_decoded_target(recipe_file, tiny_prior):
+    """fit_space: image fits x (not z) to D(z − g)."""
+    loaded = load_recipe(recipe_file({"parameterization": {"name": "rgb-pixels"},
+                                      "optimizer": {"fit_space": "image"}}))
+    prior = Prior.load(str(tiny_prior), torch.device("cpu"), torch.float32)
+    opt = Optimization(loaded, prior, torch.device("cpu"), torch.float32)
+    opt.initialize()
+    seen = {}
+    original_fit, original_score = opt.fit, opt.guidance.score
+
+    def score(z, times):
+        out = original_score(z, times)
+        seen["z"], seen["score"], seen["t"] = z.clone(), out.score.clone(), times.t
+        return out
+
+    def fit(x, target):
+        seen["x"], seen["target"] = x.detach().clone(), target.clone()
+        return original_fit(x, target)
+
+    opt.guidance.score, opt.fit = score, fit
+    opt.step(0)
+    assert seen["x"].shape == (1, 3, 64, 64)  # the RGB image, not the latents
+    g = float(opt.weighting(seen["t"])) * seen["score"]
+    torch.testing.assert_close(seen["target"], prior.decode_latents(seen["z"] - g))
+
+
+def test_image_fit_needs_an_rgb_parameterization(recipe_file):
+    from sdsctl.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="fit_space"):
+        load_recipe(recipe_file({"optimizer": {"fit_space": "image"}}))
