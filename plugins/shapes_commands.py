@@ -96,10 +96,10 @@ def sample(
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
 ) -> None:
     """Draw one image from a prior with DDIM."""
-    from PIL import Image
+    import torch
 
     from sdsctl import sampling
-    from sdsctl.rundir import atomic_write
+    from sdsctl.images import save_image
     from sdsctl.shapes.tokenizer import unknown_words
 
     if out.suffix.lower() != ".png":
@@ -114,12 +114,8 @@ def sample(
         typer.echo(f"warning: the model does not know the word(s): {', '.join(unknown)}", err=True)
     image = sampling.sample(pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale,
                             negative_prompt=negative_prompt or None)[0]
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray((image * 255 + 0.5).astype("uint8")).save(buf, format="PNG")
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, buf.getvalue())
+    save_image(torch.from_numpy(image).permute(2, 0, 1), out)
     typer.echo(str(out))
 
 

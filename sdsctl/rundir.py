@@ -32,33 +32,36 @@ RUN_FILES = ("recipe.yaml", "metrics.jsonl", "final.png", "progress.png", "state
 STATE_FORMAT = 1
 
 
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _written_temp(path: Path, data: bytes) -> Path:
+    """``data`` flushed to disk in a temporary file beside ``path``."""
+    tmp = _temp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_written_temp(path, data), path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _temp_path(path).unlink(missing_ok=True)
 
 
 def atomic_create(path: Path, data: bytes) -> None:
     """Like :func:`atomic_write`, but raise FileExistsError instead of replacing ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)  # atomic, and fails if path exists
+        os.link(_written_temp(path, data), path)  # atomic, and fails if path exists
     finally:
-        tmp.unlink(missing_ok=True)
+        _temp_path(path).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -137,7 +137,7 @@ def evaluate(folder: str | Path, *, quick: bool = False, out: Path | None = None
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 12) -> None:
-    from PIL import Image
+    from ..images import save_image
 
     n = len(images)
     rows = -(-n // columns)
@@ -146,7 +146,7 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 12) -> None:
     for i, im in enumerate(images):
         r, c = divmod(i, columns)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
-    Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(path)
+    save_image(torch.from_numpy(grid).permute(2, 0, 1), path)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -124,9 +123,22 @@ def load_tokenizer(folder: Path):
 # ----------------------------------------------------------------------------- utilities
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    import io
+
+    from ..rundir import atomic_write
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def _optimizer_step(loss, opt, sched, params) -> None:
+    """Backward, clip the gradient norm to 1, step the optimizer and its schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -218,11 +230,7 @@ class Trainer:
                 x_in, target = x, x
             loss = _vae_loss(vae, x_in, target, g)
             logs = {"rec": float(loss.detach())}
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            _optimizer_step(loss, opt, sched, vae.parameters())
             done = step + 1
             self.progress("vae", done, cfg.vae_steps, {**logs, "s/step": (time.time() - t0) / (done - start)})
             if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
@@ -290,11 +298,7 @@ class Trainer:
             rec = vae.decode(z).sample
             (gy, gx), (ty, tx) = grads(rec), grads(x)
             loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + F.l1_loss(gy, ty) + F.l1_loss(gx, tx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            _optimizer_step(loss, opt, sched, params)
             done = step + 1
             self.progress("decoder", done, cfg.decoder_steps, {"rec": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
             if done % cfg.checkpoint_every == 0 or done == cfg.decoder_steps:
@@ -339,11 +343,7 @@ class Trainer:
             emb = text(batch_ids.to(self.device))[0]
             pred = unet(zt, t, encoder_hidden_states=emb).sample
             loss = F.mse_loss(pred, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            _optimizer_step(loss, opt, sched, params)
             done = step + 1
             self.progress("prior", done, cfg.prior_steps, {"loss": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
             if done % cfg.checkpoint_every == 0 or done == cfg.prior_steps:
