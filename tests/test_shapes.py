@@ -119,6 +119,14 @@ def test_judge_recovers_attributes_of_fresh_clean_renders():
     assert float(np.mean(palette_errors)) < 0.02  # only the 1/255 pixel noise and anti-aliasing
 
 
+@pytest.mark.parametrize("kind", ["noise", "blur", "dark", "lowcontrast", "oversaturated"])
+def test_judge_recognizes_the_shape_of_degraded_renders(kind):
+    """Quality-word samples are judged on their shape too, so degraded images must be readable."""
+    images, scenes = world.sample_batch(4242, 120, degradation=kind)
+    right = np.mean([judge.judge(img).shape == s.shape for img, s in zip(images, scenes)])
+    assert right >= 0.88, (kind, right)
+
+
 def test_judge_reads_tensors_and_other_sizes():
     import torch
 

@@ -252,3 +252,43 @@ def test_shapes_judge_scores_a_render_exactly(tiny_prior):
     wrong = f"a {scenes[0].color} {'square' if scenes[0].shape != 'square' else 'circle'} on a {scenes[0].background} background"
     assert metric(image, wrong)["match_shape"] is False
 
+
+
+# ----------------------------------------------------------------------------- VAE training losses
+
+
+def _tiny_vae():
+    from sdsctl.shapes.train import TrainConfig, build_vae
+
+    torch.manual_seed(0)
+    return build_vae(TrainConfig(vae_channels=(16, 16, 16, 16)))
+
+
+def test_fine_perturbations_are_zero_mean_and_bounded():
+    from sdsctl.shapes.train import _fine_perturbation
+
+    x = torch.zeros(64, 3, 64, 64)
+    d = _fine_perturbation(x, torch.Generator().manual_seed(0))
+    assert d.shape == x.shape
+    assert abs(float(d.mean())) < 2e-3
+    per_image = d.flatten(1).std(dim=1)
+    assert float(per_image.min()) > 0.01 and float(per_image.max()) < 0.25
+
+
+def test_jacobian_penalty_is_added_and_ignores_the_latent_scale():
+    """The penalty is the encoder's sensitivity *relative to its latents' spread*: scaling the
+    latents (the encoder's last layer) must not change it, or training could shrink it for free."""
+    from sdsctl.shapes import world
+    from sdsctl.shapes.train import _to_tensor, _vae_loss
+
+    vae = _tiny_vae()
+    x = _to_tensor(world.sample_batch(0, 8)[0])
+    with torch.no_grad():
+        plain, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1))
+        total, logs = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), jacobian_weight=5.0)
+        assert logs["jac"] > 0
+        assert float(total) == pytest.approx(float(plain) + 5.0 * logs["jac"], rel=1e-5)
+        vae.quant_conv.weight[:4] *= 10  # the mean channels only
+        vae.quant_conv.bias[:4] *= 10
+        _, scaled = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), jacobian_weight=5.0)
+    assert scaled["jac"] == pytest.approx(logs["jac"], rel=1e-3)

@@ -5,11 +5,14 @@ Four stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically
 
 1. ``vae``: an ``AutoencoderKL`` (64x64 -> 4x8x8). Besides reconstructing world images it is
    trained off the data manifold, because the RGB hash-grid parameterization (EHC)
-   back-propagates through the encoder from images that are not yet renders: fine pixel
-   noise is removed (input x + noise, target x), colour shifts and blends of two images are
-   reconstructed as they are. ``augment=False`` trains on world images only (for comparison).
-   (A cycle loss E(D(z)) ~ z on random latents was tried and dropped: it slowed the
-   reconstruction down for no measured gain.)
+   back-propagates through the encoder from images that are not yet renders: a quarter of
+   each batch is colour-shifted or blended with another image and reconstructed as it is,
+   and a Jacobian penalty keeps the encoder's response to fine, zero-mean perturbations
+   (pixel noise at 1 and 2 px) small relative to the latents' own spread, so that an
+   image's high-frequency content cannot steer its latent. ``augment=False`` trains on world
+   images only (for comparison). (Denoising pairs, noisy input -> clean target, were tried
+   first: by the encoder-robustness figure they made the encoder *less* smooth. A cycle loss
+   E(D(z)) ~ z was tried and dropped: slower reconstruction for no measured gain.)
 2. ``latents``: the world is rendered once, encoded to scaled latents and the captions
    tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
 3. ``decoder``: the encoder is final, so the decoder alone is fine-tuned on world images
@@ -43,11 +46,13 @@ ProgressFn = Callable[[str, int, int, dict], None]
 @dataclasses.dataclass
 class TrainConfig:
     seed: int = 0
-    vae_steps: int = 2000
+    vae_steps: int = 2500
     vae_batch: int = 32
     vae_lr: float = 1e-3
     augment: bool = True
-    decoder_steps: int = 800
+    jacobian_weight: float = 5.0
+    jacobian_share: int = 4  # penalty on 1/share of each batch (one extra encoder pass)
+    decoder_steps: int = 600
     decoder_lr: float = 3e-4
     n_images: int = 60_000
     prior_steps: int = 8_000
@@ -57,7 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     device: str = "cpu"
     # model sizes
-    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
+    vae_channels: tuple[int, ...] = (32, 64, 64, 64)
     unet_channels: tuple[int, ...] = (32, 64)
     text_width: int = 64
     text_layers: int = 3
@@ -146,29 +151,50 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous() * 2 - 1
 
 
-def _perturb(x: torch.Tensor, other: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Off-manifold training pairs (input, target) in [-1, 1]: half fine noise to remove, half
-    colour shifts and blends to keep."""
+def _shift_or_blend(x: torch.Tensor, other: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Off-manifold images in [-1, 1] to reconstruct as they are: per-channel gain and offset,
+    or a blend with another image (what an RGB parameterization passes through mid-run)."""
     n = x.shape[0]
-    half = n // 2
-    sigma = torch.rand(half, 1, 1, 1, generator=g) * 0.2
-    noisy = (x[:half] + sigma * torch.randn(x[:half].shape, generator=g)).clamp(-1, 1)
-    rest = x[half:]
-    gain = 1 + (torch.rand(n - half, 3, 1, 1, generator=g) - 0.5) * 0.4
-    shift = (torch.rand(n - half, 3, 1, 1, generator=g) - 0.5) * 0.4
-    alpha = torch.rand(n - half, 1, 1, 1, generator=g)
-    blend = alpha * rest + (1 - alpha) * other[half:]
-    use_blend = (torch.rand(n - half, 1, 1, 1, generator=g) < 0.5).float()
-    kept = (use_blend * blend + (1 - use_blend) * (rest * gain + shift)).clamp(-1, 1)
-    return torch.cat([noisy, kept]), torch.cat([x[:half], kept])
+    gain = 1 + (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.4
+    shift = (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.4
+    alpha = torch.rand(n, 1, 1, 1, generator=g)
+    blend = alpha * x + (1 - alpha) * other
+    use_blend = (torch.rand(n, 1, 1, 1, generator=g) < 0.5).float()
+    return (use_blend * blend + (1 - use_blend) * (x * gain + shift)).clamp(-1, 1)
 
 
-def _vae_loss(vae, x_in, target, g):
+def _fine_perturbation(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Zero-mean perturbations the encoder should barely see: pixel noise, half of it in 2x2
+    blocks, with a random amplitude per image (sigma up to 0.2 in [-1, 1] units)."""
+    n = x.shape[0]
+    sigma = 0.02 + torch.rand(n, 1, 1, 1, generator=g) * 0.18
+    fine = torch.randn(x.shape, generator=g)
+    coarse = torch.randn(n, 3, x.shape[2] // 2, x.shape[3] // 2, generator=g).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    blocky = (torch.rand(n, 1, 1, 1, generator=g) < 0.5).float()
+    return sigma * (blocky * coarse + (1 - blocky) * fine)
+
+
+def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share: int = 1):
+    """Reconstruction (L1 + L2 + tiny KL), plus ``jacobian_weight`` times the encoder's
+    relative sensitivity ``|mu(x + d) - mu(x)|^2 / |d|^2 / var(mu)`` to fine perturbations d.
+
+    ``var(mu)`` is the spread of the latents across the batch (per element, so constant
+    offsets, which carry no information, cannot buy a smaller penalty)."""
     posterior = vae.encode(x_in).latent_dist
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
     rec = vae.decode(z).sample
     kl = posterior.kl().mean() / target[0].numel()
-    return F.l1_loss(rec, target) + F.mse_loss(rec, target) + 1e-4 * kl
+    loss = F.l1_loss(rec, target) + F.mse_loss(rec, target) + 1e-4 * kl
+    logs = {"rec": float(loss.detach())}
+    if jacobian_weight:
+        k = max(2, x_in.shape[0] // jacobian_share)
+        d = _fine_perturbation(x_in[:k], g).to(x_in.device)
+        moved = vae.encode(x_in[:k] + d).latent_dist.mean - posterior.mean[:k]
+        ratio = moved.flatten(1).pow(2).sum(1) / d.flatten(1).pow(2).sum(1)
+        sensitivity = ratio.mean() / posterior.mean.var(dim=0).mean()
+        loss = loss + jacobian_weight * sensitivity
+        logs["jac"] = float(sensitivity.detach())
+    return loss, logs
 
 
 # ----------------------------------------------------------------------------- stages
@@ -223,13 +249,9 @@ class Trainer:
             imgs, _ = world.sample_batch(cfg.seed * 1_000_003 + step, cfg.vae_batch)
             x = _to_tensor(imgs).to(self.device)
             if cfg.augment:
-                half = x.shape[0] // 2
-                x_in, target = _perturb(x[half:], x[:half], g)
-                x_in, target = torch.cat([x[:half], x_in]), torch.cat([x[:half], target])
-            else:
-                x_in, target = x, x
-            loss = _vae_loss(vae, x_in, target, g)
-            logs = {"rec": float(loss.detach())}
+                quarter = x.shape[0] // 4
+                x = torch.cat([x[:-quarter], _shift_or_blend(x[-quarter:], x[:quarter], g)])
+            loss, logs = _vae_loss(vae, x, x, g, cfg.jacobian_weight if cfg.augment else 0.0, cfg.jacobian_share)
             _optimizer_step(loss, opt, sched, vae.parameters())
             done = step + 1
             self.progress("vae", done, cfg.vae_steps, {**logs, "s/step": (time.time() - t0) / (done - start)})
