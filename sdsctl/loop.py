@@ -11,6 +11,10 @@ One step::
     loss   = 0.5 * ||z - target||^2                  # its gradient w.r.t. z is g
     loss.backward(); optimizer.step()                # then inner_steps - 1 more fits of θ to target
 
+For RGB parameterizations ``optimizer.fit_space`` may add or substitute HiFA's image-space
+loss 0.5·‖x − sg(D(z − g))‖² (``image``: instead of the latent loss, no encoder graph;
+``both``: added with weight ``image_weight``).
+
 Reliability (issue 5): the step's numbers are checked before θ moves, so a non-finite score
 stops the run with the last good θ; SIGINT/SIGTERM finish the step and save; the saved state
 (θ, Adam, the generator, the guidance's own state, the step) makes ``sdsctl resume`` continue
@@ -53,6 +57,15 @@ class RunResult:
     steps_done: int
     steps: int
     run_dir: Path
+
+
+@dataclasses.dataclass
+class FitTarget:
+    """What θ is fitted to in one step: the target latent z* = z − g (``fit_space`` latent or
+    both) and/or the decoded target image x* = D(z*) (image or both)."""
+
+    latent: torch.Tensor | None
+    image: torch.Tensor | None
 
 
 class NonFinite(Exception):
@@ -168,7 +181,6 @@ class Optimization:
         opt = recipe.optimizer
         self.optimizer = torch.optim.Adam(self.param.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps)
         self.latent = self.param.space == "latent"
-        self.image_fit = recipe.optimizer.fit_space == "image"  # validated: RGB parameterizations only
 
     def initialize(self) -> None:
         with blame(self.regs["parameterization"], "initializing"):
@@ -210,13 +222,24 @@ class Optimization:
             self.last_rgb = x
             if self.latent:
                 return x
-            if self.image_fit:  # z only feeds the score: no graph through the encoder
+            if self.recipe.optimizer.fit_space == "image":  # z only feeds the score: no encoder graph
                 with torch.no_grad():
                     return self.prior.encode_images(x)
             return self.prior.encode_images(x)
 
-    def fit(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = 0.5 * (z - target).pow(2).sum()
+    def fit_loss(self, z: torch.Tensor, target: "FitTarget") -> torch.Tensor:
+        """0.5·‖z − z*‖² and/or ``image_weight``·0.5·‖x − x*‖² (x: the last rendered RGB)."""
+        loss = torch.zeros((), device=z.device)
+        if target.latent is not None:
+            loss = loss + 0.5 * (z - target.latent).pow(2).sum()
+        if target.image is not None:
+            weight = 1.0 if target.latent is None else self.recipe.optimizer.image_weight
+            loss = loss + weight * 0.5 * (self.last_rgb - target.image).pow(2).sum()
+        return loss
+
+    def fit(self, z: torch.Tensor, target: "FitTarget") -> torch.Tensor:
+        """One Adam step of θ towards the step's target (``z`` and ``last_rgb`` from one render)."""
+        loss = self.fit_loss(z, target)
         self.optimizer.zero_grad(set_to_none=True)
         with blame(self.regs["parameterization"], "back-propagating"):
             loss.backward()
@@ -234,14 +257,14 @@ class Optimization:
         with blame(regs["weighting"], f"weighting t={times.t}"):
             w = float(self.weighting(times.t))
         g = (self.recipe.optimizer.score_scale * w) * out.score
-        if self.image_fit:  # fit the RGB image to the decoded target latent (no encoder gradient)
-            current, render = self.last_rgb, self.param
+        space = self.recipe.optimizer.fit_space
+        target_z = (z - g).detach()
+        target_x = None
+        if space != "latent":  # HiFA's image-space target: the decoded target latent
             with blame(regs["model"], "decoding the target"), torch.no_grad():
-                target = self.prior.decode_latents(z.detach() - g)
-        else:
-            current, render = z, self.render
-            target = (z - g).detach()
-        loss = 0.5 * (current - target).pow(2).sum()
+                target_x = self.prior.decode_latents(target_z)
+        target = FitTarget(latent=None if space == "image" else target_z, image=target_x)
+        loss = self.fit_loss(z, target)
         # One device sync per step: every number the record and the finiteness check need.
         terms = ["render", *out.norms, "score", "loss"]
         values = torch.stack([
@@ -253,10 +276,9 @@ class Optimization:
         for term, value in zip(terms, values):
             if not math.isfinite(value):
                 raise NonFinite(k + 1, term, value)
-        self.fit(current, target)
+        self.fit(z, target)
         for _ in range(self.recipe.optimizer.inner_steps - 1):
-            with blame(regs["parameterization"], "rendering"):
-                self.fit(render(), target)
+            self.fit(self.render(), target)
         stats = dict(zip(terms, values))
         return {
             "step": k + 1,

@@ -53,7 +53,10 @@ class OptimizerConfig(BaseModel):
     ``fit_space`` says where θ is fitted to the step's target: ``latent`` (the surrogate
     0.5·‖z − sg(z − g)‖², gradients through the VAE encoder for RGB parameterizations) or
     ``image`` (RGB parameterizations only: the target latent is decoded, x* = D(z − g), and
-    θ fitted by 0.5·‖x − sg(x*)‖², HiFA's image-space loss; no gradient through the encoder).
+    θ fitted by 0.5·‖x − sg(x*)‖², HiFA's image-space loss; no gradient through the encoder)
+    or ``both`` (RGB only: the latent loss plus ``image_weight`` times the image loss, as HiFA
+    combines them; the image term pulls the pixels the encoder cannot see, its null space,
+    towards the decoder's images).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -64,7 +67,8 @@ class OptimizerConfig(BaseModel):
     eps: float = Field(1e-8, gt=0)
     inner_steps: int = Field(1, ge=1)
     score_scale: float = Field(1.0, gt=0)
-    fit_space: Literal["latent", "image"] = "latent"
+    fit_space: Literal["latent", "image", "both"] = "latent"
+    image_weight: float = Field(0.1, ge=0, description="weight of the image loss when fit_space is both")
 
     @field_validator("betas")
     @classmethod

@@ -110,9 +110,10 @@ def test_gradient_of_the_surrogate_loss_is_the_weighted_score(recipe_file, tiny_
     original_fit = opt.fit
 
     def fit(z, target):
-        loss = 0.5 * (z - target).pow(2).sum()
+        assert target.image is None  # latent-pixels: the latent loss only
+        loss = 0.5 * (z - target.latent).pow(2).sum()
         (grad,) = torch.autograd.grad(loss, z, retain_graph=True)
-        seen["grad"], seen["g"] = grad, (z - target).detach()
+        seen["grad"], seen["g"] = grad, (z - target.latent).detach()
         return original_fit(z, target)
 
     opt.fit = fit
@@ -379,19 +380,50 @@ def test_image_fit_fits_the_rgb_to_the_decoded_target(recipe_file, tiny_prior):
         seen["z"], seen["score"], seen["t"] = z.clone(), out.score.clone(), times.t
         return out
 
-    def fit(x, target):
-        seen["x"], seen["target"] = x.detach().clone(), target.clone()
-        return original_fit(x, target)
+    def fit(z, target):
+        seen["target"], seen["z_grad"] = target, z.requires_grad
+        seen["loss"] = float(opt.fit_loss(z, target))
+        seen["x"] = opt.last_rgb.detach().clone()
+        return original_fit(z, target)
 
     opt.guidance.score, opt.fit = score, fit
     opt.step(0)
-    assert seen["x"].shape == (1, 3, 64, 64)  # the RGB image, not the latents
+    assert seen["target"].latent is None and not seen["z_grad"]  # no encoder graph
     g = float(opt.weighting(seen["t"])) * seen["score"]
-    torch.testing.assert_close(seen["target"], prior.decode_latents(seen["z"] - g))
+    torch.testing.assert_close(seen["target"].image, prior.decode_latents(seen["z"] - g))
+    assert seen["loss"] == pytest.approx(float(0.5 * (seen["x"] - seen["target"].image).pow(2).sum()), rel=1e-5)
 
 
-def test_image_fit_needs_an_rgb_parameterization(recipe_file):
+def test_fit_space_both_adds_the_weighted_image_loss_to_the_latent_loss(recipe_file, tiny_prior):
+    """fit_space: both = 0.5‖z − z*‖² + image_weight · 0.5‖x − D(z*)‖², gradients through the encoder."""
+    loaded = load_recipe(recipe_file({"parameterization": {"name": "rgb-pixels"},
+                                      "optimizer": {"fit_space": "both", "image_weight": 0.25}}))
+    prior = Prior.load(str(tiny_prior), torch.device("cpu"), torch.float32)
+    opt = Optimization(loaded, prior, torch.device("cpu"), torch.float32)
+    opt.initialize()
+    seen = {}
+    original_fit = opt.fit
+
+    def fit(z, target):
+        x = opt.last_rgb
+        seen["z_grad"] = z.requires_grad
+        latent = 0.5 * (z - target.latent).pow(2).sum()
+        image = 0.5 * (x - target.image).pow(2).sum()
+        torch.testing.assert_close(target.image, prior.decode_latents(target.latent))
+        seen["expected"], seen["loss"] = float(latent + 0.25 * image), float(opt.fit_loss(z, target))
+        return original_fit(z, target)
+
+    opt.fit = fit
+    before = opt.param.image().detach().clone()
+    opt.step(0)
+    assert seen["z_grad"]
+    assert seen["loss"] == pytest.approx(seen["expected"], rel=1e-5)
+    assert not torch.equal(before, opt.param.image())
+
+
+@pytest.mark.parametrize("space", ["image", "both"])
+def test_image_fit_needs_an_rgb_parameterization(recipe_file, space):
     from sdsctl.errors import RecipeError
 
     with pytest.raises(RecipeError, match="fit_space"):
-        load_recipe(recipe_file({"optimizer": {"fit_space": "image"}}))
+        load_recipe(recipe_file({"optimizer": {"fit_space": space}}))

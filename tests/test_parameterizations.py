@@ -179,7 +179,7 @@ def _fit_error_after_one_step(recipe_file, prior, parameterization: dict, inner_
     original = opt.fit
 
     def fit(z, target):
-        targets.append(target)
+        targets.append(target.latent)
         return original(z, target)
 
     opt.fit = fit
