@@ -53,8 +53,8 @@ def _device(device: str) -> str:
 def train_shapes(
     out: Annotated[Path, typer.Option("--out", help="work folder: checkpoint, tokenizer and the exported prior/")],
     seed: Annotated[int, typer.Option(help="seed of the world and of the training")] = 0,
-    vae_steps: Annotated[int, typer.Option(help="VAE training steps")] = 2500,
-    decoder_steps: Annotated[int, typer.Option(help="decoder fine-tuning steps")] = 600,
+    vae_steps: Annotated[int, typer.Option(help="VAE training steps")] = 2000,
+    decoder_steps: Annotated[int, typer.Option(help="decoder fine-tuning steps")] = 800,
     prior_steps: Annotated[int, typer.Option(help="UNet + text encoder training steps")] = 8000,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="train the VAE on world images only")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",

@@ -246,3 +246,19 @@ def test_cuda_requested_without_cuda_is_input_error(cli, recipe_file, tmp_path):
     result = cli("run", recipe_file({"device": "cuda"}), "--out", tmp_path / "r", "--no-live")
     assert result.exit_code == 2 and "no CUDA device" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_cuisine_recipes_encode_the_studys_settings(tiny_prior):
+    """Recipe names and their defaults are contracts (issue 4)."""
+    load = lambda name: load_recipe(name, overrides={"model": str(tiny_prior)}).recipe  # noqa: E731
+    epl, ehl, ehc, study = load("robust_nfsd"), load("robust_nfsd_ehl"), load("robust_nfsd_ehc"), load("robust_nfsd_ehc_latent")
+    assert epl.steps == 600 and epl.guidance.name == "robust-nfsd" and epl.guidance.ratio == 2.0
+    assert (epl.schedule.name, epl.schedule.warmup_steps, epl.schedule.warmup_t_min, epl.schedule.warmup_t_max) == ("warmup", 300, 200, 980)
+    assert epl.optimizer.lr == 0.01 and epl.parameterization.name == "latent-pixels"
+    assert ehl.parameterization.name == "latent-hashgrid" and ehl.optimizer.lr == 0.003
+    assert ehc.parameterization.name == "rgb-hashgrid" and ehc.optimizer.lr == 0.003
+    assert (ehc.optimizer.fit_space, ehc.optimizer.image_weight) == ("both", 0.1)
+    assert study.optimizer.fit_space == "latent" and study.parameterization == ehc.parameterization
+    hifa = load("nfsd_hifa")
+    assert hifa.steps == 1000 and hifa.schedule.name == "hifa" and hifa.guidance.name == "nfsd"
+    assert load("nfsd_hifa_ehl").optimizer.inner_steps == 5

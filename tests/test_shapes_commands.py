@@ -292,3 +292,25 @@ def test_jacobian_penalty_is_added_and_ignores_the_latent_scale():
         vae.quant_conv.bias[:4] *= 10
         _, scaled = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), jacobian_weight=5.0)
     assert scaled["jac"] == pytest.approx(logs["jac"], rel=1e-3)
+
+
+def test_the_jacobian_experiment_trains_its_vae(tmp_path):
+    """The experiment's regularizer runs through the VAE stage and logs its penalty."""
+    logs = []
+    cfg = TrainConfig.jacobian_experiment(vae_steps=2, vae_batch=8, vae_channels=(16, 16, 16, 16), checkpoint_every=2)
+    assert (cfg.vae_regularizer, cfg.decoder_steps) == ("jacobian", 600)
+    trainer = Trainer(tmp_path / "w", cfg, lambda stage, step, total, l: logs.append(l))
+    state = trainer.train_vae(trainer._load())
+    assert state["stage"] == "latents" and len(logs) == 2
+    assert all(l["jac"] > 0 for l in logs)
+
+
+def test_the_default_training_is_the_shipped_priors():
+    """`sdsctl train-shapes` with no options reproduces the shipped prior's configuration."""
+    from sdsctl.prior import SHAPES_PRIOR
+
+    cfg = TrainConfig()
+    vae = json.loads((SHAPES_PRIOR / "vae" / "config.json").read_text())
+    unet = json.loads((SHAPES_PRIOR / "unet" / "config.json").read_text())
+    assert tuple(vae["block_out_channels"]) == cfg.vae_channels and tuple(unet["block_out_channels"]) == cfg.unet_channels
+    assert (cfg.vae_regularizer, cfg.vae_steps, cfg.decoder_steps, cfg.prior_steps) == ("denoise", 2000, 800, 8000)

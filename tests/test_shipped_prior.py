@@ -81,3 +81,14 @@ def test_quality_word_dark_darkens(pipe):
     dark = sampling.sample(pipe, ["a dark " + p[2:] for p in prompts], seeds)
     darker = [judge.judge(d).brightness < judge.judge(p).brightness for d, p in zip(dark, plain)]
     assert np.mean(darker) >= 0.75
+
+
+@pytest.mark.parametrize("recipe", ["robust_nfsd", "robust_nfsd_ehc"])
+def test_cuisine_2_recipes_work_on_the_shipped_prior(recipe, tmp_path):
+    """End to end at the recipes' defaults: the judge accepts the final images (release figures
+    over 8 pairs: docs/findings.md). Pairs 4 and 5 of the shapes world, two runs per recipe."""
+    from sdsctl.compare import compare, shapes_pairs
+
+    results = compare([recipe], shapes_pairs(6)[4:], tmp_path, echo=lambda *_: None)
+    (summary,) = [r["summary"] for r in results.values()]
+    assert summary["matches"] == 2, summary

@@ -5,14 +5,16 @@ Four stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically
 
 1. ``vae``: an ``AutoencoderKL`` (64x64 -> 4x8x8). Besides reconstructing world images it is
    trained off the data manifold, because the RGB hash-grid parameterization (EHC)
-   back-propagates through the encoder from images that are not yet renders: a quarter of
-   each batch is colour-shifted or blended with another image and reconstructed as it is,
-   and a Jacobian penalty keeps the encoder's response to fine, zero-mean perturbations
-   (pixel noise at 1 and 2 px) small relative to the latents' own spread, so that an
-   image's high-frequency content cannot steer its latent. ``augment=False`` trains on world
-   images only (for comparison). (Denoising pairs, noisy input -> clean target, were tried
-   first: by the encoder-robustness figure they made the encoder *less* smooth. A cycle loss
-   E(D(z)) ~ z was tried and dropped: slower reconstruction for no measured gain.)
+   back-propagates through the encoder from images that are not yet renders. Two
+   regularizers: ``denoise`` (the shipped prior's) removes fine pixel noise (input x + noise,
+   target x) and reconstructs colour shifts and blends of two images as they are;
+   ``jacobian`` (an experiment, :meth:`TrainConfig.jacobian_experiment`) reconstructs shifts
+   and blends and penalizes the encoder's response to fine zero-mean perturbations relative
+   to its latents' spread. ``augment=False`` trains on world images only (for comparison).
+   Measured in ``docs/shapes-prior.md``: the Jacobian penalty makes the encoder far smoother,
+   but it also stops the latents from carrying blur and pixel noise, so the quality words
+   ``blurry`` and ``noisy`` lose their meaning. (A cycle loss E(D(z)) ~ z was tried and
+   dropped: slower reconstruction for no measured gain.)
 2. ``latents``: the world is rendered once, encoded to scaled latents and the captions
    tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
 3. ``decoder``: the encoder is final, so the decoder alone is fine-tuned on world images
@@ -31,7 +33,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -46,13 +48,14 @@ ProgressFn = Callable[[str, int, int, dict], None]
 @dataclasses.dataclass
 class TrainConfig:
     seed: int = 0
-    vae_steps: int = 2500
+    vae_steps: int = 2000
     vae_batch: int = 32
     vae_lr: float = 1e-3
     augment: bool = True
+    vae_regularizer: Literal["denoise", "jacobian"] = "denoise"  # see the module docstring
     jacobian_weight: float = 5.0
     jacobian_share: int = 4  # penalty on 1/share of each batch (one extra encoder pass)
-    decoder_steps: int = 600
+    decoder_steps: int = 800
     decoder_lr: float = 3e-4
     n_images: int = 60_000
     prior_steps: int = 8_000
@@ -62,10 +65,16 @@ class TrainConfig:
     checkpoint_every: int = 250
     device: str = "cpu"
     # model sizes
-    vae_channels: tuple[int, ...] = (32, 64, 64, 64)
+    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
     unet_channels: tuple[int, ...] = (32, 64)
     text_width: int = 64
     text_layers: int = 3
+
+    @classmethod
+    def jacobian_experiment(cls, **kw) -> "TrainConfig":
+        """The Jacobian-penalty VAE measured in docs/shapes-prior.md (wider, longer, not shipped)."""
+        base = dict(vae_regularizer="jacobian", vae_channels=(32, 64, 64, 64), vae_steps=2500, decoder_steps=600)
+        return cls(**{**base, **kw})
 
     @classmethod
     def smoke(cls, **kw) -> "TrainConfig":
@@ -149,6 +158,23 @@ def _optimizer_step(loss, opt, sched, params) -> None:
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
     """NHWC float [0, 1] -> NCHW float [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous() * 2 - 1
+
+
+def _perturb(x: torch.Tensor, other: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``denoise`` pairs (input, target) in [-1, 1]: half fine noise to remove, half colour
+    shifts and blends to keep."""
+    n = x.shape[0]
+    half = n // 2
+    sigma = torch.rand(half, 1, 1, 1, generator=g) * 0.2
+    noisy = (x[:half] + sigma * torch.randn(x[:half].shape, generator=g)).clamp(-1, 1)
+    rest = x[half:]
+    gain = 1 + (torch.rand(n - half, 3, 1, 1, generator=g) - 0.5) * 0.4
+    shift = (torch.rand(n - half, 3, 1, 1, generator=g) - 0.5) * 0.4
+    alpha = torch.rand(n - half, 1, 1, 1, generator=g)
+    blend = alpha * rest + (1 - alpha) * other[half:]
+    use_blend = (torch.rand(n - half, 1, 1, 1, generator=g) < 0.5).float()
+    kept = (use_blend * blend + (1 - use_blend) * (rest * gain + shift)).clamp(-1, 1)
+    return torch.cat([noisy, kept]), torch.cat([x[:half], kept])
 
 
 def _shift_or_blend(x: torch.Tensor, other: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -248,10 +274,16 @@ class Trainer:
             g.manual_seed(cfg.seed * 1_000_003 + step)
             imgs, _ = world.sample_batch(cfg.seed * 1_000_003 + step, cfg.vae_batch)
             x = _to_tensor(imgs).to(self.device)
-            if cfg.augment:
+            x_in, target, jacobian_weight = x, x, 0.0
+            if cfg.augment and cfg.vae_regularizer == "denoise":
+                half = x.shape[0] // 2
+                x_in, target = _perturb(x[half:], x[:half], g)
+                x_in, target = torch.cat([x[:half], x_in]), torch.cat([x[:half], target])
+            elif cfg.augment:
                 quarter = x.shape[0] // 4
-                x = torch.cat([x[:-quarter], _shift_or_blend(x[-quarter:], x[:quarter], g)])
-            loss, logs = _vae_loss(vae, x, x, g, cfg.jacobian_weight if cfg.augment else 0.0, cfg.jacobian_share)
+                x_in = target = torch.cat([x[:-quarter], _shift_or_blend(x[-quarter:], x[:quarter], g)])
+                jacobian_weight = cfg.jacobian_weight
+            loss, logs = _vae_loss(vae, x_in, target, g, jacobian_weight, cfg.jacobian_share)
             _optimizer_step(loss, opt, sched, vae.parameters())
             done = step + 1
             self.progress("vae", done, cfg.vae_steps, {**logs, "s/step": (time.time() - t0) / (done - start)})
@@ -445,6 +477,7 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     p.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
     p.add_argument("--prior-steps", type=int, default=TrainConfig.prior_steps)
     p.add_argument("--stop-after-vae", action="store_true")
+    p.add_argument("--jacobian-experiment", action="store_true", help="TrainConfig.jacobian_experiment()")
     a = p.parse_args()
     torch.set_num_threads(2)
     last = [0.0]
@@ -454,7 +487,10 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
             last[0] = time.time()
             print(stage, step, total, {k: round(v, 4) for k, v in logs.items()}, flush=True)
 
-    cfg = TrainConfig(augment=not a.no_augment, vae_steps=a.vae_steps, prior_steps=a.prior_steps)
+    if a.jacobian_experiment:
+        cfg = TrainConfig.jacobian_experiment(augment=not a.no_augment, prior_steps=a.prior_steps)
+    else:
+        cfg = TrainConfig(augment=not a.no_augment, vae_steps=a.vae_steps, prior_steps=a.prior_steps)
     tr = Trainer(Path(a.workdir), cfg, show)
     if a.stop_after_vae:
         tr.train_vae(tr._load())
