@@ -215,12 +215,16 @@ class Optimization:
             return self.param.image()
 
     # -- the step
-    def render(self) -> torch.Tensor:
-        """The step's latents z (RGB parameterizations: through the VAE encoder)."""
+    def render(self, encode: bool = True) -> torch.Tensor:
+        """The step's latents z (RGB parameterizations: through the VAE encoder).
+
+        ``encode=False`` (refits of the image loss alone) renders only ``last_rgb`` and
+        returns it: no latents are needed then.
+        """
         with blame(self.regs["parameterization"], "rendering"):
             x = self.param()
             self.last_rgb = x
-            if self.latent:
+            if self.latent or not encode:
                 return x
             if self.recipe.optimizer.fit_space == "image":  # z only feeds the score: no encoder graph
                 with torch.no_grad():
@@ -278,7 +282,7 @@ class Optimization:
                 raise NonFinite(k + 1, term, value)
         self.fit(z, target)
         for _ in range(self.recipe.optimizer.inner_steps - 1):
-            self.fit(self.render(), target)
+            self.fit(self.render(encode=target.latent is not None), target)
         stats = dict(zip(terms, values))
         return {
             "step": k + 1,

@@ -101,11 +101,17 @@ def test_one_batched_unet_call_per_step(recipe_file, tmp_path, monkeypatch):
     assert batches == [2] * 6
 
 
-def test_gradient_of_the_surrogate_loss_is_the_weighted_score(recipe_file, tiny_prior):
-    loaded = load_recipe(recipe_file({"optimizer": {"score_scale": 2.0}}))
+def _started(recipe_file, tiny_prior, content: dict) -> Optimization:
+    """An initialized Optimization of a recipe on the tiny prior, on the CPU."""
+    loaded = load_recipe(recipe_file(content))
     prior = Prior.load(str(tiny_prior), torch.device("cpu"), torch.float32)
     opt = Optimization(loaded, prior, torch.device("cpu"), torch.float32)
     opt.initialize()
+    return opt
+
+
+def test_gradient_of_the_surrogate_loss_is_the_weighted_score(recipe_file, tiny_prior):
+    opt = _started(recipe_file, tiny_prior, {"optimizer": {"score_scale": 2.0}})
     seen = {}
     original_fit = opt.fit
 
@@ -126,9 +132,9 @@ def test_inner_steps_refit_to_the_same_target(recipe_file, tmp_path, monkeypatch
     renders = []
     original = Optimization.render
 
-    def counting(self):
+    def counting(self, *args, **kwargs):
         renders.append(1)
-        return original(self)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Optimization, "render", counting)
     execute(load_recipe(recipe_file({"steps": 2, "optimizer": {"inner_steps": 3}})), tmp_path / "run", PlainLog(100))
@@ -367,11 +373,9 @@ def test_a_completed_run_continues_when_its_steps_are_raised(cli, recipe_file, t
 
 def test_image_fit_fits_the_rgb_to_the_decoded_target(recipe_file, tiny_prior):
     """fit_space: image fits x (not z) to D(z − g)."""
-    loaded = load_recipe(recipe_file({"parameterization": {"name": "rgb-pixels"},
-                                      "optimizer": {"fit_space": "image"}}))
-    prior = Prior.load(str(tiny_prior), torch.device("cpu"), torch.float32)
-    opt = Optimization(loaded, prior, torch.device("cpu"), torch.float32)
-    opt.initialize()
+    opt = _started(recipe_file, tiny_prior, {"parameterization": {"name": "rgb-pixels"},
+                                             "optimizer": {"fit_space": "image"}})
+    prior = opt.prior
     seen = {}
     original_fit, original_score = opt.fit, opt.guidance.score
 
@@ -396,11 +400,9 @@ def test_image_fit_fits_the_rgb_to_the_decoded_target(recipe_file, tiny_prior):
 
 def test_fit_space_both_adds_the_weighted_image_loss_to_the_latent_loss(recipe_file, tiny_prior):
     """fit_space: both = 0.5‖z − z*‖² + image_weight · 0.5‖x − D(z*)‖², gradients through the encoder."""
-    loaded = load_recipe(recipe_file({"parameterization": {"name": "rgb-pixels"},
-                                      "optimizer": {"fit_space": "both", "image_weight": 0.25}}))
-    prior = Prior.load(str(tiny_prior), torch.device("cpu"), torch.float32)
-    opt = Optimization(loaded, prior, torch.device("cpu"), torch.float32)
-    opt.initialize()
+    opt = _started(recipe_file, tiny_prior, {"parameterization": {"name": "rgb-pixels"},
+                                             "optimizer": {"fit_space": "both", "image_weight": 0.25}})
+    prior = opt.prior
     seen = {}
     original_fit = opt.fit
 
@@ -427,3 +429,21 @@ def test_image_fit_needs_an_rgb_parameterization(recipe_file, space):
 
     with pytest.raises(RecipeError, match="fit_space"):
         load_recipe(recipe_file({"optimizer": {"fit_space": space}}))
+
+
+@pytest.mark.parametrize("space, encodes", [("image", 1), ("both", 3)])
+def test_refits_encode_only_when_the_latent_loss_needs_it(recipe_file, tiny_prior, space, encodes):
+    """With inner_steps 3 the image loss alone refits the RGB without encoding it again; the
+    latent loss (fit_space both) needs the encoder on every refit."""
+    opt = _started(recipe_file, tiny_prior, {"parameterization": {"name": "rgb-pixels"},
+                                             "optimizer": {"fit_space": space, "inner_steps": 3}})
+    calls = []
+    original = opt.prior.encode_images
+
+    def counting(x):
+        calls.append(1)
+        return original(x)
+
+    opt.prior.encode_images = counting
+    opt.step(0)
+    assert len(calls) == encodes

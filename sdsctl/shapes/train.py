@@ -163,17 +163,10 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 def _perturb(x: torch.Tensor, other: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``denoise`` pairs (input, target) in [-1, 1]: half fine noise to remove, half colour
     shifts and blends to keep."""
-    n = x.shape[0]
-    half = n // 2
+    half = x.shape[0] // 2
     sigma = torch.rand(half, 1, 1, 1, generator=g) * 0.2
     noisy = (x[:half] + sigma * torch.randn(x[:half].shape, generator=g)).clamp(-1, 1)
-    rest = x[half:]
-    gain = 1 + (torch.rand(n - half, 3, 1, 1, generator=g) - 0.5) * 0.4
-    shift = (torch.rand(n - half, 3, 1, 1, generator=g) - 0.5) * 0.4
-    alpha = torch.rand(n - half, 1, 1, 1, generator=g)
-    blend = alpha * rest + (1 - alpha) * other[half:]
-    use_blend = (torch.rand(n - half, 1, 1, 1, generator=g) < 0.5).float()
-    kept = (use_blend * blend + (1 - use_blend) * (rest * gain + shift)).clamp(-1, 1)
+    kept = _shift_or_blend(x[half:], other[half:], g)
     return torch.cat([noisy, kept]), torch.cat([x[:half], kept])
 
 
