@@ -79,11 +79,13 @@ def test_trained_folder_loads_with_diffusers_offline(trained, monkeypatch):
                              return_tensors="pt").input_ids
         emb = pipe.text_encoder(ids)[0]
     assert emb.shape == (1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
-    # the loaded text encoder holds the trained weights (not a fresh random init)
+    # the loaded text encoder holds the trained weights (not a fresh random init): the EMA of them
     state = torch.load(trained.work / "checkpoint.pt", map_location="cpu", weights_only=False)
-    loaded = pipe.text_encoder.state_dict()
-    for key, value in state["text"].items():
-        assert torch.equal(loaded[key], value), key
+    text_params = list(pipe.text_encoder.parameters())
+    shadow = state["ema"]["shadow_params"][-len(text_params):]
+    assert all(torch.equal(p, q) for p, q in zip(text_params, shadow))
+    raw = dict(pipe.text_encoder.named_parameters())
+    assert any(not torch.equal(raw[k], v) for k, v in state["text"].items() if k in raw), "EMA weights, not the last step's"
 
 
 def test_second_run_resumes_without_retraining(trained, monkeypatch):
@@ -275,6 +277,43 @@ def test_fine_perturbations_are_zero_mean_and_bounded():
     assert float(per_image.min()) > 0.01 and float(per_image.max()) < 0.25
 
 
+def test_fine_perturbations_are_per_pixel_unless_blocks_are_asked_for():
+    """The shipped regularizer penalizes per-pixel noise only; 2x2 blocks (the experiment's)
+    reach down to frequencies that blur changes too."""
+    from sdsctl.shapes.train import _fine_perturbation
+
+    x = torch.zeros(64, 3, 64, 64)
+    equal_neighbours = lambda d: float((d[..., ::2, ::2] == d[..., 1::2, ::2]).float().mean())
+    assert equal_neighbours(_fine_perturbation(x, torch.Generator().manual_seed(0))) == 0.0
+    assert equal_neighbours(_fine_perturbation(x, torch.Generator().manual_seed(0), blocks=True)) > 0.3
+
+
+def test_vae_batches_carry_every_degradation_and_reconstruct_them_as_they_are(tmp_path, monkeypatch):
+    from sdsctl.shapes import train
+
+    asked = []
+    sample_batch = world.sample_batch
+    monkeypatch.setattr(train.world, "sample_batch", lambda seed, n, **kw: asked.append(kw.get("degradation")) or sample_batch(seed, n, **kw))
+    cfg = TrainConfig.candidate(vae_steps=1, vae_batch=16, vae_channels=(16, 16, 16, 16), checkpoint_every=1)
+    trainer = Trainer(tmp_path / "w", cfg)
+    x, extra = trainer._vae_batch(0)
+    assert (x.shape[0], extra.shape[0]) == (16 - cfg.vae_degraded_extra, cfg.vae_degraded_extra)
+    assert sorted(k for k in asked if k) == sorted(world.DEGRADATION_WORDS)
+
+    seen = {}
+    real_loss = train._vae_loss
+
+    def spy(vae, x_in, target, g, *args):
+        seen.update(x_in=x_in, target=target)
+        return real_loss(vae, x_in, target, g, *args)
+
+    monkeypatch.setattr(train, "_vae_loss", spy)
+    trainer.train_vae(trainer._load())
+    n = cfg.vae_degraded_extra
+    assert torch.equal(seen["x_in"][-n:], extra) and torch.equal(seen["target"][-n:], extra)
+    assert not torch.equal(seen["x_in"][:-n], x)  # the world images do get shifted and blended
+
+
 def test_jacobian_penalty_is_added_and_ignores_the_latent_scale():
     """The penalty is the encoder's sensitivity *relative to its latents' spread*: scaling the
     latents (the encoder's last layer) must not change it, or training could shrink it for free."""
@@ -314,3 +353,14 @@ def test_the_default_training_is_the_shipped_priors():
     unet = json.loads((SHAPES_PRIOR / "unet" / "config.json").read_text())
     assert tuple(vae["block_out_channels"]) == cfg.vae_channels and tuple(unet["block_out_channels"]) == cfg.unet_channels
     assert (cfg.vae_regularizer, cfg.vae_steps, cfg.decoder_steps, cfg.prior_steps) == ("denoise", 2000, 800, 8000)
+    assert (cfg.vae_degraded_extra, cfg.ema_decay) == (0, 0.0)
+
+
+def test_train_shapes_option_defaults_are_the_training_defaults():
+    import inspect
+
+    from sdsctl_plugins.shapes_commands import train_shapes
+
+    params = inspect.signature(train_shapes).parameters
+    for name in ("seed", "vae_steps", "decoder_steps", "prior_steps"):
+        assert params[name].default == getattr(TrainConfig, name), name

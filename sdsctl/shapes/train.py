@@ -3,25 +3,26 @@
 Four stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically every
 ``checkpoint_every`` steps):
 
-1. ``vae``: an ``AutoencoderKL`` (64x64 -> 4x8x8). Besides reconstructing world images it is
-   trained off the data manifold, because the RGB hash-grid parameterization (EHC)
-   back-propagates through the encoder from images that are not yet renders. Two
-   regularizers: ``denoise`` (the shipped prior's) removes fine pixel noise (input x + noise,
-   target x) and reconstructs colour shifts and blends of two images as they are;
-   ``jacobian`` (an experiment, :meth:`TrainConfig.jacobian_experiment`) reconstructs shifts
-   and blends and penalizes the encoder's response to fine zero-mean perturbations relative
-   to its latents' spread. ``augment=False`` trains on world images only (for comparison).
-   Measured in ``docs/shapes-prior.md``: the Jacobian penalty makes the encoder far smoother,
-   but it also stops the latents from carrying blur and pixel noise, so the quality words
-   ``blurry`` and ``noisy`` lose their meaning. (A cycle loss E(D(z)) ~ z was tried and
-   dropped: slower reconstruction for no measured gain.)
+1. ``vae``: an ``AutoencoderKL`` (64x64 -> 4x8x8). Besides reconstructing world images (each
+   batch topped up with one image of each degradation, so blur and noise stay in the
+   latents) it is trained off the data manifold, because the RGB hash-grid parameterization
+   (EHC) back-propagates through the encoder from images that are not yet renders. Two
+   regularizers: ``jacobian`` (:meth:`TrainConfig.candidate`) reconstructs colour shifts and blends of two images
+   as they are and penalizes the encoder's response to per-pixel zero-mean noise relative
+   to its latents' spread; ``denoise`` (the shipped prior's)
+   removes fine pixel noise (input x + noise, target x) instead of penalizing it.
+   ``augment=False`` trains on world images only (for comparison). Measured in
+   ``docs/shapes-prior.md``: a strong penalty that also covers 2x2-block noise
+   (:meth:`TrainConfig.jacobian_experiment`) stops the latents from carrying blur and pixel
+   noise, so the quality words ``blurry`` and ``noisy`` lose their meaning. (A cycle loss
+   E(D(z)) ~ z was tried and dropped: slower reconstruction for no measured gain.)
 2. ``latents``: the world is rendered once, encoded to scaled latents and the captions
    tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
 3. ``decoder``: the encoder is final, so the decoder alone is fine-tuned on world images
    (L1 + L2 + L1 on image gradients) to sharpen edges and colours.
 4. ``prior``: ``UNet2DConditionModel`` + ``CLIPTextModel`` trained jointly from scratch with
-   the epsilon-prediction loss under SD's scaled-linear ``DDPMScheduler``, 10 % caption
-   dropout for classifier-free guidance.
+   the epsilon-prediction loss under SD's scaled-linear ``DDPMScheduler``, 15 % caption
+   dropout for classifier-free guidance; the exported weights are an EMA of the trained ones.
 
 Then :func:`export` writes a standard ``StableDiffusionPipeline`` folder (safetensors).
 """
@@ -47,14 +48,18 @@ ProgressFn = Callable[[str, int, int, dict], None]
 
 @dataclasses.dataclass
 class TrainConfig:
+    """The defaults train the shipped prior (``sdsctl train-shapes`` with no options)."""
+
     seed: int = 0
     vae_steps: int = 2000
     vae_batch: int = 32
     vae_lr: float = 1e-3
     augment: bool = True
     vae_regularizer: Literal["denoise", "jacobian"] = "denoise"  # see the module docstring
-    jacobian_weight: float = 5.0
+    jacobian_weight: float = 2.0
     jacobian_share: int = 4  # penalty on 1/share of each batch (one extra encoder pass)
+    jacobian_blocks: bool = False  # also penalize 2x2-block noise (the experiment; it erased blur)
+    vae_degraded_extra: int = 0  # images per VAE batch forced to be degraded, so degradations stay representable
     decoder_steps: int = 800
     decoder_lr: float = 3e-4
     n_images: int = 60_000
@@ -62,6 +67,7 @@ class TrainConfig:
     prior_batch: int = 64
     prior_lr: float = 5e-4
     caption_dropout: float = 0.1
+    ema_decay: float = 0.0  # exported UNet and text encoder are an EMA of the weights (0: off)
     checkpoint_every: int = 250
     device: str = "cpu"
     # model sizes
@@ -70,16 +76,30 @@ class TrainConfig:
     text_width: int = 64
     text_layers: int = 3
 
+    def __post_init__(self):
+        if not 0 <= self.vae_degraded_extra <= self.vae_batch // 2:
+            raise ValueError(f"vae_degraded_extra must be between 0 and half of vae_batch ({self.vae_batch // 2})")
+
+    @classmethod
+    def candidate(cls, **kw) -> "TrainConfig":
+        """The next prior under test: wide VAE, mild per-pixel Jacobian penalty, degraded
+        images topped up in each VAE batch, 15 % caption dropout, EMA weights."""
+        base = dict(vae_regularizer="jacobian", vae_channels=(32, 64, 64, 64), vae_degraded_extra=6,
+                    decoder_steps=600, caption_dropout=0.15, ema_decay=0.999)
+        return cls(**{**base, **kw})
+
     @classmethod
     def jacobian_experiment(cls, **kw) -> "TrainConfig":
-        """The Jacobian-penalty VAE measured in docs/shapes-prior.md (wider, longer, not shipped)."""
-        base = dict(vae_regularizer="jacobian", vae_channels=(32, 64, 64, 64), vae_steps=2500, decoder_steps=600)
+        """The strong Jacobian-penalty VAE measured in docs/shapes-prior.md (not shipped)."""
+        base = dict(vae_regularizer="jacobian", vae_channels=(32, 64, 64, 64), vae_steps=2500, decoder_steps=600,
+                    jacobian_weight=5.0, jacobian_blocks=True, vae_degraded_extra=0, prior_steps=8000,
+                    caption_dropout=0.1, ema_decay=0.0)
         return cls(**{**base, **kw})
 
     @classmethod
     def smoke(cls, **kw) -> "TrainConfig":
         """A configuration that trains a few steps of every stage (for tests)."""
-        base = dict(vae_steps=3, vae_batch=4, decoder_steps=2, n_images=64, prior_steps=3, prior_batch=8, checkpoint_every=2)
+        base = dict(vae_steps=3, vae_batch=4, vae_degraded_extra=1, ema_decay=0.999, decoder_steps=2, n_images=64, prior_steps=3, prior_batch=8, checkpoint_every=2)
         return cls(**{**base, **kw})
 
 
@@ -182,18 +202,20 @@ def _shift_or_blend(x: torch.Tensor, other: torch.Tensor, g: torch.Generator) ->
     return (use_blend * blend + (1 - use_blend) * (x * gain + shift)).clamp(-1, 1)
 
 
-def _fine_perturbation(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Zero-mean perturbations the encoder should barely see: pixel noise, half of it in 2x2
-    blocks, with a random amplitude per image (sigma up to 0.2 in [-1, 1] units)."""
+def _fine_perturbation(x: torch.Tensor, g: torch.Generator, blocks: bool = False) -> torch.Tensor:
+    """Zero-mean pixel noise the encoder should barely see, with a random amplitude per image
+    (sigma up to 0.2 in [-1, 1] units); with ``blocks``, half of it in 2x2 blocks."""
     n = x.shape[0]
     sigma = 0.02 + torch.rand(n, 1, 1, 1, generator=g) * 0.18
     fine = torch.randn(x.shape, generator=g)
+    if not blocks:
+        return sigma * fine
     coarse = torch.randn(n, 3, x.shape[2] // 2, x.shape[3] // 2, generator=g).repeat_interleave(2, 2).repeat_interleave(2, 3)
     blocky = (torch.rand(n, 1, 1, 1, generator=g) < 0.5).float()
     return sigma * (blocky * coarse + (1 - blocky) * fine)
 
 
-def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share: int = 1):
+def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share: int = 1, jacobian_blocks: bool = False):
     """Reconstruction (L1 + L2 + tiny KL), plus ``jacobian_weight`` times the encoder's
     relative sensitivity ``|mu(x + d) - mu(x)|^2 / |d|^2 / var(mu)`` to fine perturbations d.
 
@@ -207,7 +229,7 @@ def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share
     logs = {"rec": float(loss.detach())}
     if jacobian_weight:
         k = max(2, x_in.shape[0] // jacobian_share)
-        d = _fine_perturbation(x_in[:k], g).to(x_in.device)
+        d = _fine_perturbation(x_in[:k], g, jacobian_blocks).to(x_in.device)
         moved = vae.encode(x_in[:k] + d).latent_dist.mean - posterior.mean[:k]
         ratio = moved.flatten(1).pow(2).sum(1) / d.flatten(1).pow(2).sum(1)
         sensitivity = ratio.mean() / posterior.mean.var(dim=0).mean()
@@ -265,18 +287,18 @@ class Trainer:
         t0, start = time.time(), state["step"]
         for step in range(start, cfg.vae_steps):
             g.manual_seed(cfg.seed * 1_000_003 + step)
-            imgs, _ = world.sample_batch(cfg.seed * 1_000_003 + step, cfg.vae_batch)
-            x = _to_tensor(imgs).to(self.device)
+            x, extra = self._vae_batch(step)
             x_in, target, jacobian_weight = x, x, 0.0
             if cfg.augment and cfg.vae_regularizer == "denoise":
                 half = x.shape[0] // 2
                 x_in, target = _perturb(x[half:], x[:half], g)
                 x_in, target = torch.cat([x[:half], x_in]), torch.cat([x[:half], target])
             elif cfg.augment:
-                quarter = x.shape[0] // 4
+                quarter = cfg.vae_batch // 4
                 x_in = target = torch.cat([x[:-quarter], _shift_or_blend(x[-quarter:], x[:quarter], g)])
                 jacobian_weight = cfg.jacobian_weight
-            loss, logs = _vae_loss(vae, x_in, target, g, jacobian_weight, cfg.jacobian_share)
+            x_in, target = torch.cat([x_in, extra]), torch.cat([target, extra])
+            loss, logs = _vae_loss(vae, x_in, target, g, jacobian_weight, cfg.jacobian_share, cfg.jacobian_blocks)
             _optimizer_step(loss, opt, sched, vae.parameters())
             done = step + 1
             self.progress("vae", done, cfg.vae_steps, {**logs, "s/step": (time.time() - t0) / (done - start)})
@@ -288,6 +310,23 @@ class Trainer:
                 if done == 1000:
                     _atomic_save({"vae": vae.state_dict()}, self.dir / "vae_step1000.pt")
         return state
+
+    def _vae_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """World images of one VAE step, and ``vae_degraded_extra`` forced-degraded ones.
+
+        At the world's own share (a fifth, spread over six kinds) a batch of 32 holds about
+        one image of each degradation, too few for the reconstruction loss to keep blur or
+        noise in the latents against the Jacobian penalty; the extra ones go through the
+        kinds in turn. The extra images are reconstructed as they are, never perturbed.
+        """
+        cfg = self.cfg
+        seed = cfg.seed * 1_000_003 + step
+        imgs, _ = world.sample_batch(seed, cfg.vae_batch - cfg.vae_degraded_extra)
+        kinds = list(world.DEGRADATION_WORDS)
+        extra = [world.sample_batch(seed + 500_000_000 + i, 1, degradation=kinds[i % len(kinds)])[0]
+                 for i in range(cfg.vae_degraded_extra)]
+        extra = np.concatenate(extra) if extra else imgs[:0]
+        return _to_tensor(imgs).to(self.device), _to_tensor(extra).to(self.device)
 
     # -- stage 2
     @torch.no_grad()
@@ -372,6 +411,9 @@ class Trainer:
             text.load_state_dict(state["text"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
+        ema = self._ema(params)
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
         noise_sched = build_scheduler()
         latents, ids = state["latents"], state["input_ids"]
         empty = tok([""], padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH, return_tensors="pt").input_ids
@@ -391,14 +433,25 @@ class Trainer:
             pred = unet(zt, t, encoder_hidden_states=emb).sample
             loss = F.mse_loss(pred, noise)
             _optimizer_step(loss, opt, sched, params)
+            if ema is not None:
+                ema.step(params)
             done = step + 1
             self.progress("prior", done, cfg.prior_steps, {"loss": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
             if done % cfg.checkpoint_every == 0 or done == cfg.prior_steps:
                 state = {**state, "stage": "prior" if done < cfg.prior_steps else "done", "step": done,
                          "unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
-                         "sched": sched.state_dict()}
+                         "sched": sched.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {})}
                 _atomic_save(state, self.ckpt_path)
         return state
+
+    def _ema(self, params):
+        """An exponential moving average of the prior's weights (diffusers' ``EMAModel``, with
+        its warm-up so the early, poor weights fade quickly); ``None`` when ``ema_decay`` is 0."""
+        if not self.cfg.ema_decay:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(params, decay=self.cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
 
     # -- export
     def export(self, state: dict, out: Path) -> Path:
@@ -411,6 +464,11 @@ class Trainer:
         unet.load_state_dict(state["unet"])
         text = build_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
         text.load_state_dict(state["text"])
+        if "ema" in state:
+            params = list(unet.parameters()) + list(text.parameters())
+            ema = self._ema(params)
+            ema.load_state_dict(state["ema"])
+            ema.copy_to(params)
         return save_pipeline_folder(out, vae=vae, unet=unet, text_encoder=text, tokenizer_dir=self.tok_dir)
 
 
@@ -471,6 +529,7 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     p.add_argument("--prior-steps", type=int, default=TrainConfig.prior_steps)
     p.add_argument("--stop-after-vae", action="store_true")
     p.add_argument("--jacobian-experiment", action="store_true", help="TrainConfig.jacobian_experiment()")
+    p.add_argument("--candidate", action="store_true", help="TrainConfig.candidate()")
     a = p.parse_args()
     torch.set_num_threads(2)
     last = [0.0]
@@ -482,6 +541,8 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
 
     if a.jacobian_experiment:
         cfg = TrainConfig.jacobian_experiment(augment=not a.no_augment, prior_steps=a.prior_steps)
+    elif a.candidate:
+        cfg = TrainConfig.candidate(augment=not a.no_augment)
     else:
         cfg = TrainConfig(augment=not a.no_augment, vae_steps=a.vae_steps, prior_steps=a.prior_steps)
     tr = Trainer(Path(a.workdir), cfg, show)
