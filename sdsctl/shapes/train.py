@@ -525,11 +525,12 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     p = argparse.ArgumentParser()
     p.add_argument("workdir")
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
-    p.add_argument("--prior-steps", type=int, default=TrainConfig.prior_steps)
+    p.add_argument("--vae-steps", type=int, help="default: the configuration's")
+    p.add_argument("--prior-steps", type=int, help="default: the configuration's")
     p.add_argument("--stop-after-vae", action="store_true")
-    p.add_argument("--jacobian-experiment", action="store_true", help="TrainConfig.jacobian_experiment()")
-    p.add_argument("--candidate", action="store_true", help="TrainConfig.candidate()")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--jacobian-experiment", action="store_true", help="TrainConfig.jacobian_experiment()")
+    which.add_argument("--candidate", action="store_true", help="TrainConfig.candidate()")
     a = p.parse_args()
     torch.set_num_threads(2)
     last = [0.0]
@@ -539,12 +540,9 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
             last[0] = time.time()
             print(stage, step, total, {k: round(v, 4) for k, v in logs.items()}, flush=True)
 
-    if a.jacobian_experiment:
-        cfg = TrainConfig.jacobian_experiment(augment=not a.no_augment, prior_steps=a.prior_steps)
-    elif a.candidate:
-        cfg = TrainConfig.candidate(augment=not a.no_augment)
-    else:
-        cfg = TrainConfig(augment=not a.no_augment, vae_steps=a.vae_steps, prior_steps=a.prior_steps)
+    make = TrainConfig.jacobian_experiment if a.jacobian_experiment else TrainConfig.candidate if a.candidate else TrainConfig
+    steps = {k: v for k, v in (("vae_steps", a.vae_steps), ("prior_steps", a.prior_steps)) if v is not None}
+    cfg = make(augment=not a.no_augment, **steps)
     tr = Trainer(Path(a.workdir), cfg, show)
     if a.stop_after_vae:
         tr.train_vae(tr._load())
