@@ -288,6 +288,27 @@ def test_fine_perturbations_are_per_pixel_unless_blocks_are_asked_for():
     assert equal_neighbours(_fine_perturbation(x, torch.Generator().manual_seed(0), blocks=True)) > 0.3
 
 
+def test_highpass_perturbations_spare_the_frequencies_blur_changes():
+    """``jacobian_highpass`` noise keeps the white noise's variance but moves its energy up:
+    almost none below 0.1 cycles/px (where a 1.2-2.8 px blur changes an edge), most of it
+    near the checkerboard."""
+    from sdsctl.shapes.train import _fine_perturbation
+
+    x = torch.zeros(64, 3, 64, 64)
+    white = _fine_perturbation(x, torch.Generator().manual_seed(0))
+    high = _fine_perturbation(x, torch.Generator().manual_seed(0), highpass=True)
+    assert float(high.pow(2).mean()) == pytest.approx(float(white.pow(2).mean()), rel=0.05)
+
+    def band_energy(d, lo, hi):
+        power = torch.fft.fft2(d).abs().pow(2).mean((0, 1))
+        f = torch.fft.fftfreq(64).abs()
+        radius = torch.maximum(f[:, None], f[None, :])
+        return float(power[(radius >= lo) & (radius < hi)].mean())
+
+    assert band_energy(high, 0.0, 0.1) < 0.05 * band_energy(white, 0.0, 0.1)
+    assert band_energy(high, 0.4, 0.51) > 1.5 * band_energy(white, 0.4, 0.51)
+
+
 def test_vae_batches_carry_every_degradation_and_reconstruct_them_as_they_are(tmp_path, monkeypatch):
     from sdsctl.shapes import train
 
@@ -296,7 +317,7 @@ def test_vae_batches_carry_every_degradation_and_reconstruct_them_as_they_are(tm
     monkeypatch.setattr(train.world, "sample_batch", lambda seed, n, **kw: asked.append(kw.get("degradation")) or sample_batch(seed, n, **kw))
     cfg = TrainConfig.candidate(vae_steps=1, vae_batch=16, vae_channels=(16, 16, 16, 16), checkpoint_every=1)
     trainer = Trainer(tmp_path / "w", cfg)
-    x, extra = trainer._vae_batch(0)
+    x, extra = trainer._topped_up_batch(0, cfg.vae_degraded_extra)
     assert (x.shape[0], extra.shape[0]) == (16 - cfg.vae_degraded_extra, cfg.vae_degraded_extra)
     assert sorted(k for k in asked if k) == sorted(world.DEGRADATION_WORDS)
 
@@ -312,6 +333,28 @@ def test_vae_batches_carry_every_degradation_and_reconstruct_them_as_they_are(tm
     n = cfg.vae_degraded_extra
     assert torch.equal(seen["x_in"][-n:], extra) and torch.equal(seen["target"][-n:], extra)
     assert not torch.equal(seen["x_in"][:-n], x)  # the world images do get shifted and blended
+
+
+@pytest.mark.parametrize("topup", [False, True])
+def test_the_decoder_stage_gets_the_degraded_topup_only_when_asked(tmp_path, monkeypatch, topup):
+    """With ``decoder_topup`` the decoder is tuned on the same forced-degraded images as the
+    VAE, so its edge loss does not teach it to sharpen blurred latents; without, it sees
+    world images only (the shipped first-release prior)."""
+    from sdsctl.shapes import train
+
+    asked = []
+    sample_batch = world.sample_batch
+    monkeypatch.setattr(train.world, "sample_batch", lambda seed, n, **kw: asked.append((n, kw.get("degradation"))) or sample_batch(seed, n, **kw))
+    cfg = TrainConfig.candidate(vae_batch=16, vae_channels=(16, 16, 16, 16), decoder_steps=1, decoder_topup=topup)
+    trainer = Trainer(tmp_path / "w", cfg)
+    state = {"stage": "decoder", "step": 0, "vae": train.build_vae(cfg).state_dict()}
+    assert trainer.tune_decoder(state)["stage"] == "prior"
+    kinds = sorted(k for _, k in asked if k)
+    if topup:
+        assert kinds == sorted(world.DEGRADATION_WORDS)
+        assert sum(n for n, _ in asked) == cfg.vae_batch
+    else:
+        assert kinds == [] and asked == [(cfg.vae_batch, None)]
 
 
 def test_jacobian_penalty_is_added_and_ignores_the_latent_scale():

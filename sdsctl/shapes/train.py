@@ -59,7 +59,9 @@ class TrainConfig:
     jacobian_weight: float = 2.0
     jacobian_share: int = 4  # penalty on 1/share of each batch (one extra encoder pass)
     jacobian_blocks: bool = False  # also penalize 2x2-block noise (the experiment; it erased blur)
+    jacobian_highpass: bool = False  # penalize high-pass noise only (frequencies that blur leaves alone are free)
     vae_degraded_extra: int = 0  # images per VAE batch forced to be degraded, so degradations stay representable
+    decoder_topup: bool = False  # the decoder stage's batches get the same degraded top-up (keeps blur blurry)
     decoder_steps: int = 800
     decoder_lr: float = 3e-4
     n_images: int = 60_000
@@ -202,12 +204,17 @@ def _shift_or_blend(x: torch.Tensor, other: torch.Tensor, g: torch.Generator) ->
     return (use_blend * blend + (1 - use_blend) * (x * gain + shift)).clamp(-1, 1)
 
 
-def _fine_perturbation(x: torch.Tensor, g: torch.Generator, blocks: bool = False) -> torch.Tensor:
+def _fine_perturbation(x: torch.Tensor, g: torch.Generator, blocks: bool = False, highpass: bool = False) -> torch.Tensor:
     """Zero-mean pixel noise the encoder should barely see, with a random amplitude per image
-    (sigma up to 0.2 in [-1, 1] units); with ``blocks``, half of it in 2x2 blocks."""
+    (sigma up to 0.2 in [-1, 1] units); with ``blocks``, half of it in 2x2 blocks; with
+    ``highpass``, white noise minus its 3x3 binomial blur (response 1 - cos^2(pi fx) cos^2(pi fy):
+    full at the checkerboard, under 0.35 below 0.2 cycles/px where blur changes an edge),
+    rescaled to unit variance."""
     n = x.shape[0]
     sigma = 0.02 + torch.rand(n, 1, 1, 1, generator=g) * 0.18
     fine = torch.randn(x.shape, generator=g)
+    if highpass:
+        fine = _highpass(fine)
     if not blocks:
         return sigma * fine
     coarse = torch.randn(n, 3, x.shape[2] // 2, x.shape[3] // 2, generator=g).repeat_interleave(2, 2).repeat_interleave(2, 3)
@@ -215,7 +222,19 @@ def _fine_perturbation(x: torch.Tensor, g: torch.Generator, blocks: bool = False
     return sigma * (blocky * coarse + (1 - blocky) * fine)
 
 
-def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share: int = 1, jacobian_blocks: bool = False):
+def _highpass(noise: torch.Tensor) -> torch.Tensor:
+    """``noise`` minus its 3x3 binomial blur (circular), scaled so white noise keeps unit variance."""
+    k1 = torch.tensor([0.25, 0.5, 0.25])
+    kernel = -(k1[:, None] * k1[None, :])
+    kernel[1, 1] += 1.0
+    kernel = kernel / kernel.pow(2).sum().sqrt()
+    c = noise.shape[1]
+    padded = F.pad(noise, (1, 1, 1, 1), mode="circular")
+    return F.conv2d(padded, kernel.expand(c, 1, 3, 3).to(noise), groups=c)
+
+
+def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share: int = 1, jacobian_blocks: bool = False,
+              jacobian_highpass: bool = False):
     """Reconstruction (L1 + L2 + tiny KL), plus ``jacobian_weight`` times the encoder's
     relative sensitivity ``|mu(x + d) - mu(x)|^2 / |d|^2 / var(mu)`` to fine perturbations d.
 
@@ -229,7 +248,7 @@ def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share
     logs = {"rec": float(loss.detach())}
     if jacobian_weight:
         k = max(2, x_in.shape[0] // jacobian_share)
-        d = _fine_perturbation(x_in[:k], g, jacobian_blocks).to(x_in.device)
+        d = _fine_perturbation(x_in[:k], g, jacobian_blocks, jacobian_highpass).to(x_in.device)
         moved = vae.encode(x_in[:k] + d).latent_dist.mean - posterior.mean[:k]
         ratio = moved.flatten(1).pow(2).sum(1) / d.flatten(1).pow(2).sum(1)
         sensitivity = ratio.mean() / posterior.mean.var(dim=0).mean()
@@ -287,7 +306,7 @@ class Trainer:
         t0, start = time.time(), state["step"]
         for step in range(start, cfg.vae_steps):
             g.manual_seed(cfg.seed * 1_000_003 + step)
-            x, extra = self._vae_batch(step)
+            x, extra = self._topped_up_batch(cfg.seed * 1_000_003 + step, cfg.vae_degraded_extra)
             x_in, target, jacobian_weight = x, x, 0.0
             if cfg.augment and cfg.vae_regularizer == "denoise":
                 half = x.shape[0] // 2
@@ -298,7 +317,8 @@ class Trainer:
                 x_in = target = torch.cat([x[:-quarter], _shift_or_blend(x[-quarter:], x[:quarter], g)])
                 jacobian_weight = cfg.jacobian_weight
             x_in, target = torch.cat([x_in, extra]), torch.cat([target, extra])
-            loss, logs = _vae_loss(vae, x_in, target, g, jacobian_weight, cfg.jacobian_share, cfg.jacobian_blocks)
+            loss, logs = _vae_loss(vae, x_in, target, g, jacobian_weight, cfg.jacobian_share, cfg.jacobian_blocks,
+                                   cfg.jacobian_highpass)
             _optimizer_step(loss, opt, sched, vae.parameters())
             done = step + 1
             self.progress("vae", done, cfg.vae_steps, {**logs, "s/step": (time.time() - t0) / (done - start)})
@@ -311,22 +331,20 @@ class Trainer:
                     _atomic_save({"vae": vae.state_dict()}, self.dir / "vae_step1000.pt")
         return state
 
-    def _vae_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """World images of one VAE step, and ``vae_degraded_extra`` forced-degraded ones.
+    def _topped_up_batch(self, seed: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vae_batch - extra`` world images drawn with ``seed``, and ``extra`` forced-degraded ones.
 
         At the world's own share (a fifth, spread over six kinds) a batch of 32 holds about
         one image of each degradation, too few for the reconstruction loss to keep blur or
         noise in the latents against the Jacobian penalty; the extra ones go through the
         kinds in turn. The extra images are reconstructed as they are, never perturbed.
         """
-        cfg = self.cfg
-        seed = cfg.seed * 1_000_003 + step
-        imgs, _ = world.sample_batch(seed, cfg.vae_batch - cfg.vae_degraded_extra)
+        imgs, _ = world.sample_batch(seed, self.cfg.vae_batch - extra)
         kinds = list(world.DEGRADATION_WORDS)
-        extra = [world.sample_batch(seed + 500_000_000 + i, 1, degradation=kinds[i % len(kinds)])[0]
-                 for i in range(cfg.vae_degraded_extra)]
-        extra = np.concatenate(extra) if extra else imgs[:0]
-        return _to_tensor(imgs).to(self.device), _to_tensor(extra).to(self.device)
+        degraded = [world.sample_batch(seed + 500_000_000 + i, 1, degradation=kinds[i % len(kinds)])[0]
+                    for i in range(extra)]
+        degraded = np.concatenate(degraded) if degraded else imgs[:0]
+        return _to_tensor(imgs).to(self.device), _to_tensor(degraded).to(self.device)
 
     # -- stage 2
     @torch.no_grad()
@@ -377,8 +395,8 @@ class Trainer:
 
         t0, start = time.time(), state["step"]
         for step in range(start, cfg.decoder_steps):
-            imgs, _ = world.sample_batch(cfg.seed * 1_000_037 + step + 77_777_777, cfg.vae_batch)
-            x = _to_tensor(imgs).to(self.device)
+            x = torch.cat(self._topped_up_batch(cfg.seed * 1_000_037 + step + 77_777_777,
+                                                cfg.vae_degraded_extra if cfg.decoder_topup else 0))
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.mean
             rec = vae.decode(z).sample
