@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -407,3 +408,32 @@ def test_train_shapes_option_defaults_are_the_training_defaults():
     params = inspect.signature(train_shapes).parameters
     for name in ("seed", "vae_steps", "decoder_steps", "prior_steps"):
         assert params[name].default == getattr(TrainConfig, name), name
+
+
+def test_encoder_robustness_reads_fine_sensitivity_and_ignores_the_latent_scale():
+    """The figure is latent change per unit of input change in *scaled* latents: scaling the
+    encoder's output must not change it; an encoder that blurs its input first must move
+    much less under high-pass noise and a checkerboard, relative to a colour shift (which a
+    blur leaves alone)."""
+    import torch.nn.functional as F
+
+    from sdsctl.shapes.evaluate import encoder_robustness
+
+    vae = _tiny_vae().eval()
+    base = encoder_robustness(vae, n=16)
+    assert set(base) == {"latent_scale", "pixel_noise", "colour_shift", "checkerboard", "highpass_noise"}
+    assert all(v > 0 and np.isfinite(v) for v in base.values())
+
+    with torch.no_grad():
+        vae.quant_conv.weight[:4] *= 10
+        vae.quant_conv.bias[:4] *= 10
+    scaled = encoder_robustness(vae, n=16)
+    for k in ("pixel_noise", "colour_shift", "checkerboard", "highpass_noise"):
+        assert scaled[k] == pytest.approx(base[k], rel=1e-3), k
+
+    k1 = torch.tensor([0.25, 0.5, 0.25])
+    blur = (k1[:, None] * k1[None, :]).expand(3, 1, 3, 3)
+    blurring = SimpleNamespace(encode=lambda x: vae.encode(F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), blur, groups=3)))
+    blurred = encoder_robustness(blurring, n=16)
+    for k in ("highpass_noise", "checkerboard"):
+        assert blurred[k] / blurred["colour_shift"] < 0.5 * scaled[k] / scaled["colour_shift"], k

@@ -93,7 +93,12 @@ def encoder_robustness(vae, *, n: int = 256, seed: int = 3000, sigma: float = 0.
 
     Latents are the posterior means times the latent scale (unit variance), images in [0, 1].
     ``scale`` is 1/std of the clean latents (the VAE's own ``scaling_factor`` when set).
+    Perturbations: white pixel noise, one colour shift per image, a +-sigma checkerboard, and
+    high-pass noise (white noise minus its 3x3 blur: the fine patterns the world never has,
+    what the RGB hash grid's artefacts are made of; the frequencies a blur changes are spared).
     """
+    from .train import _highpass
+
     imgs, _ = world.sample_batch(seed, n, degradation=False)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
     g = torch.Generator().manual_seed(seed)
@@ -108,6 +113,7 @@ def encoder_robustness(vae, *, n: int = 256, seed: int = 3000, sigma: float = 0.
         "pixel_noise": sigma * torch.randn(x.shape, generator=g),
         "colour_shift": sigma * torch.randn(n, 3, 1, 1, generator=g).expand_as(x),
         "checkerboard": sigma * ((torch.arange(64)[:, None] + torch.arange(64)[None]) % 2 * 2 - 1).float().expand_as(x),
+        "highpass_noise": sigma * _highpass(torch.randn(x.shape, generator=g)),
     }
     for name, d in perturbations.items():
         dz = (enc(x + d) - z) * scale
