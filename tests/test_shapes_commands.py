@@ -396,8 +396,22 @@ def test_the_default_training_is_the_shipped_priors():
     vae = json.loads((SHAPES_PRIOR / "vae" / "config.json").read_text())
     unet = json.loads((SHAPES_PRIOR / "unet" / "config.json").read_text())
     assert tuple(vae["block_out_channels"]) == cfg.vae_channels and tuple(unet["block_out_channels"]) == cfg.unet_channels
-    assert (cfg.vae_regularizer, cfg.vae_steps, cfg.decoder_steps, cfg.prior_steps) == ("denoise", 2000, 800, 8000)
-    assert (cfg.vae_degraded_extra, cfg.ema_decay) == (0, 0.0)
+    assert (cfg.vae_regularizer, cfg.jacobian_weight, cfg.jacobian_highpass, cfg.jacobian_blocks) == ("jacobian", 5.0, True, False)
+    assert (cfg.vae_steps, cfg.decoder_steps, cfg.prior_steps) == (2000, 600, 10_000)
+    assert (cfg.vae_degraded_extra, cfg.decoder_topup, cfg.caption_dropout, cfg.ema_decay) == (6, True, 0.3, 0.999)
+    assert (SHAPES_PRIOR / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > 0
+
+
+def test_the_earlier_priors_configurations_are_kept():
+    """The configurations measured in docs/shapes-prior.md ("How the prior got here") stay reproducible."""
+    first = TrainConfig.first_release()
+    assert (first.vae_regularizer, first.vae_channels, first.decoder_steps, first.prior_steps) == ("denoise", (16, 32, 64, 64), 800, 8000)
+    assert (first.vae_degraded_extra, first.decoder_topup, first.caption_dropout, first.ema_decay) == (0, False, 0.1, 0.0)
+    cand = TrainConfig.candidate()
+    assert (cand.jacobian_weight, cand.jacobian_highpass, cand.decoder_topup, cand.prior_steps, cand.caption_dropout) == (2.0, False, False, 8000, 0.15)
+    exp = TrainConfig.jacobian_experiment()
+    assert (exp.vae_steps, exp.jacobian_weight, exp.jacobian_blocks, exp.jacobian_highpass, exp.vae_degraded_extra) == (2500, 5.0, True, False, 0)
+    assert (exp.caption_dropout, exp.ema_decay, exp.prior_steps) == (0.1, 0.0, 8000)
 
 
 def test_train_shapes_option_defaults_are_the_training_defaults():

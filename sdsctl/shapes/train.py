@@ -1,27 +1,27 @@
 """Training of the embedded shapes prior: a VAE, then a text-conditioned UNet on its latents.
 
 Four stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically every
-``checkpoint_every`` steps):
+``checkpoint_every`` steps); the defaults of :class:`TrainConfig` train the shipped prior:
 
 1. ``vae``: an ``AutoencoderKL`` (64x64 -> 4x8x8). Besides reconstructing world images (each
-   batch topped up with one image of each degradation, so blur and noise stay in the
-   latents) it is trained off the data manifold, because the RGB hash-grid parameterization
-   (EHC) back-propagates through the encoder from images that are not yet renders. Two
-   regularizers: ``jacobian`` (:meth:`TrainConfig.candidate`) reconstructs colour shifts and blends of two images
-   as they are and penalizes the encoder's response to per-pixel zero-mean noise relative
-   to its latents' spread; ``denoise`` (the shipped prior's)
-   removes fine pixel noise (input x + noise, target x) instead of penalizing it.
-   ``augment=False`` trains on world images only (for comparison). Measured in
-   ``docs/shapes-prior.md``: a strong penalty that also covers 2x2-block noise
-   (:meth:`TrainConfig.jacobian_experiment`) stops the latents from carrying blur and pixel
-   noise, so the quality words ``blurry`` and ``noisy`` lose their meaning. (A cycle loss
-   E(D(z)) ~ z was tried and dropped: slower reconstruction for no measured gain.)
+   batch topped up with one image of each degradation, so blur and noise have a reason to
+   stay in the latents) it is trained off the data manifold, because the RGB hash-grid
+   parameterization (EHC) back-propagates through the encoder from images that are not yet
+   renders. Two regularizers: ``jacobian`` (shipped) reconstructs colour shifts and blends
+   of two images as they are and penalizes the encoder's response to fine zero-mean noise
+   relative to its latents' spread (high-pass noise by default, white or 2x2-block noise in
+   the earlier experiments); ``denoise`` (:meth:`TrainConfig.first_release`) removes fine
+   pixel noise (input x + noise, target x) instead. ``augment=False`` trains on world
+   images only (the clean-only comparison). Measured in ``docs/shapes-prior.md``: a strong
+   penalty on white and 2x2-block noise (:meth:`TrainConfig.jacobian_experiment`) stops
+   the latents from carrying blur and pixel noise. (A cycle loss E(D(z)) ~ z was tried and
+   dropped: slower reconstruction for no measured gain.)
 2. ``latents``: the world is rendered once, encoded to scaled latents and the captions
    tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
-3. ``decoder``: the encoder is final, so the decoder alone is fine-tuned on world images
-   (L1 + L2 + L1 on image gradients) to sharpen edges and colours.
+3. ``decoder``: the encoder is final, so the decoder alone is fine-tuned (L1 + L2 + L1 on
+   image gradients) on world images and, with ``decoder_topup``, the same forced-degraded ones.
 4. ``prior``: ``UNet2DConditionModel`` + ``CLIPTextModel`` trained jointly from scratch with
-   the epsilon-prediction loss under SD's scaled-linear ``DDPMScheduler``, 15 % caption
+   the epsilon-prediction loss under SD's scaled-linear ``DDPMScheduler``, 30 % caption
    dropout for classifier-free guidance; the exported weights are an EMA of the trained ones.
 
 Then :func:`export` writes a standard ``StableDiffusionPipeline`` folder (safetensors).
@@ -55,25 +55,25 @@ class TrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     augment: bool = True
-    vae_regularizer: Literal["denoise", "jacobian"] = "denoise"  # see the module docstring
-    jacobian_weight: float = 2.0
+    vae_regularizer: Literal["denoise", "jacobian"] = "jacobian"  # see the module docstring
+    jacobian_weight: float = 5.0
     jacobian_share: int = 4  # penalty on 1/share of each batch (one extra encoder pass)
     jacobian_blocks: bool = False  # also penalize 2x2-block noise (the experiment; it erased blur)
-    jacobian_highpass: bool = False  # penalize high-pass noise only (frequencies that blur leaves alone are free)
-    vae_degraded_extra: int = 0  # images per VAE batch forced to be degraded, so degradations stay representable
-    decoder_topup: bool = False  # the decoder stage's batches get the same degraded top-up (keeps blur blurry)
-    decoder_steps: int = 800
+    jacobian_highpass: bool = True  # penalize high-pass noise only (frequencies that blur leaves alone are free)
+    vae_degraded_extra: int = 6  # images per VAE batch forced to be degraded, so degradations stay representable
+    decoder_topup: bool = True  # the decoder stage's batches get the same degraded top-up (keeps blur blurry)
+    decoder_steps: int = 600
     decoder_lr: float = 3e-4
     n_images: int = 60_000
-    prior_steps: int = 8_000
+    prior_steps: int = 10_000
     prior_batch: int = 64
     prior_lr: float = 5e-4
-    caption_dropout: float = 0.1
-    ema_decay: float = 0.0  # exported UNet and text encoder are an EMA of the weights (0: off)
+    caption_dropout: float = 0.3
+    ema_decay: float = 0.999  # exported UNet and text encoder are an EMA of the weights (0: off)
     checkpoint_every: int = 250
     device: str = "cpu"
     # model sizes
-    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
+    vae_channels: tuple[int, ...] = (32, 64, 64, 64)
     unet_channels: tuple[int, ...] = (32, 64)
     text_width: int = 64
     text_layers: int = 3
@@ -83,19 +83,27 @@ class TrainConfig:
             raise ValueError(f"vae_degraded_extra must be between 0 and half of vae_batch ({self.vae_batch // 2})")
 
     @classmethod
+    def first_release(cls, **kw) -> "TrainConfig":
+        """The first shipped prior (docs/shapes-prior.md, "How the prior got here"): narrow
+        VAE with denoising pairs, no top-up, 8,000 UNet steps, 10 % caption dropout, no EMA."""
+        base = dict(vae_regularizer="denoise", jacobian_weight=2.0, jacobian_highpass=False, vae_degraded_extra=0,
+                    decoder_topup=False, decoder_steps=800, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0,
+                    vae_channels=(16, 32, 64, 64))
+        return cls(**{**base, **kw})
+
+    @classmethod
     def candidate(cls, **kw) -> "TrainConfig":
-        """The next prior under test: wide VAE, mild per-pixel Jacobian penalty, degraded
-        images topped up in each VAE batch, 15 % caption dropout, EMA weights."""
-        base = dict(vae_regularizer="jacobian", vae_channels=(32, 64, 64, 64), vae_degraded_extra=6,
-                    decoder_steps=600, caption_dropout=0.15, ema_decay=0.999)
+        """The candidate measured before the current prior: mild per-pixel (white) Jacobian
+        penalty, no decoder top-up, 8,000 UNet steps at 15 % caption dropout."""
+        base = dict(jacobian_weight=2.0, jacobian_highpass=False, decoder_topup=False, prior_steps=8000,
+                    caption_dropout=0.15)
         return cls(**{**base, **kw})
 
     @classmethod
     def jacobian_experiment(cls, **kw) -> "TrainConfig":
         """The strong Jacobian-penalty VAE measured in docs/shapes-prior.md (not shipped)."""
-        base = dict(vae_regularizer="jacobian", vae_channels=(32, 64, 64, 64), vae_steps=2500, decoder_steps=600,
-                    jacobian_weight=5.0, jacobian_blocks=True, vae_degraded_extra=0, prior_steps=8000,
-                    caption_dropout=0.1, ema_decay=0.0)
+        base = dict(vae_steps=2500, jacobian_weight=5.0, jacobian_blocks=True, jacobian_highpass=False,
+                    vae_degraded_extra=0, decoder_topup=False, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0)
         return cls(**{**base, **kw})
 
     @classmethod
@@ -549,6 +557,7 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     which = p.add_mutually_exclusive_group()
     which.add_argument("--jacobian-experiment", action="store_true", help="TrainConfig.jacobian_experiment()")
     which.add_argument("--candidate", action="store_true", help="TrainConfig.candidate()")
+    which.add_argument("--first-release", action="store_true", help="TrainConfig.first_release()")
     a = p.parse_args()
     torch.set_num_threads(2)
     last = [0.0]
@@ -558,7 +567,8 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
             last[0] = time.time()
             print(stage, step, total, {k: round(v, 4) for k, v in logs.items()}, flush=True)
 
-    make = TrainConfig.jacobian_experiment if a.jacobian_experiment else TrainConfig.candidate if a.candidate else TrainConfig
+    make = (TrainConfig.jacobian_experiment if a.jacobian_experiment else TrainConfig.candidate if a.candidate
+            else TrainConfig.first_release if a.first_release else TrainConfig)
     steps = {k: v for k, v in (("vae_steps", a.vae_steps), ("prior_steps", a.prior_steps)) if v is not None}
     cfg = make(augment=not a.no_augment, **steps)
     tr = Trainer(Path(a.workdir), cfg, show)
