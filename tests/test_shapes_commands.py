@@ -399,6 +399,7 @@ def test_the_default_training_is_the_shipped_priors():
     assert (cfg.vae_regularizer, cfg.jacobian_weight, cfg.jacobian_highpass, cfg.jacobian_blocks) == ("jacobian", 5.0, True, False)
     assert (cfg.vae_steps, cfg.decoder_steps, cfg.prior_steps) == (2000, 600, 10_000)
     assert (cfg.vae_degraded_extra, cfg.decoder_topup, cfg.caption_dropout, cfg.ema_decay) == (6, True, 0.3, 0.999)
+    assert cfg.vae_edge_weight == 0.0
     assert (SHAPES_PRIOR / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > 0
 
 
@@ -412,6 +413,57 @@ def test_the_earlier_priors_configurations_are_kept():
     exp = TrainConfig.jacobian_experiment()
     assert (exp.vae_steps, exp.jacobian_weight, exp.jacobian_blocks, exp.jacobian_highpass, exp.vae_degraded_extra) == (2500, 5.0, True, False, 0)
     assert (exp.caption_dropout, exp.ema_decay, exp.prior_steps) == (0.1, 0.0, 8000)
+
+
+def test_edge_loss_grows_with_blur_and_vanishes_on_a_perfect_reconstruction():
+    """The VAE's edge term must tell a blurred reconstruction from a sharp one, and more blur
+    must cost more: that is what makes the latents carry blur."""
+    import dataclasses
+
+    from sdsctl.shapes.train import _edge_loss, _to_tensor
+
+    rng = np.random.default_rng(4)
+    scenes = [world.sample_scene(rng, degradation=False) for _ in range(8)]
+
+    def batch(strength=None):
+        return _to_tensor(np.stack([world.render(dataclasses.replace(s, degradation=strength and "blur", strength=strength or 0.0))
+                                    for s in scenes]))
+
+    sharp = batch()
+    assert float(_edge_loss(sharp, sharp)) == 0.0
+    mild, strong = float(_edge_loss(batch(0.01), sharp)), float(_edge_loss(batch(1.0), sharp))
+    assert 0 < mild < strong
+
+
+def test_vae_loss_adds_the_weighted_edge_term():
+    from sdsctl.shapes.train import _edge_loss, _to_tensor, _vae_loss
+
+    vae = _tiny_vae()
+    x = _to_tensor(world.sample_batch(0, 8)[0])
+    with torch.no_grad():
+        plain, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1))
+        total, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), edge_weight=2.0)
+        posterior = vae.encode(x).latent_dist  # the same draw as inside the loss
+        g = torch.Generator().manual_seed(1)
+        rec = vae.decode(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)).sample
+        assert float(total) == pytest.approx(float(plain) + 2.0 * float(_edge_loss(rec, x)), rel=1e-5)
+
+
+def test_the_vae_stage_uses_the_configured_edge_weight(tmp_path, monkeypatch):
+    from sdsctl.shapes import train
+
+    weights = []
+    real_loss = train._vae_loss
+
+    def spy(*args):
+        weights.append(args[-1])
+        return real_loss(*args)
+
+    monkeypatch.setattr(train, "_vae_loss", spy)
+    cfg = TrainConfig(vae_steps=1, vae_batch=16, vae_channels=(16, 16, 16, 16), checkpoint_every=1, vae_edge_weight=0.5)
+    trainer = Trainer(tmp_path / "w", cfg)
+    trainer.train_vae(trainer._load())
+    assert weights == [0.5]
 
 
 def test_train_shapes_option_defaults_are_the_training_defaults():
