@@ -124,7 +124,7 @@ def evaluate_prior(
     out: Annotated[Optional[Path], typer.Option("--out", help="folder for report.json and sample grids")] = None,
     quick: Annotated[bool, typer.Option(help="fewer samples (a smoke check)")] = False,
 ) -> None:
-    """Measure a shapes prior: prompt fidelity, unconditional samples, quality words, encoder robustness."""
+    """Measure a shapes prior: prompt fidelity, unconditional samples, quality words, encoder robustness, VAE round trip."""
     from sdsctl.shapes import evaluate
 
     kind, source = _model_folder(model)

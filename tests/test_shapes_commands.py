@@ -503,3 +503,38 @@ def test_encoder_robustness_reads_fine_sensitivity_and_ignores_the_latent_scale(
     blurred = encoder_robustness(blurring, n=16)
     for k in ("highpass_noise", "checkerboard"):
         assert blurred[k] / blurred["colour_shift"] < 0.5 * scaled[k] / scaled["colour_shift"], k
+
+
+def test_vae_round_trip_tells_a_vae_that_keeps_blur_from_one_that_does_not():
+    """An identity "VAE" gives back every figure as it went in; one that draws every image
+    soft returns blurred and clean renders at about the same sharpness."""
+    import torch.nn.functional as F
+
+    from sdsctl.shapes.evaluate import ROUND_TRIP_FIGURES, vae_round_trip
+
+    def identity_vae(decode):
+        return SimpleNamespace(encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mean=x)),
+                               decode=lambda z: SimpleNamespace(sample=decode(z)))
+
+    kept = vae_round_trip(identity_vae(lambda z: z), n=8)
+    assert set(kept) == set(ROUND_TRIP_FIGURES)
+    for row in kept.values():
+        assert row["clean_out"] == pytest.approx(row["clean_in"], abs=0.02)
+        assert row["degraded_out"] == pytest.approx(row["degraded_in"], abs=0.02)
+    assert kept["blur"]["degraded_in"] < 0.6 * kept["blur"]["clean_in"]
+
+    k = torch.exp(-0.5 * (torch.arange(-6, 7) / 3.0) ** 2)
+    kernel = (k[:, None] * k[None, :] / k.sum() ** 2).expand(3, 1, 13, 13)
+    soft = vae_round_trip(identity_vae(lambda z: F.conv2d(F.pad(z, (6,) * 4, mode="replicate"), kernel, groups=3)), n=8)
+    blur = soft["blur"]
+    assert blur["clean_out"] < 0.6 * blur["clean_in"]
+    assert blur["degraded_out"] > 0.8 * blur["clean_out"]  # the blur no longer shows
+
+
+def test_evaluate_prior_quick_reports_every_section(cli, tiny_prior, tmp_path):
+    result = cli("evaluate-prior", "--model", tiny_prior, "--quick", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert set(report) == {"fidelity", "unconditional", "quality_words", "encoder_robustness", "vae_round_trip"}
+    assert report["fidelity"]["pairs"] == 24 and set(report["vae_round_trip"]["blur"]) >= {"clean_in", "degraded_out"}
+    assert (tmp_path / "eval" / "fidelity.png").is_file()

@@ -8,7 +8,8 @@ figures the prior is shipped with:
 - **unconditional**: samples of the empty prompt that show one shape;
 - **quality words**: for each degradation word, samples of ``a {word} {color} {shape} ...``
   against the plain caption at the same seeds, compared in the judge's matching figure;
-- **encoder robustness**: how far the VAE encoder moves per unit of input perturbation.
+- **encoder robustness**: how far the VAE encoder moves per unit of input perturbation;
+- **VAE round trip**: whether blur, noise, darkness and low contrast survive encode -> decode.
 """
 
 from __future__ import annotations
@@ -121,6 +122,37 @@ def encoder_robustness(vae, *, n: int = 256, seed: int = 3000, sigma: float = 0.
     return out
 
 
+#: degradation -> the judge figure its round trip through the VAE is read by
+ROUND_TRIP_FIGURES = {"blur": "sharpness", "noise": "noise", "dark": "brightness", "lowcontrast": "contrast"}
+
+
+@torch.no_grad()
+def vae_round_trip(vae, *, n: int = 64, seed: int = 4000, strength: float = 0.5) -> dict:
+    """Does the VAE keep each degradation? The judge's matching figure (median over ``n``
+    scenes) of clean and degraded renders, before and after encode -> decode.
+
+    A quality word can only work if the VAE draws what it names: if blurred renders come back
+    as sharp as clean ones, no UNet can make ``blurry`` samples blurrier.
+    """
+    import dataclasses
+
+    rng = np.random.default_rng(seed)
+    scenes = [world.sample_scene(rng, degradation=False) for _ in range(n)]
+
+    def figures(kind: str | None, figure: str) -> tuple[float, float]:
+        imgs = np.stack([world.render(dataclasses.replace(s, degradation=kind, strength=strength if kind else 0.0),
+                                      np.random.default_rng(seed + i), 1 / 255) for i, s in enumerate(scenes)])
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous() * 2 - 1
+        rec = ((vae.decode(vae.encode(x).latent_dist.mean).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        return tuple(float(statistics.median(getattr(judge.judge(im), figure) for im in batch)) for batch in (imgs, rec))
+
+    out = {}
+    for kind, figure in ROUND_TRIP_FIGURES.items():
+        (clean_in, clean_out), (bad_in, bad_out) = figures(None, figure), figures(kind, figure)
+        out[kind] = {"figure": figure, "clean_in": clean_in, "clean_out": clean_out, "degraded_in": bad_in, "degraded_out": bad_out}
+    return out
+
+
 def evaluate(folder: str | Path, *, quick: bool = False, out: Path | None = None) -> dict:
     """All checks of a shapes prior; with ``out``, also ``report.json`` and the sample grids there."""
     pipe = sampling.load_pipeline(folder)
@@ -129,6 +161,7 @@ def evaluate(folder: str | Path, *, quick: bool = False, out: Path | None = None
         "unconditional": unconditional(pipe, n=16 if quick else 100),
         "quality_words": quality_words(pipe, n=8 if quick else 24),
         "encoder_robustness": encoder_robustness(pipe.vae),
+        "vae_round_trip": vae_round_trip(pipe.vae, n=16 if quick else 64),
     }
     if out is not None:
         out = Path(out)
