@@ -49,7 +49,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     The match says *what* an image shows (the judge names the nearest of three shapes, so a
     blob still reads as some shape); the shape IoU says how well formed that shape is (a
-    clean render about 0.95, the study's "rough shapes" about 0.6); the palette error how
+    clean render about 0.97, the study's "rough shapes" about 0.6); the palette error how
     clean the colours are."""
     judged = [r["metrics"].get("shapes-judge", {}) for r in runs]
     matches = [j["match"] for j in judged if "match" in j]

@@ -136,20 +136,28 @@ def vae_round_trip(vae, *, n: int = 64, seed: int = 4000, strength: float = 0.5)
     """
     import dataclasses
 
+    from .train import _to_tensor
+
     rng = np.random.default_rng(seed)
     scenes = [world.sample_scene(rng, degradation=False) for _ in range(n)]
 
-    def figures(kind: str | None, figure: str) -> tuple[float, float]:
+    def judged(kind: str | None) -> tuple[list, list]:
+        """Judgements of the renders and of their reconstructions."""
         imgs = np.stack([world.render(dataclasses.replace(s, degradation=kind, strength=strength if kind else 0.0),
                                       np.random.default_rng(seed + i), 1 / 255) for i, s in enumerate(scenes)])
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous() * 2 - 1
-        rec = ((vae.decode(vae.encode(x).latent_dist.mean).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        return tuple(float(statistics.median(getattr(judge.judge(im), figure) for im in batch)) for batch in (imgs, rec))
+        rec = vae.decode(vae.encode(_to_tensor(imgs)).latent_dist.mean).sample
+        rec = ((rec + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        return [judge.judge(im) for im in imgs], [judge.judge(im) for im in rec]
 
+    def median(judgements: list, figure: str) -> float:
+        return float(statistics.median(getattr(j, figure) for j in judgements))
+
+    clean_in, clean_out = judged(None)  # once: every figure is read from the same judgements
     out = {}
     for kind, figure in ROUND_TRIP_FIGURES.items():
-        (clean_in, clean_out), (bad_in, bad_out) = figures(None, figure), figures(kind, figure)
-        out[kind] = {"figure": figure, "clean_in": clean_in, "clean_out": clean_out, "degraded_in": bad_in, "degraded_out": bad_out}
+        bad_in, bad_out = judged(kind)
+        out[kind] = {"figure": figure, "clean_in": median(clean_in, figure), "clean_out": median(clean_out, figure),
+                     "degraded_in": median(bad_in, figure), "degraded_out": median(bad_out, figure)}
     return out
 
 
