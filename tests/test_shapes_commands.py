@@ -450,13 +450,15 @@ def test_vae_loss_adds_the_weighted_edge_term():
 
 
 def test_the_vae_stage_uses_the_configured_edge_weight(tmp_path, monkeypatch):
+    import inspect
+
     from sdsctl.shapes import train
 
     weights = []
     real_loss = train._vae_loss
 
     def spy(*args):
-        weights.append(args[-1])
+        weights.append(inspect.signature(real_loss).bind(*args).arguments["edge_weight"])
         return real_loss(*args)
 
     monkeypatch.setattr(train, "_vae_loss", spy)
@@ -464,6 +466,66 @@ def test_the_vae_stage_uses_the_configured_edge_weight(tmp_path, monkeypatch):
     trainer = Trainer(tmp_path / "w", cfg)
     trainer.train_vae(trainer._load())
     assert weights == [0.5]
+
+
+def test_vae_batches_label_each_image_with_its_degradation(tmp_path):
+    """The probe's labels follow the images: world images by their scene, then the top-up kinds in turn."""
+    from sdsctl.shapes import train
+
+    cfg = TrainConfig(vae_batch=16, vae_channels=(16, 16, 16, 16))
+    trainer = Trainer(tmp_path / "w", cfg)
+    x, extra, labels = trainer._topped_up_batch(5, cfg.vae_degraded_extra, labels=True)
+    _, scenes = world.sample_batch(5, 16 - cfg.vae_degraded_extra)
+    assert labels.tolist()[: x.shape[0]] == [train.probe_label(s.degradation) for s in scenes]
+    assert labels.tolist()[x.shape[0]:] == [train.PROBE_CLASSES.index(k) for k in world.DEGRADATION_WORDS]
+    assert torch.equal(trainer._topped_up_batch(5, cfg.vae_degraded_extra)[1], extra)  # same images with or without labels
+    assert train.probe_label(None) == 0
+
+
+def test_vae_loss_adds_the_weighted_probe_term_and_skips_unlabelled_images():
+    from sdsctl.shapes.train import DegradationProbe, _to_tensor, _vae_loss
+
+    vae, probe = _tiny_vae(), DegradationProbe()
+    x = _to_tensor(world.sample_batch(0, 8)[0])
+    labels = torch.tensor([0, 1, 2, 3, -100, -100, 5, 6])
+    with torch.no_grad():
+        plain, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1))
+        total, logs = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), probe=probe, labels=labels, probe_weight=0.5)
+        posterior = vae.encode(x).latent_dist  # the same draw as inside the loss
+        g = torch.Generator().manual_seed(1)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        keep = labels >= 0
+        ce = float(torch.nn.functional.cross_entropy(probe(z[keep]), labels[keep]))
+    assert logs["probe"] == pytest.approx(ce, rel=1e-5)
+    assert float(total) == pytest.approx(float(plain) + 0.5 * ce, rel=1e-5)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_the_vae_stage_trains_the_probe_only_when_weighted(tmp_path, weight):
+    """The probe is trained and checkpointed with the VAE (a resumed run picks it up); with
+    weight 0 there is none, so the earlier priors' configurations train exactly as they did."""
+
+    class Stop(Exception):
+        pass
+
+    logs = []
+
+    def stop_at_step_two(stage, step, total, l):
+        logs.append(l)
+        if step == 2:
+            raise Stop
+
+    cfg = TrainConfig(vae_steps=3, vae_batch=16, vae_channels=(16, 16, 16, 16), checkpoint_every=1, vae_probe_weight=weight)
+    with pytest.raises(Stop):
+        Trainer(tmp_path / "w", cfg, stop_at_step_two).run()
+    saved = torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 1 and ("probe" in saved) == bool(weight)
+    assert all(("probe" in l) == bool(weight) for l in logs)
+    trainer = Trainer(tmp_path / "w", cfg)
+    state = trainer.train_vae(trainer._load())
+    assert state["stage"] == "latents" and ("probe" in state) == bool(weight)
+    for preset in (TrainConfig.first_release(), TrainConfig.candidate(), TrainConfig.jacobian_experiment()):
+        assert preset.vae_probe_weight == 0.0
 
 
 def test_train_shapes_option_defaults_are_the_training_defaults():

@@ -62,6 +62,7 @@ class TrainConfig:
     jacobian_highpass: bool = True  # penalize high-pass noise only (frequencies that blur leaves alone are free)
     vae_degraded_extra: int = 6  # images per VAE batch forced to be degraded, so degradations stay representable
     vae_edge_weight: float = 0.0  # L1 on image gradients in the VAE loss (measured in docs/shapes-prior.md; off)
+    vae_probe_weight: float = 0.1  # a small CNN must read the degradation kind from the latents (keeps blur in them)
     decoder_topup: bool = True  # the decoder stage's batches get the same degraded top-up (keeps blur blurry)
     decoder_steps: int = 600
     decoder_lr: float = 3e-4
@@ -87,7 +88,7 @@ class TrainConfig:
     def first_release(cls, **kw) -> "TrainConfig":
         """The first shipped prior (docs/shapes-prior.md, "How the prior got here"): narrow
         VAE with denoising pairs, no top-up, 8,000 UNet steps, 10 % caption dropout, no EMA."""
-        base = dict(vae_regularizer="denoise", jacobian_weight=2.0, jacobian_highpass=False, vae_degraded_extra=0,
+        base = dict(vae_regularizer="denoise", jacobian_weight=2.0, jacobian_highpass=False, vae_degraded_extra=0, vae_probe_weight=0.0,
                     decoder_topup=False, decoder_steps=800, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0,
                     vae_channels=(16, 32, 64, 64))
         return cls(**{**base, **kw})
@@ -97,14 +98,14 @@ class TrainConfig:
         """The candidate measured before the current prior: mild per-pixel (white) Jacobian
         penalty, no decoder top-up, 8,000 UNet steps at 15 % caption dropout."""
         base = dict(jacobian_weight=2.0, jacobian_highpass=False, decoder_topup=False, prior_steps=8000,
-                    caption_dropout=0.15)
+                    caption_dropout=0.15, vae_probe_weight=0.0)
         return cls(**{**base, **kw})
 
     @classmethod
     def jacobian_experiment(cls, **kw) -> "TrainConfig":
         """The strong Jacobian-penalty VAE measured in docs/shapes-prior.md (not shipped)."""
         base = dict(vae_steps=2500, jacobian_weight=5.0, jacobian_blocks=True, jacobian_highpass=False,
-                    vae_degraded_extra=0, decoder_topup=False, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0)
+                    vae_degraded_extra=0, vae_probe_weight=0.0, decoder_topup=False, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0)
         return cls(**{**base, **kw})
 
     @classmethod
@@ -133,6 +134,35 @@ def build_vae(cfg: TrainConfig):
         block_out_channels=cfg.vae_channels, sample_size=world.IMAGE_SIZE, scaling_factor=1.0,
         norm_num_groups=16,
     )
+
+
+#: the classes :class:`DegradationProbe` reads: 0 for a clean image, then the world's degradations
+PROBE_CLASSES = (None, *world.DEGRADATION_WORDS)
+
+
+class DegradationProbe(torch.nn.Module):
+    """Reads from (sampled) latents which degradation an image has, if any.
+
+    Trained with the VAE and then dropped (it is not part of the exported prior). Its
+    cross-entropy gives the encoder a reason to keep blur and noise in the latents: the
+    reconstruction loss alone barely rewards it (the VAE returned blurred renders as sharp
+    as clean ones), and a quality word can only work if the latents tell the images apart.
+    """
+
+    def __init__(self, latent_channels: int = 4, width: int = 32):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(latent_channels, width, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
+        )
+        self.head = torch.nn.Linear(width, len(PROBE_CLASSES))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(z).mean(dim=(2, 3)))
+
+
+def probe_label(degradation: str | None) -> int:
+    return PROBE_CLASSES.index(degradation)
 
 
 def build_text_encoder(cfg: TrainConfig, vocab_size: int, bos: int, eos: int):
@@ -257,8 +287,10 @@ def _edge_loss(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share: int = 1, jacobian_blocks: bool = False,
-              jacobian_highpass: bool = False, edge_weight: float = 0.0):
+              jacobian_highpass: bool = False, edge_weight: float = 0.0, probe=None, labels=None, probe_weight: float = 0.0):
     """Reconstruction (L1 + L2 + tiny KL, plus ``edge_weight`` times :func:`_edge_loss`), plus
+    ``probe_weight`` times the cross-entropy of ``probe`` (a :class:`DegradationProbe`) on the
+    sampled latents against ``labels`` (-100: no label), plus
     ``jacobian_weight`` times the encoder's relative sensitivity
     ``|mu(x + d) - mu(x)|^2 / |d|^2 / var(mu)`` to fine perturbations d.
 
@@ -272,6 +304,10 @@ def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share
     if edge_weight:
         loss = loss + edge_weight * _edge_loss(rec, target)
     logs = {"rec": float(loss.detach())}
+    if probe_weight:
+        ce = F.cross_entropy(probe(z), labels, ignore_index=-100)
+        loss = loss + probe_weight * ce
+        logs["probe"] = float(ce.detach())
     if jacobian_weight:
         k = max(2, x_in.shape[0] // jacobian_share)
         d = _fine_perturbation(x_in[:k], g, jacobian_blocks, jacobian_highpass).to(x_in.device)
@@ -322,55 +358,68 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         vae = build_vae(cfg).to(self.device)
-        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        probe = DegradationProbe(vae.config.latent_channels).to(self.device) if cfg.vae_probe_weight else None
+        params = list(vae.parameters()) + (list(probe.parameters()) if probe is not None else [])
+        opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.1)
         if "vae" in state:
             vae.load_state_dict(state["vae"])
+            if probe is not None:
+                probe.load_state_dict(state["probe"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
         g = torch.Generator().manual_seed(cfg.seed)
         t0, start = time.time(), state["step"]
         for step in range(start, cfg.vae_steps):
             g.manual_seed(cfg.seed * 1_000_003 + step)
-            x, extra = self._topped_up_batch(cfg.seed * 1_000_003 + step, cfg.vae_degraded_extra)
+            x, extra, labels = self._topped_up_batch(cfg.seed * 1_000_003 + step, cfg.vae_degraded_extra, labels=True)
             x_in, target, jacobian_weight = x, x, 0.0
             if cfg.augment and cfg.vae_regularizer == "denoise":
                 half = x.shape[0] // 2
                 x_in, target = _perturb(x[half:], x[:half], g)
                 x_in, target = torch.cat([x[:half], x_in]), torch.cat([x[:half], target])
+                labels[half:] = -100  # perturbed pairs have no kind
             elif cfg.augment:
                 quarter = cfg.vae_batch // 4
                 x_in = target = torch.cat([x[:-quarter], _shift_or_blend(x[-quarter:], x[:quarter], g)])
+                labels[x.shape[0] - quarter : x.shape[0]] = -100  # shifted and blended images have no kind
                 jacobian_weight = cfg.jacobian_weight
             x_in, target = torch.cat([x_in, extra]), torch.cat([target, extra])
             loss, logs = _vae_loss(vae, x_in, target, g, jacobian_weight, cfg.jacobian_share, cfg.jacobian_blocks,
-                                   cfg.jacobian_highpass, cfg.vae_edge_weight)
-            _optimizer_step(loss, opt, sched, vae.parameters())
+                                   cfg.jacobian_highpass, cfg.vae_edge_weight, probe, labels, cfg.vae_probe_weight)
+            _optimizer_step(loss, opt, sched, params)
             done = step + 1
             self.progress("vae", done, cfg.vae_steps, {**logs, "s/step": (time.time() - t0) / (done - start)})
             if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
                 stage = "latents" if done == cfg.vae_steps else "vae"
                 state = {"stage": stage, "step": done, "vae": vae.state_dict(), "opt": opt.state_dict(),
                          "sched": sched.state_dict()}
+                if probe is not None:
+                    state["probe"] = probe.state_dict()
                 _atomic_save(state, self.ckpt_path)
                 if done == 1000:
                     _atomic_save({"vae": vae.state_dict()}, self.dir / "vae_step1000.pt")
         return state
 
-    def _topped_up_batch(self, seed: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``vae_batch - extra`` world images drawn with ``seed``, and ``extra`` forced-degraded ones.
+    def _topped_up_batch(self, seed: int, extra: int, labels: bool = False):
+        """``vae_batch - extra`` world images drawn with ``seed``, and ``extra`` forced-degraded ones;
+        with ``labels``, also the :func:`probe_label` of every image (world ones first).
 
         At the world's own share (a fifth, spread over six kinds) a batch of 32 holds about
         one image of each degradation, too few for the reconstruction loss to keep blur or
         noise in the latents against the Jacobian penalty; the extra ones go through the
         kinds in turn. The extra images are reconstructed as they are, never perturbed.
         """
-        imgs, _ = world.sample_batch(seed, self.cfg.vae_batch - extra)
+        imgs, scenes = world.sample_batch(seed, self.cfg.vae_batch - extra)
         kinds = list(world.DEGRADATION_WORDS)
-        degraded = [world.sample_batch(seed + 500_000_000 + i, 1, degradation=kinds[i % len(kinds)])[0]
-                    for i in range(extra)]
+        extra_kinds = [kinds[i % len(kinds)] for i in range(extra)]
+        degraded = [world.sample_batch(seed + 500_000_000 + i, 1, degradation=kind)[0] for i, kind in enumerate(extra_kinds)]
         degraded = np.concatenate(degraded) if degraded else imgs[:0]
-        return _to_tensor(imgs).to(self.device), _to_tensor(degraded).to(self.device)
+        batch = (_to_tensor(imgs).to(self.device), _to_tensor(degraded).to(self.device))
+        if not labels:
+            return batch
+        ids = [probe_label(s.degradation) for s in scenes] + [probe_label(k) for k in extra_kinds]
+        return (*batch, torch.tensor(ids, device=self.device))
 
     # -- stage 2
     @torch.no_grad()
