@@ -399,7 +399,7 @@ def test_the_default_training_is_the_shipped_priors():
     assert (cfg.vae_regularizer, cfg.jacobian_weight, cfg.jacobian_highpass, cfg.jacobian_blocks) == ("jacobian", 5.0, True, False)
     assert (cfg.vae_steps, cfg.decoder_steps, cfg.prior_steps) == (2000, 600, 10_000)
     assert (cfg.vae_degraded_extra, cfg.decoder_topup, cfg.caption_dropout, cfg.ema_decay) == (6, True, 0.3, 0.999)
-    assert cfg.vae_edge_weight == 0.0
+    assert cfg.vae_edge_weight == 0.0 and cfg.vae_probe_weight == 0.0
     assert (SHAPES_PRIOR / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > 0
 
 

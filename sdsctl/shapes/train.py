@@ -62,7 +62,7 @@ class TrainConfig:
     jacobian_highpass: bool = True  # penalize high-pass noise only (frequencies that blur leaves alone are free)
     vae_degraded_extra: int = 6  # images per VAE batch forced to be degraded, so degradations stay representable
     vae_edge_weight: float = 0.0  # L1 on image gradients in the VAE loss (measured in docs/shapes-prior.md; off)
-    vae_probe_weight: float = 0.1  # a small CNN must read the degradation kind from the latents (keeps blur in them)
+    vae_probe_weight: float = 0.0  # a small CNN must read the degradation kind from the latents (measured in docs/shapes-prior.md; off)
     decoder_topup: bool = True  # the decoder stage's batches get the same degraded top-up (keeps blur blurry)
     decoder_steps: int = 600
     decoder_lr: float = 3e-4
@@ -88,7 +88,7 @@ class TrainConfig:
     def first_release(cls, **kw) -> "TrainConfig":
         """The first shipped prior (docs/shapes-prior.md, "How the prior got here"): narrow
         VAE with denoising pairs, no top-up, 8,000 UNet steps, 10 % caption dropout, no EMA."""
-        base = dict(vae_regularizer="denoise", jacobian_weight=2.0, jacobian_highpass=False, vae_degraded_extra=0, vae_probe_weight=0.0,
+        base = dict(vae_regularizer="denoise", jacobian_weight=2.0, jacobian_highpass=False, vae_degraded_extra=0,
                     decoder_topup=False, decoder_steps=800, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0,
                     vae_channels=(16, 32, 64, 64))
         return cls(**{**base, **kw})
@@ -98,14 +98,14 @@ class TrainConfig:
         """The candidate measured before the current prior: mild per-pixel (white) Jacobian
         penalty, no decoder top-up, 8,000 UNet steps at 15 % caption dropout."""
         base = dict(jacobian_weight=2.0, jacobian_highpass=False, decoder_topup=False, prior_steps=8000,
-                    caption_dropout=0.15, vae_probe_weight=0.0)
+                    caption_dropout=0.15)
         return cls(**{**base, **kw})
 
     @classmethod
     def jacobian_experiment(cls, **kw) -> "TrainConfig":
         """The strong Jacobian-penalty VAE measured in docs/shapes-prior.md (not shipped)."""
         base = dict(vae_steps=2500, jacobian_weight=5.0, jacobian_blocks=True, jacobian_highpass=False,
-                    vae_degraded_extra=0, vae_probe_weight=0.0, decoder_topup=False, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0)
+                    vae_degraded_extra=0, decoder_topup=False, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0)
         return cls(**{**base, **kw})
 
     @classmethod

@@ -159,13 +159,11 @@ def degrade(img: np.ndarray, kind: str, strength: float, rng: np.random.Generato
         small = img.reshape(n // f, f, n // f, f, 3).mean(axis=(1, 3))
         out = small.repeat(f, axis=0).repeat(f, axis=1)
     elif kind == "noise":
-        # pixel noise plus a coarse, grey (luminance-only) component the 8x-downsampling VAE
-        # can represent: one value per latent cell, not three, so "noisy" does not ask the
-        # latents to hold as many random numbers as they have (it then dented the shapes)
-        coarse = rng.normal(0.0, 0.06 + 0.04 * s, (8, 8, 1)).astype(np.float32)
+        # pixel noise plus a coarse component the 8x-downsampling VAE can represent
+        coarse = rng.normal(0.0, 0.06 + 0.04 * s, (8, 8, 3)).astype(np.float32)
         coarse = _gaussian_blur(coarse.repeat(8, axis=0).repeat(8, axis=1), 2.0)
         fine = rng.normal(0.0, 0.05 + 0.04 * s, img.shape).astype(np.float32)
-        out = img + coarse * 1.2 + fine
+        out = img + coarse * 1.6 + fine
     elif kind == "oversaturated":
         k = 1.9 + 0.8 * s
         grey = img.mean(axis=2, keepdims=True)
