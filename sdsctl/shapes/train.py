@@ -15,7 +15,10 @@ Four stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically
    images only (the clean-only comparison). Measured in ``docs/shapes-prior.md``: a strong
    penalty on white and 2x2-block noise (:meth:`TrainConfig.jacobian_experiment`) stops
    the latents from carrying blur and pixel noise. (A cycle loss E(D(z)) ~ z was tried and
-   dropped: slower reconstruction for no measured gain.)
+   dropped: slower reconstruction for no measured gain.) Two measured, off-by-default
+   terms aim at blur: ``vae_edge_weight`` (an L1 on image gradients) and
+   ``vae_probe_weight`` (a :class:`DegradationProbe` must read the degradation from the
+   latents).
 2. ``latents``: the world is rendered once, encoded to scaled latents and the captions
    tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
 3. ``decoder``: the encoder is final, so the decoder alone is fine-tuned (L1 + L2 + L1 on
