@@ -386,7 +386,7 @@ def test_image_fit_fits_the_rgb_to_the_decoded_target(recipe_file, tiny_prior):
 
     def fit(z, target):
         seen["target"], seen["z_grad"] = target, z.requires_grad
-        seen["loss"] = float(opt.fit_loss(z, target))
+        seen["loss"] = float(opt.fit_loss(z, target).detach())
         seen["x"] = opt.last_rgb.detach().clone()
         return original_fit(z, target)
 
