@@ -147,9 +147,9 @@ class DegradationProbe(torch.nn.Module):
     """Reads from (sampled) latents which degradation an image has, if any.
 
     Trained with the VAE and then dropped (it is not part of the exported prior). Its
-    cross-entropy gives the encoder a reason to keep blur and noise in the latents: the
-    reconstruction loss alone barely rewards it (the VAE returned blurred renders as sharp
-    as clean ones), and a quality word can only work if the latents tell the images apart.
+    cross-entropy was meant to give the encoder a reason to keep blur and noise in the
+    latents, which the reconstruction loss alone barely rewards; measured in
+    docs/shapes-prior.md, it does not: blurred and pixelated renders still read as clean.
     """
 
     def __init__(self, latent_channels: int = 4, width: int = 32):
@@ -375,7 +375,7 @@ class Trainer:
         t0, start = time.time(), state["step"]
         for step in range(start, cfg.vae_steps):
             g.manual_seed(cfg.seed * 1_000_003 + step)
-            x, extra, labels = self._topped_up_batch(cfg.seed * 1_000_003 + step, cfg.vae_degraded_extra, labels=True)
+            x, extra, labels = self._topped_up_batch(cfg.seed * 1_000_003 + step, cfg.vae_degraded_extra)
             x_in, target, jacobian_weight = x, x, 0.0
             if cfg.augment and cfg.vae_regularizer == "denoise":
                 half = x.shape[0] // 2
@@ -404,9 +404,9 @@ class Trainer:
                     _atomic_save({"vae": vae.state_dict()}, self.dir / "vae_step1000.pt")
         return state
 
-    def _topped_up_batch(self, seed: int, extra: int, labels: bool = False):
-        """``vae_batch - extra`` world images drawn with ``seed``, and ``extra`` forced-degraded ones;
-        with ``labels``, also the :func:`probe_label` of every image (world ones first).
+    def _topped_up_batch(self, seed: int, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``vae_batch - extra`` world images drawn with ``seed``, ``extra`` forced-degraded ones,
+        and the :func:`probe_label` of every image (world ones first).
 
         At the world's own share (a fifth, spread over six kinds) a batch of 32 holds about
         one image of each degradation, too few for the reconstruction loss to keep blur or
@@ -418,11 +418,9 @@ class Trainer:
         extra_kinds = [kinds[i % len(kinds)] for i in range(extra)]
         degraded = [world.sample_batch(seed + 500_000_000 + i, 1, degradation=kind)[0] for i, kind in enumerate(extra_kinds)]
         degraded = np.concatenate(degraded) if degraded else imgs[:0]
-        batch = (_to_tensor(imgs).to(self.device), _to_tensor(degraded).to(self.device))
-        if not labels:
-            return batch
-        ids = [probe_label(s.degradation) for s in scenes] + [probe_label(k) for k in extra_kinds]
-        return (*batch, torch.tensor(ids, device=self.device))
+        labels = [probe_label(s.degradation) for s in scenes] + [probe_label(k) for k in extra_kinds]
+        return (_to_tensor(imgs).to(self.device), _to_tensor(degraded).to(self.device),
+                torch.tensor(labels, device=self.device))
 
     # -- stage 2
     @torch.no_grad()
@@ -470,8 +468,9 @@ class Trainer:
 
         t0, start = time.time(), state["step"]
         for step in range(start, cfg.decoder_steps):
-            x = torch.cat(self._topped_up_batch(cfg.seed * 1_000_037 + step + 77_777_777,
-                                                cfg.vae_degraded_extra if cfg.decoder_topup else 0))
+            world_images, degraded, _ = self._topped_up_batch(cfg.seed * 1_000_037 + step + 77_777_777,
+                                                              cfg.vae_degraded_extra if cfg.decoder_topup else 0)
+            x = torch.cat([world_images, degraded])
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.mean
             rec = vae.decode(z).sample
