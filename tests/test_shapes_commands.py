@@ -95,7 +95,7 @@ def test_second_run_resumes_without_retraining(trained, monkeypatch):
     def must_not_run(self, state):
         raise AssertionError("a completed training must not train again")
 
-    for stage in ("train_vae", "make_latents", "train_prior"):
+    for stage in ("train_vae", "tune_decoder", "train_adversarial", "make_latents", "train_prior"):
         monkeypatch.setattr(Trainer, stage, must_not_run)
     weights = {p: (trained.prior / p).read_bytes() for p in WEIGHTS}
     result = invoke("train-shapes", "--smoke", "--out", trained.work, "--device", "cpu")
@@ -349,7 +349,7 @@ def test_the_decoder_stage_gets_the_degraded_topup_only_when_asked(tmp_path, mon
     cfg = TrainConfig.candidate(vae_batch=16, vae_channels=(16, 16, 16, 16), decoder_steps=1, decoder_topup=topup)
     trainer = Trainer(tmp_path / "w", cfg)
     state = {"stage": "decoder", "step": 0, "vae": train.build_vae(cfg).state_dict()}
-    assert trainer.tune_decoder(state)["stage"] == "prior"
+    assert trainer.tune_decoder(state)["stage"] == "adversarial"
     kinds = sorted(k for _, k in asked if k)
     if topup:
         assert kinds == sorted(world.DEGRADATION_WORDS)
@@ -367,13 +367,13 @@ def test_jacobian_penalty_is_added_and_ignores_the_latent_scale():
     vae = _tiny_vae()
     x = _to_tensor(world.sample_batch(0, 8)[0])
     with torch.no_grad():
-        plain, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1))
-        total, logs = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), jacobian_weight=5.0)
+        plain, _, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1))
+        total, logs, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), jacobian_weight=5.0)
         assert logs["jac"] > 0
         assert float(total) == pytest.approx(float(plain) + 5.0 * logs["jac"], rel=1e-5)
         vae.quant_conv.weight[:4] *= 10  # the mean channels only
         vae.quant_conv.bias[:4] *= 10
-        _, scaled = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), jacobian_weight=5.0)
+        _, scaled, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), jacobian_weight=5.0)
     assert scaled["jac"] == pytest.approx(logs["jac"], rel=1e-3)
 
 
@@ -384,7 +384,7 @@ def test_the_jacobian_experiment_trains_its_vae(tmp_path):
     assert (cfg.vae_regularizer, cfg.decoder_steps) == ("jacobian", 600)
     trainer = Trainer(tmp_path / "w", cfg, lambda stage, step, total, l: logs.append(l))
     state = trainer.train_vae(trainer._load())
-    assert state["stage"] == "latents" and len(logs) == 2
+    assert state["stage"] == "decoder" and len(logs) == 2
     assert all(l["jac"] > 0 for l in logs)
 
 
@@ -441,8 +441,8 @@ def test_vae_loss_adds_the_weighted_edge_term():
     vae = _tiny_vae()
     x = _to_tensor(world.sample_batch(0, 8)[0])
     with torch.no_grad():
-        plain, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1))
-        total, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), edge_weight=2.0)
+        plain, _, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1))
+        total, _, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), edge_weight=2.0)
         posterior = vae.encode(x).latent_dist  # the same draw as inside the loss
         g = torch.Generator().manual_seed(1)
         rec = vae.decode(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)).sample
@@ -488,8 +488,8 @@ def test_vae_loss_adds_the_weighted_probe_term_and_skips_unlabelled_images():
     x = _to_tensor(world.sample_batch(0, 8)[0])
     labels = torch.tensor([0, 1, 2, 3, -100, -100, 5, 6])
     with torch.no_grad():
-        plain, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1))
-        total, logs = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), probe=probe, labels=labels, probe_weight=0.5)
+        plain, _, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1))
+        total, logs, _ = _vae_loss(vae, x, x, torch.Generator().manual_seed(1), probe=probe, labels=labels, probe_weight=0.5)
         posterior = vae.encode(x).latent_dist  # the same draw as inside the loss
         g = torch.Generator().manual_seed(1)
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
@@ -522,9 +522,71 @@ def test_the_vae_stage_trains_the_probe_only_when_weighted(tmp_path, weight):
     assert all(("probe" in l) == bool(weight) for l in logs)
     trainer = Trainer(tmp_path / "w", cfg)
     state = trainer.train_vae(trainer._load())
-    assert state["stage"] == "latents" and ("probe" in state) == bool(weight)
+    assert state["stage"] == "decoder" and ("probe" in state) == bool(weight)
     for preset in (TrainConfig.first_release(), TrainConfig.candidate(), TrainConfig.jacobian_experiment()):
         assert preset.vae_probe_weight == 0.0
+
+
+def test_adversarial_losses_and_adaptive_weight():
+    """Hinge losses are zero once the discriminator separates real from reconstructed by the
+    margin, and the adaptive weight makes both terms' gradients equally strong at the layer."""
+    from sdsctl.shapes import adversarial
+
+    real, fake = torch.full((2, 1, 4, 4), 2.0), torch.full((2, 1, 4, 4), -2.0)
+    assert float(adversarial.discriminator_loss(real, fake)) == 0.0
+    assert float(adversarial.discriminator_loss(fake, real)) == pytest.approx(6.0)
+    assert float(adversarial.generator_loss(fake)) == pytest.approx(2.0)
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    rec, gen = (w * torch.tensor([3.0, 4.0])).sum(), (w * torch.tensor([0.6, 0.8])).sum()  # gradient norms 5 and 1
+    assert float(adversarial.adaptive_weight(rec, gen, w, scale=0.5)) == pytest.approx(0.5 * 5 / (1 + 1e-4))
+    logits = adversarial.PatchDiscriminator()(torch.zeros(3, 3, 64, 64))
+    assert logits.shape == (3, 1, 16, 16)
+
+
+def _adversarial_config(**kw):
+    return TrainConfig(vae_batch=8, vae_degraded_extra=2, vae_channels=(16, 16, 16, 16), checkpoint_every=1, **kw)
+
+
+def test_the_adversarial_stage_warms_up_the_discriminator_then_tunes_the_vae(tmp_path):
+    """During the warm-up only the discriminator learns; then encoder and decoder move; the
+    stage checkpoints the discriminator, resumes from it and hands over to the latents."""
+    from sdsctl.shapes import train
+
+    class Stop(Exception):
+        pass
+
+    cfg = _adversarial_config(adversarial_steps=3, adversarial_warmup=2)
+    vae0 = train.build_vae(cfg).state_dict()
+    logs = []
+
+    def stop_after_warmup(stage, step, total, l):
+        logs.append(l)
+        if step == 2:
+            raise Stop
+
+    trainer = Trainer(tmp_path / "w", cfg, stop_after_warmup)
+    with pytest.raises(Stop):
+        trainer.train_adversarial({"stage": "adversarial", "step": 0, "vae": vae0})
+    saved = torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=False)
+    assert (saved["stage"], saved["step"]) == ("adversarial", 1) and "disc" in saved
+    assert all(torch.equal(saved["vae"][k], vae0[k]) for k in vae0)  # warm-up: the VAE is untouched
+    assert all("gen" not in l and "disc" in l for l in logs)
+    state = Trainer(tmp_path / "w", cfg).train_adversarial(saved)
+    assert (state["stage"], state["step"]) == ("latents", 0)
+    assert not torch.equal(state["vae"]["encoder.conv_in.weight"], vae0["encoder.conv_in.weight"])
+    assert not torch.equal(state["vae"]["decoder.conv_out.weight"], vae0["decoder.conv_out.weight"])
+    assert not torch.equal(state["disc"]["net.0.weight"], saved["disc"]["net.0.weight"])
+
+
+def test_without_adversarial_steps_the_stage_passes_the_vae_on_unchanged(tmp_path):
+    from sdsctl.shapes import train
+
+    cfg = _adversarial_config()
+    vae0 = train.build_vae(cfg).state_dict()
+    state = Trainer(tmp_path / "w", cfg).train_adversarial({"stage": "adversarial", "step": 0, "vae": vae0})
+    assert (state["stage"], state["step"]) == ("latents", 0) and state["vae"] is vae0 and "disc" not in state
+    for preset in (TrainConfig.first_release(), TrainConfig.candidate(), TrainConfig.jacobian_experiment()):
+        assert preset.adversarial_steps == 0
 
 
 def test_train_shapes_option_defaults_are_the_training_defaults():

@@ -1,6 +1,6 @@
 """Training of the embedded shapes prior: a VAE, then a text-conditioned UNet on its latents.
 
-Four stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically every
+Five stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically every
 ``checkpoint_every`` steps); the defaults of :class:`TrainConfig` train the shipped prior:
 
 1. ``vae``: an ``AutoencoderKL`` (64x64 -> 4x8x8). Besides reconstructing world images (each
@@ -19,11 +19,14 @@ Four stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically
    terms aim at blur: ``vae_edge_weight`` (an L1 on image gradients) and
    ``vae_probe_weight`` (a :class:`DegradationProbe` must read the degradation from the
    latents).
-2. ``latents``: the world is rendered once, encoded to scaled latents and the captions
-   tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
-3. ``decoder``: the encoder is final, so the decoder alone is fine-tuned (L1 + L2 + L1 on
+2. ``decoder``: the decoder alone is fine-tuned (L1 + L2 + L1 on
    image gradients) on world images and, with ``decoder_topup``, the same forced-degraded ones.
-4. ``prior``: ``UNet2DConditionModel`` + ``CLIPTextModel`` trained jointly from scratch with
+3. ``adversarial`` (``adversarial_steps``, 0 by default): encoder and decoder fine-tuned
+   together with the VAE loss plus a :class:`~sdsctl.shapes.adversarial.PatchDiscriminator`;
+   measured in ``docs/shapes-prior.md``: it sharpens every edge, blurred ones included.
+4. ``latents``: the world is rendered once, encoded to scaled latents and the captions
+   tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
+5. ``prior``: ``UNet2DConditionModel`` + ``CLIPTextModel`` trained jointly from scratch with
    the epsilon-prediction loss under SD's scaled-linear ``DDPMScheduler``, 30 % caption
    dropout for classifier-free guidance; the exported weights are an EMA of the trained ones.
 
@@ -69,6 +72,10 @@ class TrainConfig:
     decoder_topup: bool = True  # the decoder stage's batches get the same degraded top-up (keeps blur blurry)
     decoder_steps: int = 600
     decoder_lr: float = 3e-4
+    adversarial_steps: int = 0  # encoder + decoder fine-tuned against a PatchDiscriminator (measured in docs/shapes-prior.md)
+    adversarial_weight: float = 0.5  # scale of the adaptive weight of the discriminator's term
+    adversarial_lr: float = 1e-4
+    adversarial_warmup: int = 100  # first steps train the discriminator alone
     n_images: int = 60_000
     prior_steps: int = 10_000
     prior_batch: int = 64
@@ -114,7 +121,8 @@ class TrainConfig:
     @classmethod
     def smoke(cls, **kw) -> "TrainConfig":
         """A configuration that trains a few steps of every stage (for tests)."""
-        base = dict(vae_steps=3, vae_batch=4, vae_degraded_extra=1, ema_decay=0.999, decoder_steps=2, n_images=64, prior_steps=3, prior_batch=8, checkpoint_every=2)
+        base = dict(vae_steps=3, vae_batch=4, vae_degraded_extra=1, ema_decay=0.999, decoder_steps=2, adversarial_steps=2,
+                    adversarial_warmup=1, n_images=64, prior_steps=3, prior_batch=8, checkpoint_every=2)
         return cls(**{**base, **kw})
 
 
@@ -319,7 +327,7 @@ def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share
         sensitivity = ratio.mean() / posterior.mean.var(dim=0).mean()
         loss = loss + jacobian_weight * sensitivity
         logs["jac"] = float(sensitivity.detach())
-    return loss, logs
+    return loss, logs, rec
 
 
 # ----------------------------------------------------------------------------- stages
@@ -348,10 +356,12 @@ class Trainer:
         state = self._load()
         if state["stage"] == "vae":
             state = self.train_vae(state)
-        if state["stage"] == "latents":
-            state = self.make_latents(state)
         if state["stage"] == "decoder":
             state = self.tune_decoder(state)
+        if state["stage"] == "adversarial":
+            state = self.train_adversarial(state)
+        if state["stage"] == "latents":
+            state = self.make_latents(state)
         if state["stage"] == "prior":
             state = self.train_prior(state)
         return self.export(state, self.dir / "prior")
@@ -374,28 +384,13 @@ class Trainer:
         g = torch.Generator().manual_seed(cfg.seed)
         t0, start = time.time(), state["step"]
         for step in range(start, cfg.vae_steps):
-            g.manual_seed(cfg.seed * 1_000_003 + step)
-            x, extra, labels = self._topped_up_batch(cfg.seed * 1_000_003 + step, cfg.vae_degraded_extra)
-            x_in, target, jacobian_weight = x, x, 0.0
-            if cfg.augment and cfg.vae_regularizer == "denoise":
-                half = x.shape[0] // 2
-                x_in, target = _perturb(x[half:], x[:half], g)
-                x_in, target = torch.cat([x[:half], x_in]), torch.cat([x[:half], target])
-                labels[half:] = -100  # perturbed pairs have no kind
-            elif cfg.augment:
-                quarter = cfg.vae_batch // 4
-                x_in = target = torch.cat([x[:-quarter], _shift_or_blend(x[-quarter:], x[:quarter], g)])
-                labels[x.shape[0] - quarter : x.shape[0]] = -100  # shifted and blended images have no kind
-                jacobian_weight = cfg.jacobian_weight
-            x_in, target = torch.cat([x_in, extra]), torch.cat([target, extra])
-            loss, logs = _vae_loss(vae, x_in, target, g, jacobian_weight, cfg.jacobian_share, cfg.jacobian_blocks,
-                                   cfg.jacobian_highpass, cfg.vae_edge_weight, probe, labels, cfg.vae_probe_weight)
+            loss, logs, _, _ = self._vae_stage_loss(vae, cfg.seed * 1_000_003 + step, g, probe)
             _optimizer_step(loss, opt, sched, params)
             done = step + 1
             self.progress("vae", done, cfg.vae_steps, {**logs, "s/step": (time.time() - t0) / (done - start)})
             if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
-                stage = "latents" if done == cfg.vae_steps else "vae"
-                state = {"stage": stage, "step": done, "vae": vae.state_dict(), "opt": opt.state_dict(),
+                stage = "decoder" if done == cfg.vae_steps else "vae"
+                state = {"stage": stage, "step": 0 if stage == "decoder" else done, "vae": vae.state_dict(), "opt": opt.state_dict(),
                          "sched": sched.state_dict()}
                 if probe is not None:
                     state["probe"] = probe.state_dict()
@@ -403,6 +398,30 @@ class Trainer:
                 if done == 1000:
                     _atomic_save({"vae": vae.state_dict()}, self.dir / "vae_step1000.pt")
         return state
+
+    def _vae_stage_loss(self, vae, seed: int, g: torch.Generator, probe=None):
+        """The VAE stage's loss on the batch drawn with ``seed``: world images topped up with
+        degraded ones, a quarter of the world images colour-shifted or blended (with the
+        Jacobian penalty) or, for ``denoise``, half of them noised. Returns
+        :func:`_vae_loss`'s (loss, logs, reconstruction, target)."""
+        cfg = self.cfg
+        g.manual_seed(seed)
+        x, extra, labels = self._topped_up_batch(seed, cfg.vae_degraded_extra)
+        x_in, target, jacobian_weight = x, x, 0.0
+        if cfg.augment and cfg.vae_regularizer == "denoise":
+            half = x.shape[0] // 2
+            x_in, target = _perturb(x[half:], x[:half], g)
+            x_in, target = torch.cat([x[:half], x_in]), torch.cat([x[:half], target])
+            labels[half:] = -100  # perturbed pairs have no kind
+        elif cfg.augment:
+            quarter = cfg.vae_batch // 4
+            x_in = target = torch.cat([x[:-quarter], _shift_or_blend(x[-quarter:], x[:quarter], g)])
+            labels[x.shape[0] - quarter : x.shape[0]] = -100  # shifted and blended images have no kind
+            jacobian_weight = cfg.jacobian_weight
+        x_in, target = torch.cat([x_in, extra]), torch.cat([target, extra])
+        loss, logs, rec = _vae_loss(vae, x_in, target, g, jacobian_weight, cfg.jacobian_share, cfg.jacobian_blocks,
+                                    cfg.jacobian_highpass, cfg.vae_edge_weight, probe, labels, cfg.vae_probe_weight)
+        return loss, logs, rec, target
 
     def _topped_up_batch(self, seed: int, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``vae_batch - extra`` world images drawn with ``seed``, ``extra`` forced-degraded ones,
@@ -442,7 +461,7 @@ class Trainer:
         scaling = float(1.0 / latents.std())
         ids = self.tokenizer(captions, padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH,
                              truncation=True, return_tensors="pt").input_ids
-        state = {"stage": "decoder", "step": 0, "vae": state["vae"], "scaling_factor": scaling,
+        state = {"stage": "prior", "step": 0, "vae": state["vae"], "scaling_factor": scaling,
                  "latents": latents * scaling, "input_ids": ids}
         _atomic_save(state, self.ckpt_path)
         return state
@@ -451,8 +470,9 @@ class Trainer:
     def tune_decoder(self, state: dict) -> dict:
         """Fine-tune the decoder alone on world images, from the encoder's posterior means.
 
-        The latents the UNet learns are fixed by now (the encoder does not change), so the
-        decoder can still be sharpened: L1 + L2 + an L1 on image gradients (edges).
+        The encoder, which fixes the latents the UNet learns, is final (unless the
+        adversarial stage follows), so the decoder can still be sharpened: L1 + L2 + an L1 on
+        image gradients (edges).
         """
         cfg = self.cfg
         vae = build_vae(cfg).to(self.device)
@@ -480,11 +500,64 @@ class Trainer:
             self.progress("decoder", done, cfg.decoder_steps, {"rec": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
             if done % cfg.checkpoint_every == 0 or done == cfg.decoder_steps:
                 finished = done == cfg.decoder_steps
-                state = {**state, "stage": "prior" if finished else "decoder", "step": 0 if finished else done,
+                state = {**state, "stage": "adversarial" if finished else "decoder", "step": 0 if finished else done,
                          "vae": vae.state_dict(), "decoder_opt": opt.state_dict(), "decoder_sched": sched.state_dict()}
                 _atomic_save(state, self.ckpt_path)
         if cfg.decoder_steps == 0:
-            state = {**state, "stage": "prior", "step": 0}
+            state = {**state, "stage": "adversarial", "step": 0}
+        return state
+
+    # -- stage 3b
+    def train_adversarial(self, state: dict) -> dict:
+        """Fine-tune encoder and decoder together with the VAE stage's loss plus a
+        :class:`~sdsctl.shapes.adversarial.PatchDiscriminator`'s (the first
+        ``adversarial_warmup`` steps train the discriminator alone). Runs before the
+        latents are made, because the encoder moves."""
+        from . import adversarial
+
+        cfg = self.cfg
+        if cfg.adversarial_steps == 0:
+            return {**state, "stage": "latents", "step": 0}
+        torch.manual_seed(cfg.seed + 2)
+        vae = build_vae(cfg).to(self.device)
+        vae.load_state_dict(state["vae"])
+        disc = adversarial.PatchDiscriminator().to(self.device)
+        params = list(vae.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.adversarial_lr, betas=(0.5, 0.9), weight_decay=0.0)
+        opt_disc = torch.optim.AdamW(disc.parameters(), lr=2 * cfg.adversarial_lr, betas=(0.5, 0.9), weight_decay=0.0)
+        if "disc" in state:
+            disc.load_state_dict(state["disc"])
+            opt.load_state_dict(state["adversarial_opt"])
+            opt_disc.load_state_dict(state["disc_opt"])
+        g = torch.Generator()
+        last_layer = vae.decoder.conv_out.weight
+        t0, start = time.time(), state["step"]
+        for step in range(start, cfg.adversarial_steps):
+            warming = step < cfg.adversarial_warmup
+            with torch.set_grad_enabled(not warming):
+                loss, logs, rec, target = self._vae_stage_loss(vae, cfg.seed * 1_000_003 + 300_000_000 + step, g)
+            d_loss = adversarial.discriminator_loss(disc(target), disc(rec.detach()))
+            opt_disc.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_disc.step()
+            logs["disc"] = float(d_loss.detach())
+            if not warming:
+                gen = adversarial.generator_loss(disc(rec))
+                weight = adversarial.adaptive_weight(loss, gen, last_layer, cfg.adversarial_weight)
+                opt.zero_grad(set_to_none=True)
+                (loss + weight * gen).backward()
+                disc.zero_grad(set_to_none=True)  # the discriminator only learns from its own loss
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                logs.update(gen=float(gen.detach()), weight=float(weight))
+            done = step + 1
+            self.progress("adversarial", done, cfg.adversarial_steps, {**logs, "s/step": (time.time() - t0) / (done - start)})
+            if done % cfg.checkpoint_every == 0 or done == cfg.adversarial_steps:
+                finished = done == cfg.adversarial_steps
+                state = {**state, "stage": "latents" if finished else "adversarial", "step": 0 if finished else done,
+                         "vae": vae.state_dict(), "disc": disc.state_dict(), "adversarial_opt": opt.state_dict(),
+                         "disc_opt": opt_disc.state_dict()}
+                _atomic_save(state, self.ckpt_path)
         return state
 
     # -- stage 4
