@@ -412,7 +412,7 @@ def test_fit_space_both_adds_the_weighted_image_loss_to_the_latent_loss(recipe_f
         latent = 0.5 * (z - target.latent).pow(2).sum()
         image = 0.5 * (x - target.image).pow(2).sum()
         torch.testing.assert_close(target.image, prior.decode_latents(target.latent))
-        seen["expected"], seen["loss"] = float(latent + 0.25 * image), float(opt.fit_loss(z, target))
+        seen["expected"], seen["loss"] = float((latent + 0.25 * image).detach()), float(opt.fit_loss(z, target).detach())
         return original_fit(z, target)
 
     opt.fit = fit

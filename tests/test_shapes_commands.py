@@ -527,6 +527,38 @@ def test_the_vae_stage_trains_the_probe_only_when_weighted(tmp_path, weight):
         assert preset.vae_probe_weight == 0.0
 
 
+def test_blur_pairs_are_the_same_scenes_blurred():
+    from sdsctl.shapes import judge
+    from sdsctl.shapes.train import _blur_pairs
+
+    sharp, blurred = _blur_pairs(3, 4)
+    assert sharp.shape == blurred.shape == (4, 3, 64, 64)
+    to_image = lambda t: ((t.permute(1, 2, 0).numpy() + 1) / 2)
+    for a, b in zip(sharp, blurred):
+        ja, jb = judge.judge(to_image(a)), judge.judge(to_image(b))
+        assert (ja.shape, ja.color, ja.background) == (jb.shape, jb.color, jb.background)
+        assert jb.sharpness < 0.6 * ja.sharpness
+
+
+def test_blur_margin_hinge_vanishes_beyond_the_margin_and_trains_with_the_vae_stage(tmp_path):
+    from sdsctl.shapes.train import _blur_margin_loss, _blur_pairs
+
+    vae = _tiny_vae()
+    sharp, blurred = _blur_pairs(3, 4)
+    with torch.no_grad():
+        hinge, displacement, rec = _blur_margin_loss(vae, sharp, blurred, 10.0, torch.Generator().manual_seed(0))
+        assert float(hinge) == pytest.approx(10.0 - float(displacement), rel=1e-4) and float(rec) > 0
+        hinge, _, _ = _blur_margin_loss(vae, sharp, blurred, float(displacement) / 10, torch.Generator().manual_seed(0))
+        assert float(hinge) == 0.0
+    logs = []
+    cfg = TrainConfig(vae_steps=2, vae_batch=8, vae_degraded_extra=2, vae_channels=(16, 16, 16, 16), vae_blur_margin=0.3,
+                      vae_blur_pairs=2, checkpoint_every=2)
+    Trainer(tmp_path / "w", cfg, lambda stage, step, total, l: logs.append(l)).train_vae({"stage": "vae", "step": 0})
+    assert len(logs) == 2 and all(l["blur_displacement"] > 0 and l["blurred_rec"] > 0 for l in logs)
+    for preset in (TrainConfig(), TrainConfig.first_release(), TrainConfig.candidate(), TrainConfig.jacobian_experiment()):
+        assert preset.vae_blur_margin == 0.0
+
+
 def test_adversarial_losses_and_adaptive_weight():
     """Hinge losses are zero once the discriminator separates real from reconstructed by the
     margin, and the adaptive weight makes both terms' gradients equally strong at the layer."""

@@ -15,10 +15,12 @@ Five stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically
    images only (the clean-only comparison). Measured in ``docs/shapes-prior.md``: a strong
    penalty on white and 2x2-block noise (:meth:`TrainConfig.jacobian_experiment`) stops
    the latents from carrying blur and pixel noise. (A cycle loss E(D(z)) ~ z was tried and
-   dropped: slower reconstruction for no measured gain.) Two measured, off-by-default
-   terms aim at blur: ``vae_edge_weight`` (an L1 on image gradients) and
+   dropped: slower reconstruction for no measured gain.) Three measured, off-by-default
+   terms aim at blur: ``vae_edge_weight`` (an L1 on image gradients),
    ``vae_probe_weight`` (a :class:`DegradationProbe` must read the degradation from the
-   latents).
+   latents) and ``vae_blur_margin`` (:func:`_blur_margin_loss`: the latents of a blurred
+   image pushed away from the sharp one's; the only one that keeps blur, at the cost of
+   the encoder's smoothness).
 2. ``decoder``: the decoder alone is fine-tuned (L1 + L2 + L1 on
    image gradients) on world images and, with ``decoder_topup``, the same forced-degraded ones.
 3. ``adversarial`` (``adversarial_steps``, 0 by default): encoder and decoder fine-tuned
@@ -69,6 +71,9 @@ class TrainConfig:
     vae_degraded_extra: int = 6  # images per VAE batch forced to be degraded, so degradations stay representable
     vae_edge_weight: float = 0.0  # L1 on image gradients in the VAE loss (measured in docs/shapes-prior.md; off)
     vae_probe_weight: float = 0.0  # a small CNN must read the degradation kind from the latents (measured in docs/shapes-prior.md; off)
+    vae_blur_margin: float = 0.0  # push latents of blur(x) this far (relative to the spread) from x's (measured in docs/shapes-prior.md; 0: off)
+    vae_blur_margin_weight: float = 1.0
+    vae_blur_pairs: int = 8  # (sharp, blurred) pairs per batch for the margin
     decoder_topup: bool = True  # the decoder stage's batches get the same degraded top-up (keeps blur blurry)
     decoder_steps: int = 600
     decoder_lr: float = 3e-4
@@ -283,6 +288,32 @@ def _highpass(noise: torch.Tensor) -> torch.Tensor:
     return F.conv2d(padded, kernel.expand(c, 1, 3, 3).to(noise), groups=c)
 
 
+def _blur_pairs(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` clean renders and the same scenes blurred at a uniform random strength, in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    scenes = [world.sample_scene(rng, degradation=False) for _ in range(n)]
+    sharp = np.stack([world.render(s, rng, 1 / 255) for s in scenes])
+    blurred = np.stack([world.render(dataclasses.replace(s, degradation="blur", strength=float(rng.uniform())), rng, 1 / 255)
+                        for s in scenes])
+    return _to_tensor(sharp), _to_tensor(blurred)
+
+
+def _blur_margin_loss(vae, sharp: torch.Tensor, blurred: torch.Tensor, margin: float, g: torch.Generator):
+    """A hinge that pushes the latents of each blurred image at least ``margin`` (rms, relative
+    to the spread of the sharp images' latents) from those of the same scene sharp, and the
+    blurred images' reconstruction loss (L1 + L2 + :func:`_edge_loss`, from sampled latents),
+    so the decoder learns to draw what the displacement says.
+
+    Returns (hinge, mean relative displacement, reconstruction loss)."""
+    ps, pb = vae.encode(sharp).latent_dist, vae.encode(blurred).latent_dist
+    spread = (ps.mean - ps.mean.mean(0)).pow(2).mean().sqrt().detach()
+    displacement = (pb.mean - ps.mean).flatten(1).pow(2).mean(1).sqrt() / spread
+    hinge = F.relu(margin - displacement).mean()
+    rec = vae.decode(pb.mean + pb.std * torch.randn(pb.mean.shape, generator=g).to(pb.mean)).sample
+    rec_loss = F.l1_loss(rec, blurred) + F.mse_loss(rec, blurred) + _edge_loss(rec, blurred)
+    return hinge, displacement.mean().detach(), rec_loss
+
+
 def _image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
@@ -421,6 +452,11 @@ class Trainer:
         x_in, target = torch.cat([x_in, extra]), torch.cat([target, extra])
         loss, logs, rec = _vae_loss(vae, x_in, target, g, jacobian_weight, cfg.jacobian_share, cfg.jacobian_blocks,
                                     cfg.jacobian_highpass, cfg.vae_edge_weight, probe, labels, cfg.vae_probe_weight)
+        if cfg.vae_blur_margin:
+            sharp, blurred = (t.to(self.device) for t in _blur_pairs(seed + 600_000_000, cfg.vae_blur_pairs))
+            hinge, displacement, rec_blurred = _blur_margin_loss(vae, sharp, blurred, cfg.vae_blur_margin, g)
+            loss = loss + cfg.vae_blur_margin_weight * hinge + rec_blurred
+            logs.update(blur_displacement=float(displacement), blurred_rec=float(rec_blurred.detach()))
         return loss, logs, rec, target
 
     def _topped_up_batch(self, seed: int, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
