@@ -728,6 +728,7 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     p.add_argument("--vae-steps", type=int, help="default: the configuration's")
     p.add_argument("--prior-steps", type=int, help="default: the configuration's")
     p.add_argument("--stop-after-vae", action="store_true")
+    p.add_argument("--blur-margin", type=float, help="TrainConfig.vae_blur_margin (default: the configuration's)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--jacobian-experiment", action="store_true", help="TrainConfig.jacobian_experiment()")
     which.add_argument("--candidate", action="store_true", help="TrainConfig.candidate()")
@@ -743,7 +744,8 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
 
     make = (TrainConfig.jacobian_experiment if a.jacobian_experiment else TrainConfig.candidate if a.candidate
             else TrainConfig.first_release if a.first_release else TrainConfig)
-    steps = {k: v for k, v in (("vae_steps", a.vae_steps), ("prior_steps", a.prior_steps)) if v is not None}
+    steps = {k: v for k, v in (("vae_steps", a.vae_steps), ("prior_steps", a.prior_steps), ("vae_blur_margin", a.blur_margin))
+             if v is not None}
     cfg = make(augment=not a.no_augment, **steps)
     tr = Trainer(Path(a.workdir), cfg, show)
     if a.stop_after_vae:
