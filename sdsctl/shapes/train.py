@@ -337,7 +337,9 @@ def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share
     ``|mu(x + d) - mu(x)|^2 / |d|^2 / var(mu)`` to fine perturbations d.
 
     ``var(mu)`` is the spread of the latents across the batch (per element, so constant
-    offsets, which carry no information, cannot buy a smaller penalty)."""
+    offsets, which carry no information, cannot buy a smaller penalty).
+
+    Returns (loss, logs, reconstruction)."""
     posterior = vae.encode(x_in).latent_dist
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
     rec = vae.decode(z).sample
@@ -433,8 +435,9 @@ class Trainer:
     def _vae_stage_loss(self, vae, seed: int, g: torch.Generator, probe=None):
         """The VAE stage's loss on the batch drawn with ``seed``: world images topped up with
         degraded ones, a quarter of the world images colour-shifted or blended (with the
-        Jacobian penalty) or, for ``denoise``, half of them noised. Returns
-        :func:`_vae_loss`'s (loss, logs, reconstruction, target)."""
+        Jacobian penalty) or, for ``denoise``, half of them noised; with ``vae_blur_margin``,
+        plus :func:`_blur_margin_loss` on pairs of their own. Returns (loss, logs, the batch's
+        reconstruction, its target)."""
         cfg = self.cfg
         g.manual_seed(seed)
         x, extra, labels = self._topped_up_batch(seed, cfg.vae_degraded_extra)
