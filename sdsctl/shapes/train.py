@@ -481,31 +481,6 @@ class Trainer:
                 torch.tensor(labels, device=self.device))
 
     # -- stage 2
-    @torch.no_grad()
-    def make_latents(self, state: dict) -> dict:
-        cfg = self.cfg
-        vae = build_vae(cfg).to(self.device)
-        vae.load_state_dict(state["vae"])
-        vae.eval()
-        means, captions = [], []
-        chunk = 500
-        for i in range(0, cfg.n_images, chunk):
-            n = min(chunk, cfg.n_images - i)
-            imgs, scenes = world.sample_batch(10_000_019 + cfg.seed * 7919 + i, n)
-            x = _to_tensor(imgs).to(self.device)
-            means.append(vae.encode(x).latent_dist.mean.cpu())
-            captions += [s.caption for s in scenes]
-            self.progress("latents", i + n, cfg.n_images, {})
-        latents = torch.cat(means)
-        scaling = float(1.0 / latents.std())
-        ids = self.tokenizer(captions, padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH,
-                             truncation=True, return_tensors="pt").input_ids
-        state = {"stage": "prior", "step": 0, "vae": state["vae"], "scaling_factor": scaling,
-                 "latents": latents * scaling, "input_ids": ids}
-        _atomic_save(state, self.ckpt_path)
-        return state
-
-    # -- stage 3
     def tune_decoder(self, state: dict) -> dict:
         """Fine-tune the decoder alone on world images, from the encoder's posterior means.
 
@@ -546,7 +521,7 @@ class Trainer:
             state = {**state, "stage": "adversarial", "step": 0}
         return state
 
-    # -- stage 3b
+    # -- stage 3
     def train_adversarial(self, state: dict) -> dict:
         """Fine-tune encoder and decoder together with the VAE stage's loss plus a
         :class:`~sdsctl.shapes.adversarial.PatchDiscriminator`'s (the first
@@ -581,11 +556,12 @@ class Trainer:
             opt_disc.step()
             logs["disc"] = float(d_loss.detach())
             if not warming:
+                disc.requires_grad_(False)  # the discriminator only learns from its own loss
                 gen = adversarial.generator_loss(disc(rec))
+                disc.requires_grad_(True)
                 weight = adversarial.adaptive_weight(loss, gen, last_layer, cfg.adversarial_weight)
                 opt.zero_grad(set_to_none=True)
                 (loss + weight * gen).backward()
-                disc.zero_grad(set_to_none=True)  # the discriminator only learns from its own loss
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 logs.update(gen=float(gen.detach()), weight=float(weight))
@@ -600,6 +576,31 @@ class Trainer:
         return state
 
     # -- stage 4
+    @torch.no_grad()
+    def make_latents(self, state: dict) -> dict:
+        cfg = self.cfg
+        vae = build_vae(cfg).to(self.device)
+        vae.load_state_dict(state["vae"])
+        vae.eval()
+        means, captions = [], []
+        chunk = 500
+        for i in range(0, cfg.n_images, chunk):
+            n = min(chunk, cfg.n_images - i)
+            imgs, scenes = world.sample_batch(10_000_019 + cfg.seed * 7919 + i, n)
+            x = _to_tensor(imgs).to(self.device)
+            means.append(vae.encode(x).latent_dist.mean.cpu())
+            captions += [s.caption for s in scenes]
+            self.progress("latents", i + n, cfg.n_images, {})
+        latents = torch.cat(means)
+        scaling = float(1.0 / latents.std())
+        ids = self.tokenizer(captions, padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH,
+                             truncation=True, return_tensors="pt").input_ids
+        state = {"stage": "prior", "step": 0, "vae": state["vae"], "scaling_factor": scaling,
+                 "latents": latents * scaling, "input_ids": ids}
+        _atomic_save(state, self.ckpt_path)
+        return state
+
+    # -- stage 5
     def train_prior(self, state: dict) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed + 1)
