@@ -400,6 +400,7 @@ def test_the_default_training_is_the_shipped_priors():
     assert (cfg.vae_steps, cfg.decoder_steps, cfg.prior_steps) == (2000, 600, 10_000)
     assert (cfg.vae_degraded_extra, cfg.decoder_topup, cfg.caption_dropout, cfg.ema_decay) == (6, True, 0.3, 0.999)
     assert cfg.vae_edge_weight == 0.0 and cfg.vae_probe_weight == 0.0
+    assert cfg.invert_kinds == ()
     assert (SHAPES_PRIOR / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > 0
 
 
@@ -693,3 +694,87 @@ def test_evaluate_prior_quick_reports_every_section(cli, tiny_prior, tmp_path):
     assert set(report) == {"fidelity", "unconditional", "quality_words", "encoder_robustness", "vae_round_trip"}
     assert report["fidelity"]["pairs"] == 24 and set(report["vae_round_trip"]["blur"]) >= {"clean_in", "degraded_out"}
     assert (tmp_path / "eval" / "fidelity.png").is_file()
+
+
+# ----------------------------------------------------------------------------- decoder inversion
+
+
+def test_inverting_the_shipped_decoder_finds_latents_it_draws_blurred(tmp_path):
+    """The smooth encoder maps a blurred render to nearly sharp latents; inverting the decoder
+    must find latents that it draws blurrier and closer to the render."""
+    from diffusers import AutoencoderKL
+
+    from sdsctl.prior import SHAPES_PRIOR
+    from sdsctl.shapes import judge
+    from sdsctl.shapes.train import _to_tensor
+
+    vae = AutoencoderKL.from_pretrained(SHAPES_PRIOR, subfolder="vae").eval().requires_grad_(False)
+    images, _ = world.sample_batch(5, 4, degradation="blur")
+    x = _to_tensor(images)
+    trainer = Trainer(tmp_path / "w", TrainConfig(invert_steps=30))
+    with torch.no_grad():
+        encoded = vae.encode(x).latent_dist.mean
+    inverted = trainer._invert(vae, x)
+
+    def drawn(z):
+        with torch.no_grad():
+            rec = vae.decode(z).sample
+        error = float((rec - x).abs().mean())
+        sharpness = np.median([judge.judge(im).sharpness for im in ((rec + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()])
+        return error, sharpness
+
+    (enc_error, enc_sharp), (inv_error, inv_sharp) = drawn(encoded), drawn(inverted)
+    assert inv_error < 0.9 * enc_error
+    assert inv_sharp < enc_sharp - 0.05
+
+
+def _invert_state(cfg, n=12):
+    """A state at the start of the invert stage: ``n`` zero latents, every third one blurred."""
+    from sdsctl.shapes import train
+
+    vae = train.build_vae(cfg).state_dict()
+    kinds = ["blur" if i % 3 == 0 else None for i in range(n)]
+    return {"stage": "invert", "step": 0, "vae": vae, "scaling_factor": 0.5, "latents": torch.zeros(n, 4, 8, 8),
+            "input_ids": torch.zeros(n, 32, dtype=torch.long), "degradations": kinds}
+
+
+def test_the_invert_stage_stands_inverted_latents_in_for_the_worlds_images_of_that_kind(tmp_path, monkeypatch):
+    cfg = TrainConfig(vae_channels=(16, 16, 16, 16), invert_kinds=("blur",), invert_images=3, invert_batch=2, invert_steps=1)
+    trainer = Trainer(tmp_path / "w", cfg)
+    calls = []
+    monkeypatch.setattr(Trainer, "_invert", lambda self, vae, x: calls.append(len(x)) or torch.ones(len(x), 4, 8, 8))
+    state = trainer.invert_degraded(_invert_state(cfg))
+    assert calls == [2, 1]  # invert_images per kind, in batches
+    assert (state["stage"], state["step"]) == ("prior", 0) and "degradations" not in state and "inverted" not in state
+    latents, ids = state["latents"], state["input_ids"]
+    assert latents.shape == (12, 4, 8, 8) and ids.shape == (12, 32)
+    blurred = torch.arange(12) % 3 == 0
+    assert torch.all(latents[blurred] == 0.5) and torch.all(latents[~blurred] == 0)  # scaled by the scaling factor
+    assert torch.all(ids[~blurred] == 0)
+    for caption in trainer.tokenizer.batch_decode(ids[blurred], skip_special_tokens=True):
+        assert any(word in caption for word in world.DEGRADATION_WORDS["blur"]), caption
+
+
+def test_an_interrupted_invert_stage_resumes_with_the_next_batch(tmp_path, monkeypatch):
+    cfg = TrainConfig(vae_channels=(16, 16, 16, 16), invert_kinds=("blur",), invert_images=5, invert_batch=2, invert_steps=1)
+    calls = []
+    monkeypatch.setattr(Trainer, "_invert", lambda self, vae, x: calls.append(len(x)) or torch.ones(len(x), 4, 8, 8))
+
+    def stop_after_two(stage, step, total, logs):
+        if stage == "invert" and step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tmp_path / "w", cfg, stop_after_two).invert_degraded(_invert_state(cfg))
+    trainer = Trainer(tmp_path / "w", cfg)
+    state = trainer._load()
+    assert state["stage"] == "invert" and len(state["inverted"]) == 2
+    state = trainer.invert_degraded(state)
+    assert calls == [2, 2, 1] and state["stage"] == "prior"
+
+
+def test_invert_kinds_must_be_degradations_of_the_world():
+    with pytest.raises(ValueError, match="invert_kinds"):
+        TrainConfig(invert_kinds=("sepia",))
+    for preset in (TrainConfig.first_release(), TrainConfig.candidate(), TrainConfig.jacobian_experiment()):
+        assert preset.invert_kinds == ()

@@ -1,6 +1,6 @@
 """Training of the embedded shapes prior: a VAE, then a text-conditioned UNet on its latents.
 
-Five stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically every
+Six stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically every
 ``checkpoint_every`` steps); the defaults of :class:`TrainConfig` train the shipped prior:
 
 1. ``vae``: an ``AutoencoderKL`` (64x64 -> 4x8x8). Besides reconstructing world images (each
@@ -28,6 +28,11 @@ Five stages, each resumable from ``<workdir>/checkpoint.pt`` (written atomically
    measured in ``docs/shapes-prior.md``: it sharpens every edge, blurred ones included.
 4. ``latents``: the world is rendered once, encoded to scaled latents and the captions
    tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
+4b. ``invert`` (``invert_kinds``, off by default; being measured): the smooth encoder maps a blurred image
+   to nearly the sharp scene's latents, but the decoder draws blur from other latents;
+   fresh renders of each kind are inverted through the frozen decoder (gradient descent on
+   the latents) and stand in for the world's images of that kind, so the UNet learns what
+   ``blurry`` looks like while the encoder keeps the smoothness EHC needs.
 5. ``prior``: ``UNet2DConditionModel`` + ``CLIPTextModel`` trained jointly from scratch with
    the epsilon-prediction loss under SD's scaled-linear ``DDPMScheduler``, 30 % caption
    dropout for classifier-free guidance; the exported weights are an EMA of the trained ones.
@@ -82,6 +87,11 @@ class TrainConfig:
     adversarial_lr: float = 1e-4
     adversarial_warmup: int = 100  # first steps train the discriminator alone
     n_images: int = 60_000
+    invert_kinds: tuple[str, ...] = ()  # degradations whose UNet latents come from inverting the decoder (() : off)
+    invert_images: int = 512  # fresh renders inverted per kind; they stand in for the world's images of that kind
+    invert_steps: int = 50
+    invert_lr: float = 0.1
+    invert_batch: int = 32
     prior_steps: int = 10_000
     prior_batch: int = 64
     prior_lr: float = 5e-4
@@ -98,6 +108,9 @@ class TrainConfig:
     def __post_init__(self):
         if not 0 <= self.vae_degraded_extra <= self.vae_batch // 2:
             raise ValueError(f"vae_degraded_extra must be between 0 and half of vae_batch ({self.vae_batch // 2})")
+        unknown = [k for k in self.invert_kinds if k not in world.DEGRADATION_WORDS]
+        if unknown:
+            raise ValueError(f"invert_kinds: unknown degradations {unknown}; the world has {list(world.DEGRADATION_WORDS)}")
 
     @classmethod
     def first_release(cls, **kw) -> "TrainConfig":
@@ -105,7 +118,7 @@ class TrainConfig:
         VAE with denoising pairs, no top-up, 8,000 UNet steps, 10 % caption dropout, no EMA."""
         base = dict(vae_regularizer="denoise", jacobian_weight=2.0, jacobian_highpass=False, vae_degraded_extra=0,
                     decoder_topup=False, decoder_steps=800, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0,
-                    vae_channels=(16, 32, 64, 64))
+                    vae_channels=(16, 32, 64, 64), invert_kinds=())
         return cls(**{**base, **kw})
 
     @classmethod
@@ -113,21 +126,23 @@ class TrainConfig:
         """The candidate measured before the current prior: mild per-pixel (white) Jacobian
         penalty, no decoder top-up, 8,000 UNet steps at 15 % caption dropout."""
         base = dict(jacobian_weight=2.0, jacobian_highpass=False, decoder_topup=False, prior_steps=8000,
-                    caption_dropout=0.15)
+                    caption_dropout=0.15, invert_kinds=())
         return cls(**{**base, **kw})
 
     @classmethod
     def jacobian_experiment(cls, **kw) -> "TrainConfig":
         """The strong Jacobian-penalty VAE measured in docs/shapes-prior.md (not shipped)."""
         base = dict(vae_steps=2500, jacobian_weight=5.0, jacobian_blocks=True, jacobian_highpass=False,
-                    vae_degraded_extra=0, decoder_topup=False, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0)
+                    vae_degraded_extra=0, decoder_topup=False, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0,
+                    invert_kinds=())
         return cls(**{**base, **kw})
 
     @classmethod
     def smoke(cls, **kw) -> "TrainConfig":
         """A configuration that trains a few steps of every stage (for tests)."""
         base = dict(vae_steps=3, vae_batch=4, vae_degraded_extra=1, ema_decay=0.999, decoder_steps=2, adversarial_steps=2,
-                    adversarial_warmup=1, n_images=64, prior_steps=3, prior_batch=8, checkpoint_every=2)
+                    adversarial_warmup=1, n_images=64, invert_kinds=("blur",), invert_images=3, invert_steps=2, invert_batch=2, prior_steps=3, prior_batch=8,
+                    checkpoint_every=2)
         return cls(**{**base, **kw})
 
 
@@ -395,6 +410,8 @@ class Trainer:
             state = self.train_adversarial(state)
         if state["stage"] == "latents":
             state = self.make_latents(state)
+        if state["stage"] == "invert":
+            state = self.invert_degraded(state)
         if state["stage"] == "prior":
             state = self.train_prior(state)
         return self.export(state, self.dir / "prior")
@@ -582,7 +599,7 @@ class Trainer:
         vae = build_vae(cfg).to(self.device)
         vae.load_state_dict(state["vae"])
         vae.eval()
-        means, captions = [], []
+        means, captions, kinds = [], [], []
         chunk = 500
         for i in range(0, cfg.n_images, chunk):
             n = min(chunk, cfg.n_images - i)
@@ -590,15 +607,75 @@ class Trainer:
             x = _to_tensor(imgs).to(self.device)
             means.append(vae.encode(x).latent_dist.mean.cpu())
             captions += [s.caption for s in scenes]
+            kinds += [s.degradation for s in scenes]
             self.progress("latents", i + n, cfg.n_images, {})
         latents = torch.cat(means)
         scaling = float(1.0 / latents.std())
         ids = self.tokenizer(captions, padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH,
                              truncation=True, return_tensors="pt").input_ids
-        state = {"stage": "prior", "step": 0, "vae": state["vae"], "scaling_factor": scaling,
-                 "latents": latents * scaling, "input_ids": ids}
+        state = {"stage": "invert" if cfg.invert_kinds and cfg.invert_images else "prior", "step": 0,
+                 "vae": state["vae"], "scaling_factor": scaling, "latents": latents * scaling, "input_ids": ids,
+                 "degradations": kinds}
         _atomic_save(state, self.ckpt_path)
         return state
+
+    # -- stage 4b
+    def invert_degraded(self, state: dict) -> dict:
+        """UNet latents for the degradations the encoder does not keep, found by inverting the decoder.
+
+        The smooth encoder (what EHC back-propagates through) maps a blurred render to nearly
+        the sharp scene's latents, so a UNet trained on them cannot make ``blurry`` samples
+        blurrier; yet the decoder draws blur from other latents: gradient descent on
+        ``z`` (from the encoder's) to minimize L1 + L2 of decode(z) against the blurred render
+        finds them. Inverting every world image of a kind would cost too long on a CPU, so
+        ``invert_images`` fresh renders per kind are inverted and stand in, cycled, for the
+        world's images of that kind (same count, so the kind keeps its share of the data).
+        """
+        cfg = self.cfg
+        vae = build_vae(cfg).to(self.device)
+        vae.load_state_dict(state["vae"])
+        vae.eval().requires_grad_(False)
+        chunks = [(kind, j) for kind in cfg.invert_kinds for j in range(math.ceil(cfg.invert_images / cfg.invert_batch))]
+        done = state.setdefault("inverted", [])  # one (kind, latents, input_ids) per chunk
+        for index in range(len(done), len(chunks)):
+            kind, j = chunks[index]
+            n = min(cfg.invert_batch, cfg.invert_images - j * cfg.invert_batch)
+            imgs, scenes = world.sample_batch(30_000_017 + cfg.seed * 7919 + index * 1009, n, degradation=kind)
+            z = self._invert(vae, _to_tensor(imgs).to(self.device))
+            ids = self.tokenizer([s.caption for s in scenes], padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH,
+                                 truncation=True, return_tensors="pt").input_ids
+            done.append((kind, z.cpu() * state["scaling_factor"], ids))
+            _atomic_save(state, self.ckpt_path)
+            self.progress("invert", index + 1, len(chunks), {})
+        latents, ids = state["latents"].clone(), state["input_ids"].clone()
+        for kind in cfg.invert_kinds:
+            slots = torch.tensor([i for i, k in enumerate(state["degradations"]) if k == kind], dtype=torch.long)
+            inv_z = torch.cat([z for k, z, _ in done if k == kind])
+            inv_ids = torch.cat([t for k, _, t in done if k == kind])
+            cycle = torch.arange(len(slots)) % len(inv_z)
+            latents[slots], ids[slots] = inv_z[cycle], inv_ids[cycle]
+        state = {"stage": "prior", "step": 0, "vae": state["vae"], "scaling_factor": state["scaling_factor"],
+                 "latents": latents, "input_ids": ids}
+        _atomic_save(state, self.ckpt_path)
+        return state
+
+    def _invert(self, vae, x: torch.Tensor) -> torch.Tensor:
+        """Latents (unscaled) that the frozen decoder draws as ``x``: Adam from the encoder's
+        mean, cosine-annealed, on the VAE's reconstruction loss (L1 + L2)."""
+        cfg = self.cfg
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        z = z.clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=cfg.invert_lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.invert_steps, 1))
+        for _ in range(cfg.invert_steps):
+            rec = vae.decode(z).sample
+            loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        return z.detach()
 
     # -- stage 5
     def train_prior(self, state: dict) -> dict:
@@ -733,6 +810,7 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     p.add_argument("--prior-steps", type=int, help="default: the configuration's")
     p.add_argument("--stop-after-vae", action="store_true")
     p.add_argument("--blur-margin", type=float, help="TrainConfig.vae_blur_margin (default: the configuration's)")
+    p.add_argument("--invert", nargs="*", metavar="KIND", help="TrainConfig.invert_kinds (default: the configuration's)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--jacobian-experiment", action="store_true", help="TrainConfig.jacobian_experiment()")
     which.add_argument("--candidate", action="store_true", help="TrainConfig.candidate()")
@@ -748,8 +826,8 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
 
     make = (TrainConfig.jacobian_experiment if a.jacobian_experiment else TrainConfig.candidate if a.candidate
             else TrainConfig.first_release if a.first_release else TrainConfig)
-    steps = {k: v for k, v in (("vae_steps", a.vae_steps), ("prior_steps", a.prior_steps), ("vae_blur_margin", a.blur_margin))
-             if v is not None}
+    steps = {k: v for k, v in (("vae_steps", a.vae_steps), ("prior_steps", a.prior_steps), ("vae_blur_margin", a.blur_margin),
+                               ("invert_kinds", tuple(a.invert) if a.invert is not None else None)) if v is not None}
     cfg = make(augment=not a.no_augment, **steps)
     tr = Trainer(Path(a.workdir), cfg, show)
     if a.stop_after_vae:
