@@ -778,3 +778,21 @@ def test_invert_kinds_must_be_degradations_of_the_world():
         TrainConfig(invert_kinds=("sepia",))
     for preset in (TrainConfig.first_release(), TrainConfig.candidate(), TrainConfig.jacobian_experiment()):
         assert preset.invert_kinds == ()
+
+
+def test_the_smoothness_penalty_makes_the_inversions_displacement_smoother(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from sdsctl.prior import SHAPES_PRIOR
+    from sdsctl.shapes.train import _to_tensor
+
+    vae = AutoencoderKL.from_pretrained(SHAPES_PRIOR, subfolder="vae").eval().requires_grad_(False)
+    x = _to_tensor(world.sample_batch(6, 2, degradation="blur")[0])
+    with torch.no_grad():
+        z0 = vae.encode(x).latent_dist.mean
+
+    def roughness(tv):
+        d = Trainer(tmp_path / f"w{tv}", TrainConfig(invert_steps=15, invert_tv=tv))._invert(vae, x) - z0
+        return float((d.diff(dim=2).pow(2).mean() + d.diff(dim=3).pow(2).mean()) / d.pow(2).mean())
+
+    assert roughness(1.0) < 0.8 * roughness(0.0)

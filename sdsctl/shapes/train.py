@@ -92,6 +92,7 @@ class TrainConfig:
     invert_steps: int = 50
     invert_lr: float = 0.1
     invert_batch: int = 32
+    invert_tv: float = 0.0  # penalty on the spatial differences of the inversion's latent displacement (smooths it)
     prior_steps: int = 10_000
     prior_batch: int = 64
     prior_lr: float = 5e-4
@@ -661,16 +662,20 @@ class Trainer:
 
     def _invert(self, vae, x: torch.Tensor) -> torch.Tensor:
         """Latents (unscaled) that the frozen decoder draws as ``x``: Adam from the encoder's
-        mean, cosine-annealed, on the VAE's reconstruction loss (L1 + L2)."""
+        mean, cosine-annealed, on the VAE's reconstruction loss (L1 + L2), plus ``invert_tv``
+        times the squared spatial differences of the displacement from that mean."""
         cfg = self.cfg
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean
-        z = z.clone().requires_grad_(True)
+            z0 = vae.encode(x).latent_dist.mean
+        z = z0.clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=cfg.invert_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.invert_steps, 1))
         for _ in range(cfg.invert_steps):
             rec = vae.decode(z).sample
             loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+            if cfg.invert_tv:
+                d = z - z0
+                loss = loss + cfg.invert_tv * (d.diff(dim=2).pow(2).mean() + d.diff(dim=3).pow(2).mean())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -811,6 +816,7 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     p.add_argument("--stop-after-vae", action="store_true")
     p.add_argument("--blur-margin", type=float, help="TrainConfig.vae_blur_margin (default: the configuration's)")
     p.add_argument("--invert", nargs="*", metavar="KIND", help="TrainConfig.invert_kinds (default: the configuration's)")
+    p.add_argument("--invert-tv", type=float, help="TrainConfig.invert_tv (default: the configuration's)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--jacobian-experiment", action="store_true", help="TrainConfig.jacobian_experiment()")
     which.add_argument("--candidate", action="store_true", help="TrainConfig.candidate()")
@@ -827,7 +833,8 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     make = (TrainConfig.jacobian_experiment if a.jacobian_experiment else TrainConfig.candidate if a.candidate
             else TrainConfig.first_release if a.first_release else TrainConfig)
     steps = {k: v for k, v in (("vae_steps", a.vae_steps), ("prior_steps", a.prior_steps), ("vae_blur_margin", a.blur_margin),
-                               ("invert_kinds", tuple(a.invert) if a.invert is not None else None)) if v is not None}
+                               ("invert_kinds", tuple(a.invert) if a.invert is not None else None),
+                               ("invert_tv", a.invert_tv)) if v is not None}
     cfg = make(augment=not a.no_augment, **steps)
     tr = Trainer(Path(a.workdir), cfg, show)
     if a.stop_after_vae:
