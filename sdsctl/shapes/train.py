@@ -1,7 +1,8 @@
 """Training of the embedded shapes prior: a VAE, then a text-conditioned UNet on its latents.
 
-Five stages and an optional inversion, each resumable from ``<workdir>/checkpoint.pt`` (written atomically every
-``checkpoint_every`` steps); the defaults of :class:`TrainConfig` train the shipped prior:
+Five stages and an optional inversion, each resumable from ``<workdir>/checkpoint.pt``
+(written atomically every ``checkpoint_every`` steps); the defaults of :class:`TrainConfig`
+train the shipped prior:
 
 1. ``vae``: an ``AutoencoderKL`` (64x64 -> 4x8x8). Besides reconstructing world images (each
    batch topped up with one image of each degradation, so blur and noise have a reason to
