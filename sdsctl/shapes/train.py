@@ -29,8 +29,9 @@ train the shipped prior:
    measured in ``docs/shapes-prior.md``: it sharpens every edge, blurred ones included.
 4. ``latents``: the world is rendered once, encoded to scaled latents and the captions
    tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
-4b. ``invert`` (``invert_kinds``, off by default; being measured): the smooth encoder maps a blurred image
-   to nearly the sharp scene's latents, but the decoder draws blur from other latents;
+4b. ``invert`` (``invert_kinds``, off by default; measured in ``docs/shapes-prior.md``): the
+   smooth encoder maps a blurred image to nearly the sharp scene's latents, but the decoder
+   draws blur from other latents;
    fresh renders of each kind are inverted through the frozen decoder (gradient descent on
    the latents) and stand in for the world's images of that kind, so the UNet learns what
    ``blurry`` looks like while the encoder keeps the smoothness EHC needs.
@@ -120,7 +121,7 @@ class TrainConfig:
         VAE with denoising pairs, no top-up, 8,000 UNet steps, 10 % caption dropout, no EMA."""
         base = dict(vae_regularizer="denoise", jacobian_weight=2.0, jacobian_highpass=False, vae_degraded_extra=0,
                     decoder_topup=False, decoder_steps=800, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0,
-                    vae_channels=(16, 32, 64, 64), invert_kinds=())
+                    vae_channels=(16, 32, 64, 64))
         return cls(**{**base, **kw})
 
     @classmethod
@@ -128,23 +129,22 @@ class TrainConfig:
         """The candidate measured before the current prior: mild per-pixel (white) Jacobian
         penalty, no decoder top-up, 8,000 UNet steps at 15 % caption dropout."""
         base = dict(jacobian_weight=2.0, jacobian_highpass=False, decoder_topup=False, prior_steps=8000,
-                    caption_dropout=0.15, invert_kinds=())
+                    caption_dropout=0.15)
         return cls(**{**base, **kw})
 
     @classmethod
     def jacobian_experiment(cls, **kw) -> "TrainConfig":
         """The strong Jacobian-penalty VAE measured in docs/shapes-prior.md (not shipped)."""
         base = dict(vae_steps=2500, jacobian_weight=5.0, jacobian_blocks=True, jacobian_highpass=False,
-                    vae_degraded_extra=0, decoder_topup=False, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0,
-                    invert_kinds=())
+                    vae_degraded_extra=0, decoder_topup=False, prior_steps=8000, caption_dropout=0.1, ema_decay=0.0)
         return cls(**{**base, **kw})
 
     @classmethod
     def smoke(cls, **kw) -> "TrainConfig":
         """A configuration that trains a few steps of every stage (for tests)."""
         base = dict(vae_steps=3, vae_batch=4, vae_degraded_extra=1, ema_decay=0.999, decoder_steps=2, adversarial_steps=2,
-                    adversarial_warmup=1, n_images=64, invert_kinds=("blur",), invert_images=3, invert_steps=2, invert_batch=2, prior_steps=3, prior_batch=8,
-                    checkpoint_every=2)
+                    adversarial_warmup=1, n_images=64, invert_kinds=("blur",), invert_images=3, invert_steps=2,
+                    invert_batch=2, prior_steps=3, prior_batch=8, checkpoint_every=2)
         return cls(**{**base, **kw})
 
 
@@ -397,6 +397,11 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.tok_dir)
         self.device = torch.device(cfg.device)
 
+    def _token_ids(self, captions: list[str]):
+        """The captions as padded token ids of the text encoder's fixed length."""
+        return self.tokenizer(captions, padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH,
+                              truncation=True, return_tensors="pt").input_ids
+
     def _load(self) -> dict:
         if self.ckpt_path.exists():
             return torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
@@ -613,8 +618,7 @@ class Trainer:
             self.progress("latents", i + n, cfg.n_images, {})
         latents = torch.cat(means)
         scaling = float(1.0 / latents.std())
-        ids = self.tokenizer(captions, padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self._token_ids(captions)
         state = {"stage": "invert" if cfg.invert_kinds and cfg.invert_images else "prior", "step": 0,
                  "vae": state["vae"], "scaling_factor": scaling, "latents": latents * scaling, "input_ids": ids,
                  "degradations": kinds}
@@ -644,8 +648,7 @@ class Trainer:
             n = min(cfg.invert_batch, cfg.invert_images - j * cfg.invert_batch)
             imgs, scenes = world.sample_batch(30_000_017 + cfg.seed * 7919 + index * 1009, n, degradation=kind)
             z = self._invert(vae, _to_tensor(imgs).to(self.device))
-            ids = self.tokenizer([s.caption for s in scenes], padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH,
-                                 truncation=True, return_tensors="pt").input_ids
+            ids = self._token_ids([s.caption for s in scenes])
             done.append((kind, z.cpu() * state["scaling_factor"], ids))
             _atomic_save(state, self.ckpt_path)
             self.progress("invert", index + 1, len(chunks), {})
@@ -673,10 +676,10 @@ class Trainer:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.invert_steps, 1))
         for _ in range(cfg.invert_steps):
             rec = vae.decode(z).sample
-            loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
             if cfg.invert_tv:
-                d = z - z0
-                loss = loss + cfg.invert_tv * (d.diff(dim=2).pow(2).mean() + d.diff(dim=3).pow(2).mean())
+                dy, dx = _image_gradients(z - z0)
+                loss = loss + cfg.invert_tv * (dy.pow(2).mean() + dx.pow(2).mean())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -703,7 +706,7 @@ class Trainer:
             ema.load_state_dict(state["ema"])
         noise_sched = build_scheduler()
         latents, ids = state["latents"], state["input_ids"]
-        empty = tok([""], padding="max_length", max_length=shapes_tokenizer.MAX_LENGTH, return_tensors="pt").input_ids
+        empty = self._token_ids([""])
         g = torch.Generator()
         t0, start = time.time(), state["step"]
         for step in range(start, cfg.prior_steps):
