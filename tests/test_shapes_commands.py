@@ -135,6 +135,15 @@ def test_interrupted_training_resumes_where_it_stopped(trained, tmp_path, monkey
         assert (work / "prior" / path).read_bytes() == (trained.prior / path).read_bytes(), path
 
 
+def test_train_shapes_vae_from_needs_a_folder_with_a_vae(tmp_path):
+    (tmp_path / "not-a-prior").mkdir()
+    for source in (tmp_path / "not-a-prior", tmp_path / "missing"):
+        result = invoke("train-shapes", "--out", tmp_path / "w", "--vae-from", source)
+        assert result.exit_code == 2 and "--vae-from" in result.stderr and "vae/config.json" in result.stderr
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "w").exists()
+
+
 def test_train_shapes_rejects_bad_step_counts(tmp_path):
     result = invoke("train-shapes", "--out", tmp_path / "w", "--vae-steps", "0")
     assert result.exit_code == 2 and "must be positive" in result.stderr
@@ -796,3 +805,86 @@ def test_the_smoothness_penalty_makes_the_inversions_displacement_smoother(tmp_p
         return float((d.diff(dim=2).pow(2).mean() + d.diff(dim=3).pow(2).mean()) / d.pow(2).mean())
 
     assert roughness(1.0) < 0.8 * roughness(0.0)
+
+
+def test_a_latent_operator_learns_a_displacement_that_the_latents_decide():
+    """Fitted by MSE to noisy targets, the operator recovers the part of the displacement that
+    the latents and the strength decide (here: a strength-scaled local smoothing)."""
+    from sdsctl.shapes.train import fit_latent_operator
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(384, 4, 8, 8, generator=g)
+    strength = torch.rand(384, generator=g)
+    decided = strength.view(-1, 1, 1, 1) * (torch.nn.functional.avg_pool2d(z, 3, 1, 1, count_include_pad=False) - z)
+    noisy_target = decided + 0.3 * decided.std() * torch.randn(decided.shape, generator=g)
+    logs = []
+    op = fit_latent_operator(z, strength, noisy_target, steps=400, lr=2e-3, progress=lambda *a: logs.append(a))
+    assert logs[-1][:2] == (400, 400) and logs[-1][2]["held-out explained"] > 0.7
+    with torch.no_grad():
+        error = (op(z, strength) - decided).pow(2).mean() / decided.pow(2).mean()
+    assert error < 0.2
+
+
+def test_with_the_operator_every_image_of_the_kind_gets_its_own_displaced_latents(tmp_path, monkeypatch):
+    cfg = TrainConfig(vae_channels=(16, 16, 16, 16), invert_kinds=("blur",), invert_images=64, invert_batch=32,
+                      invert_steps=1, invert_operator=True, operator_steps=300)
+    trainer = Trainer(tmp_path / "w", cfg)
+
+    def invert(self, vae, x):  # the decoder "draws" blur one unit (unscaled) up everywhere
+        with torch.no_grad():
+            return vae.encode(x).latent_dist.mean + 1.0
+
+    monkeypatch.setattr(Trainer, "_invert", invert)
+    from sdsctl.shapes import train
+
+    start = _invert_state(cfg)
+    vae = train.build_vae(cfg)
+    vae.load_state_dict(start["vae"])
+    images, scenes = world.sample_batch(9, 12, degradation="blur")
+    with torch.no_grad():  # the world's own latents, as the latents stage writes them
+        start["latents"] = vae.encode(train._to_tensor(images)).latent_dist.mean * start["scaling_factor"]
+    start["strengths"] = torch.tensor([s.strength for s in scenes])
+    state = trainer.invert_degraded({**start, "latents": start["latents"].clone()})
+    blurred = torch.arange(12) % 3 == 0
+    moved = state["latents"] - start["latents"]
+    assert torch.all(moved[~blurred] == 0) and torch.all(state["input_ids"] == start["input_ids"])
+    # each image's own latents moved by about one unit times the scaling factor (cycled
+    # inverted latents of other renders would differ from them element by element)
+    assert float((moved[blurred] - 0.5).abs().mean()) < 0.1
+
+
+def test_a_fresh_work_folder_can_start_from_an_existing_priors_vae(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from sdsctl.prior import SHAPES_PRIOR
+
+    trainer = Trainer(tmp_path / "w", TrainConfig(), vae_from=SHAPES_PRIOR)
+    state = trainer._load()
+    assert (state["stage"], state["step"]) == ("latents", 0)
+    shipped = AutoencoderKL.from_pretrained(SHAPES_PRIOR, subfolder="vae").state_dict()
+    assert state["vae"].keys() == shipped.keys()
+    assert all(torch.equal(state["vae"][k], shipped[k]) for k in shipped)
+    torch.save({"stage": "prior", "step": 7}, trainer.ckpt_path)  # a checkpoint is resumed, not replaced
+    assert trainer._load() == {"stage": "prior", "step": 7}
+
+
+def test_the_prior_stage_tells_quality_word_captions_from_their_token_ids(tmp_path):
+    trainer = Trainer(tmp_path / "w", TrainConfig())
+    rng = np.random.default_rng(4)
+    scenes = [world.sample_scene(rng) for _ in range(400)]
+    named = trainer._names_a_degradation(trainer._token_ids([s.caption for s in scenes]))
+    assert named.tolist() == [s.degradation is not None for s in scenes]  # "over-saturated" included
+
+
+def test_rebalancing_trains_quality_word_captions_more_and_leaves_dropped_rows_alone():
+    g = torch.Generator().manual_seed(0)
+    degraded = torch.arange(100) % 5 == 0  # a fifth, as in the world
+    pools = (torch.nonzero(~degraded).flatten(), torch.nonzero(degraded).flatten())
+    idx = torch.randint(0, 100, (4000,), generator=g)
+    drop = torch.rand(4000, generator=g) < 0.3
+    out = Trainer._rebalance(idx, drop, pools, 0.5, g)
+    assert torch.equal(out[drop], idx[drop])  # the unconditional rows keep the world's images
+    kept = out[~drop]
+    assert abs(float(degraded[kept].float().mean()) - 0.5) < 0.03
+    counts = torch.bincount(kept[degraded[kept]], minlength=100)[degraded].float()
+    assert counts.min() > 0.5 * counts.mean()  # every degraded image is drawn, uniformly

@@ -34,12 +34,16 @@ train the shipped prior:
    draws blur from other latents;
    fresh renders of each kind are inverted through the frozen decoder (gradient descent on
    the latents) and stand in for the world's images of that kind, so the UNet learns what
-   ``blurry`` looks like while the encoder keeps the smoothness EHC needs.
+   ``blurry`` looks like while the encoder keeps the smoothness EHC needs. With
+   ``invert_operator`` a :class:`LatentOperator` fitted to the inversions displaces each of
+   the world's own images of that kind instead (the optimization's fine noise averaged out).
 5. ``prior``: ``UNet2DConditionModel`` + ``CLIPTextModel`` trained jointly from scratch with
    the epsilon-prediction loss under SD's scaled-linear ``DDPMScheduler``, 30 % caption
    dropout for classifier-free guidance; the exported weights are an EMA of the trained ones.
 
 Then :func:`export` writes a standard ``StableDiffusionPipeline`` folder (safetensors).
+``Trainer(..., vae_from=FOLDER)`` starts a fresh work folder at stage 4 with the VAE of an
+existing prior (``sdsctl train-shapes --vae-from``): the UNet is retrained, the VAE kept.
 """
 
 from __future__ import annotations
@@ -95,10 +99,14 @@ class TrainConfig:
     invert_lr: float = 0.1
     invert_batch: int = 32
     invert_tv: float = 0.0  # penalty on the spatial differences of the inversion's latent displacement (smooths it)
+    invert_operator: bool = False  # fit a LatentOperator to the inversions and apply it to every world image of the kind
+    operator_steps: int = 3000
+    operator_lr: float = 2e-3
     prior_steps: int = 10_000
     prior_batch: int = 64
     prior_lr: float = 5e-4
     caption_dropout: float = 0.3
+    prior_degraded_share: float | None = None  # share of captioned examples with a quality word (None: the world's)
     ema_decay: float = 0.999  # exported UNet and text encoder are an EMA of the weights (0: off)
     checkpoint_every: int = 250
     device: str = "cpu"
@@ -380,13 +388,60 @@ def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share
     return loss, logs, rec
 
 
+class LatentOperator(torch.nn.Module):
+    """A small CNN on (scaled) latents: the displacement that a degradation of the given
+    strength makes in them, as the decoder draws it (fitted to decoder inversions)."""
+
+    def __init__(self, channels: int = 4, width: int = 64):
+        super().__init__()
+        act = torch.nn.SiLU()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(channels + 1, width, 3, padding=1), act, torch.nn.Conv2d(width, width, 3, padding=1), act,
+            torch.nn.Conv2d(width, width, 3, padding=1), act, torch.nn.Conv2d(width, channels, 3, padding=1))
+        torch.nn.init.zeros_(self.net[-1].weight)
+        torch.nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, z: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+        s = strength.to(z).view(-1, 1, 1, 1).expand(-1, 1, *z.shape[2:])
+        return self.net(torch.cat([z, s], dim=1))
+
+
+def fit_latent_operator(z: torch.Tensor, strength: torch.Tensor, displacement: torch.Tensor, *, steps: int, lr: float,
+                        seed: int = 0, batch: int = 64, progress: Callable[[int, int, dict], None] | None = None) -> LatentOperator:
+    """Fit a :class:`LatentOperator` by MSE (AdamW, cosine). One pair in eight is held out and
+    the share of its displacement's variance that the operator explains is logged."""
+    torch.manual_seed(seed + 7)
+    n = len(z)
+    order = torch.randperm(n)
+    held, train = order[: max(1, n // 8)], order[max(1, n // 8):]
+    op = LatentOperator(z.shape[1])
+    opt = torch.optim.AdamW(op.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    g = torch.Generator().manual_seed(seed + 11)
+    for step in range(steps):
+        idx = train[torch.randint(0, len(train), (min(batch, len(train)),), generator=g)]
+        loss = F.mse_loss(op(z[idx], strength[idx]), displacement[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress and ((step + 1) % 250 == 0 or step + 1 == steps):
+            with torch.no_grad():
+                err = F.mse_loss(op(z[held], strength[held]), displacement[held])
+            progress(step + 1, steps, {"loss": float(loss.detach()), "held-out explained": float(1 - err / displacement[held].pow(2).mean())})
+    return op.eval().requires_grad_(False)
+
+
 # ----------------------------------------------------------------------------- stages
 
 class Trainer:
     """Runs the stages in order, resuming from the work folder's checkpoint."""
 
-    def __init__(self, workdir: Path, cfg: TrainConfig, progress: ProgressFn | None = None):
+    def __init__(self, workdir: Path, cfg: TrainConfig, progress: ProgressFn | None = None, vae_from: Path | None = None):
+        """``vae_from``: a shapes prior folder whose VAE a fresh work folder starts from (the
+        VAE stages are skipped; the UNet is trained on that VAE's latents)."""
         self.dir = Path(workdir)
+        self.vae_from = Path(vae_from) if vae_from is not None else None
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.progress = progress or (lambda *a: None)
@@ -405,6 +460,12 @@ class Trainer:
     def _load(self) -> dict:
         if self.ckpt_path.exists():
             return torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        if self.vae_from is not None:
+            from diffusers import AutoencoderKL
+
+            vae = build_vae(self.cfg)
+            vae.load_state_dict(AutoencoderKL.from_pretrained(self.vae_from / "vae").state_dict())
+            return {"stage": "latents", "step": 0, "vae": vae.state_dict()}
         return {"stage": "vae", "step": 0}
 
     def run(self) -> Path:
@@ -606,7 +667,7 @@ class Trainer:
         vae = build_vae(cfg).to(self.device)
         vae.load_state_dict(state["vae"])
         vae.eval()
-        means, captions, kinds = [], [], []
+        means, captions, kinds, strengths = [], [], [], []
         chunk = 500
         for i in range(0, cfg.n_images, chunk):
             n = min(chunk, cfg.n_images - i)
@@ -615,13 +676,14 @@ class Trainer:
             means.append(vae.encode(x).latent_dist.mean.cpu())
             captions += [s.caption for s in scenes]
             kinds += [s.degradation for s in scenes]
+            strengths += [s.strength for s in scenes]
             self.progress("latents", i + n, cfg.n_images, {})
         latents = torch.cat(means)
         scaling = float(1.0 / latents.std())
         ids = self._token_ids(captions)
         state = {"stage": "invert" if cfg.invert_kinds and cfg.invert_images else "prior", "step": 0,
                  "vae": state["vae"], "scaling_factor": scaling, "latents": latents * scaling, "input_ids": ids,
-                 "degradations": kinds}
+                 "degradations": kinds, "strengths": torch.tensor(strengths, dtype=torch.float32)}
         _atomic_save(state, self.ckpt_path)
         return state
 
@@ -636,29 +698,44 @@ class Trainer:
         finds them. Inverting every world image of a kind would cost too long on a CPU, so
         ``invert_images`` fresh renders per kind are inverted and stand in, cycled, for the
         world's images of that kind (same count, so the kind keeps its share of the data).
+
+        With ``invert_operator``, a :class:`LatentOperator` is fitted instead to map the
+        encoder's latents of an image (and its degradation strength) to the inversion's
+        displacement, and applied to each of the world's own images of that kind: an average
+        over many inversions, it keeps the part of the displacement that the image decides
+        and drops the optimization's own fine noise, which guidance would amplify.
         """
         cfg = self.cfg
         vae = build_vae(cfg).to(self.device)
         vae.load_state_dict(state["vae"])
         vae.eval().requires_grad_(False)
         chunks = [(kind, j) for kind in cfg.invert_kinds for j in range(math.ceil(cfg.invert_images / cfg.invert_batch))]
-        done = state.setdefault("inverted", [])  # one (kind, latents, input_ids) per chunk
+        done = state.setdefault("inverted", [])  # one (kind, latents, input_ids, encoder latents, strengths) per chunk
         for index in range(len(done), len(chunks)):
             kind, j = chunks[index]
             n = min(cfg.invert_batch, cfg.invert_images - j * cfg.invert_batch)
             imgs, scenes = world.sample_batch(30_000_017 + cfg.seed * 7919 + index * 1009, n, degradation=kind)
-            z = self._invert(vae, _to_tensor(imgs).to(self.device))
+            x = _to_tensor(imgs).to(self.device)
+            with torch.no_grad():
+                z0 = vae.encode(x).latent_dist.mean.cpu() * state["scaling_factor"]
+            z = self._invert(vae, x)
             ids = self._token_ids([s.caption for s in scenes])
-            done.append((kind, z.cpu() * state["scaling_factor"], ids))
+            done.append((kind, z.cpu() * state["scaling_factor"], ids, z0, torch.tensor([s.strength for s in scenes])))
             _atomic_save(state, self.ckpt_path)
             self.progress("invert", index + 1, len(chunks), {})
         latents, ids = state["latents"].clone(), state["input_ids"].clone()
         for kind in cfg.invert_kinds:
             slots = torch.tensor([i for i, k in enumerate(state["degradations"]) if k == kind], dtype=torch.long)
-            inv_z = torch.cat([z for k, z, _ in done if k == kind])
-            inv_ids = torch.cat([t for k, _, t in done if k == kind])
-            cycle = torch.arange(len(slots)) % len(inv_z)
-            latents[slots], ids[slots] = inv_z[cycle], inv_ids[cycle]
+            rows = [row for row in done if row[0] == kind]
+            inv_z, inv_ids, enc_z, strength = (torch.cat([row[i] for row in rows]) for i in (1, 2, 3, 4))
+            if cfg.invert_operator:
+                op = fit_latent_operator(enc_z, strength, inv_z - enc_z, steps=cfg.operator_steps, lr=cfg.operator_lr,
+                                         seed=cfg.seed, progress=lambda step, total, logs: self.progress(f"operator {kind}", step, total, logs))
+                with torch.no_grad():
+                    latents[slots] = latents[slots] + op(latents[slots], state["strengths"][slots])
+            else:
+                cycle = torch.arange(len(slots)) % len(inv_z)
+                latents[slots], ids[slots] = inv_z[cycle], inv_ids[cycle]
         state = {"stage": "prior", "step": 0, "vae": state["vae"], "scaling_factor": state["scaling_factor"],
                  "latents": latents, "input_ids": ids}
         _atomic_save(state, self.ckpt_path)
@@ -707,14 +784,18 @@ class Trainer:
         noise_sched = build_scheduler()
         latents, ids = state["latents"], state["input_ids"]
         empty = self._token_ids([""])
+        degraded = self._names_a_degradation(ids)
+        pools = (torch.nonzero(~degraded).flatten(), torch.nonzero(degraded).flatten())
         g = torch.Generator()
         t0, start = time.time(), state["step"]
         for step in range(start, cfg.prior_steps):
             g.manual_seed(cfg.seed * 1_000_033 + step)
             idx = torch.randint(0, latents.shape[0], (cfg.prior_batch,), generator=g)
+            drop = torch.rand(cfg.prior_batch, generator=g) < cfg.caption_dropout
+            if cfg.prior_degraded_share is not None:
+                idx = self._rebalance(idx, drop, pools, cfg.prior_degraded_share, g)
             z0 = latents[idx].to(self.device)
             batch_ids = ids[idx].clone()
-            drop = torch.rand(cfg.prior_batch, generator=g) < cfg.caption_dropout
             batch_ids[drop] = empty
             noise = torch.randn(z0.shape, generator=g).to(self.device)
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.prior_batch,), generator=g).to(self.device)
@@ -733,6 +814,32 @@ class Trainer:
                          "sched": sched.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {})}
                 _atomic_save(state, self.ckpt_path)
         return state
+
+    def _names_a_degradation(self, ids: torch.Tensor) -> torch.Tensor:
+        """Which captions (token ids) name one of the world's degradations."""
+        words = [w.replace(" ", "") for names in world.DEGRADATION_WORDS.values() for w in names]
+        # compared without spaces: decoding splits punctuation ("over - saturated")
+        captions = [c.replace(" ", "") for c in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return torch.tensor([any(w in c for w in words) for c in captions], dtype=torch.bool)
+
+    @staticmethod
+    def _rebalance(idx, drop, pools, share: float, g: torch.Generator) -> torch.Tensor:
+        """Redraw the captioned rows of a batch so that ``share`` of them name a degradation.
+
+        Whole (latent, caption) pairs are reweighted by their kind of caption, so each
+        caption's distribution of images, p(x | c), is unchanged; only how often the rare
+        quality-word captions are trained changes. Caption-dropped rows keep the world's
+        images, so the unconditional model p(x) stays the world's too.
+        """
+        clean, degraded = pools
+        if len(clean) == 0 or len(degraded) == 0:
+            return idx
+        idx = idx.clone()
+        keep = ~drop
+        pick_degraded = torch.rand(len(idx), generator=g) < share
+        for pool, rows in ((degraded, keep & pick_degraded), (clean, keep & ~pick_degraded)):
+            idx[rows] = pool[torch.randint(0, len(pool), (int(rows.sum()),), generator=g)]
+        return idx
 
     def _ema(self, params):
         """An exponential moving average of the prior's weights (diffusers' ``EMAModel``, with
@@ -818,9 +925,13 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     p.add_argument("--vae-steps", type=int, help="default: the configuration's")
     p.add_argument("--prior-steps", type=int, help="default: the configuration's")
     p.add_argument("--stop-after-vae", action="store_true")
+    p.add_argument("--vae-from", type=Path, help="start a fresh work folder from this prior folder's VAE")
     p.add_argument("--blur-margin", type=float, help="TrainConfig.vae_blur_margin (default: the configuration's)")
     p.add_argument("--invert", nargs="*", metavar="KIND", help="TrainConfig.invert_kinds (default: the configuration's)")
     p.add_argument("--invert-tv", type=float, help="TrainConfig.invert_tv (default: the configuration's)")
+    p.add_argument("--invert-operator", action=argparse.BooleanOptionalAction, help="TrainConfig.invert_operator")
+    p.add_argument("--invert-images", type=int, help="TrainConfig.invert_images")
+    p.add_argument("--degraded-share", type=float, help="TrainConfig.prior_degraded_share")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--jacobian-experiment", action="store_true", help="TrainConfig.jacobian_experiment()")
     which.add_argument("--candidate", action="store_true", help="TrainConfig.candidate()")
@@ -838,9 +949,10 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
             else TrainConfig.first_release if a.first_release else TrainConfig)
     steps = {k: v for k, v in (("vae_steps", a.vae_steps), ("prior_steps", a.prior_steps), ("vae_blur_margin", a.blur_margin),
                                ("invert_kinds", tuple(a.invert) if a.invert is not None else None),
-                               ("invert_tv", a.invert_tv)) if v is not None}
+                               ("invert_tv", a.invert_tv), ("invert_operator", a.invert_operator),
+                               ("invert_images", a.invert_images), ("prior_degraded_share", a.degraded_share)) if v is not None}
     cfg = make(augment=not a.no_augment, **steps)
-    tr = Trainer(Path(a.workdir), cfg, show)
+    tr = Trainer(Path(a.workdir), cfg, show, vae_from=a.vae_from)
     if a.stop_after_vae:
         tr.train_vae(tr._load())
     else:
