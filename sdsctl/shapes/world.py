@@ -11,7 +11,6 @@ reproducible and a judge can recover every attribute exactly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 
 import numpy as np
@@ -149,26 +148,6 @@ def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return sum(k[i] * rows[:, i : i + img.shape[1], :] for i in range(len(k)))
 
 
-#: Noisy images take their grain from this many fixed noise fields (see :func:`_grain`).
-NOISE_GRAINS = 4
-
-
-@functools.cache
-def _grain(index: int) -> tuple[np.ndarray, np.ndarray]:
-    """One of the world's fixed grains: a coarse field (8x8 cells, the latent resolution,
-    smoothed) and a per-pixel one, both of unit scale.
-
-    Noise drawn afresh for every image is a random latent displacement, which classifier-free
-    guidance multiplies into blotches (``docs/shapes-prior.md``); a few fixed grains make
-    ``noisy`` a consistent displacement, as ``dark`` is, that a decoder can learn to draw.
-    """
-    rng = np.random.default_rng(20_000 + index)
-    coarse = rng.normal(0.0, 1.0, (8, 8, 3)).astype(np.float32)
-    coarse = _gaussian_blur(coarse.repeat(8, axis=0).repeat(8, axis=1), 2.0)
-    fine = rng.normal(0.0, 1.0, (IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
-    return coarse, fine
-
-
 def degrade(img: np.ndarray, kind: str, strength: float, rng: np.random.Generator) -> np.ndarray:
     """Apply one of the world's degradations to a float image in [0, 1]."""
     s = float(strength)
@@ -180,8 +159,11 @@ def degrade(img: np.ndarray, kind: str, strength: float, rng: np.random.Generato
         small = img.reshape(n // f, f, n // f, f, 3).mean(axis=(1, 3))
         out = small.repeat(f, axis=0).repeat(f, axis=1)
     elif kind == "noise":
-        coarse, fine = _grain(int(rng.integers(NOISE_GRAINS)))
-        out = img + coarse * (0.06 + 0.04 * s) + fine * (0.05 + 0.04 * s)
+        # pixel noise plus a coarse component the 8x-downsampling VAE can represent
+        coarse = rng.normal(0.0, 0.06 + 0.04 * s, (8, 8, 3)).astype(np.float32)
+        coarse = _gaussian_blur(coarse.repeat(8, axis=0).repeat(8, axis=1), 2.0)
+        fine = rng.normal(0.0, 0.05 + 0.04 * s, img.shape).astype(np.float32)
+        out = img + coarse * 1.6 + fine
     elif kind == "oversaturated":
         k = 1.9 + 0.8 * s
         grey = img.mean(axis=2, keepdims=True)
