@@ -751,7 +751,7 @@ def test_the_invert_stage_stands_inverted_latents_in_for_the_worlds_images_of_th
     cfg = TrainConfig(vae_channels=(16, 16, 16, 16), invert_kinds=("blur",), invert_images=3, invert_batch=2, invert_steps=1)
     trainer = Trainer(tmp_path / "w", cfg)
     calls = []
-    monkeypatch.setattr(Trainer, "_invert", lambda self, vae, x: calls.append(len(x)) or torch.ones(len(x), 4, 8, 8))
+    monkeypatch.setattr(Trainer, "_invert", lambda self, vae, x, z0: calls.append(len(x)) or torch.ones(len(x), 4, 8, 8))
     state = trainer.invert_degraded(_invert_state(cfg))
     assert calls == [2, 1]  # invert_images per kind, in batches
     assert (state["stage"], state["step"]) == ("prior", 0) and "degradations" not in state and "inverted" not in state
@@ -767,7 +767,7 @@ def test_the_invert_stage_stands_inverted_latents_in_for_the_worlds_images_of_th
 def test_an_interrupted_invert_stage_resumes_with_the_next_batch(tmp_path, monkeypatch):
     cfg = TrainConfig(vae_channels=(16, 16, 16, 16), invert_kinds=("blur",), invert_images=5, invert_batch=2, invert_steps=1)
     calls = []
-    monkeypatch.setattr(Trainer, "_invert", lambda self, vae, x: calls.append(len(x)) or torch.ones(len(x), 4, 8, 8))
+    monkeypatch.setattr(Trainer, "_invert", lambda self, vae, x, z0: calls.append(len(x)) or torch.ones(len(x), 4, 8, 8))
 
     def stop_after_two(stage, step, total, logs):
         if stage == "invert" and step == 2:
@@ -830,9 +830,8 @@ def test_with_the_operator_every_image_of_the_kind_gets_its_own_displaced_latent
                       invert_steps=1, invert_operator=True, operator_steps=300)
     trainer = Trainer(tmp_path / "w", cfg)
 
-    def invert(self, vae, x):  # the decoder "draws" blur one unit (unscaled) up everywhere
-        with torch.no_grad():
-            return vae.encode(x).latent_dist.mean + 1.0
+    def invert(self, vae, x, z0):  # the decoder "draws" blur one unit (unscaled) up everywhere
+        return z0 + 1.0
 
     monkeypatch.setattr(Trainer, "_invert", invert)
     from sdsctl.shapes import train

@@ -717,10 +717,11 @@ class Trainer:
             imgs, scenes = world.sample_batch(30_000_017 + cfg.seed * 7919 + index * 1009, n, degradation=kind)
             x = _to_tensor(imgs).to(self.device)
             with torch.no_grad():
-                z0 = vae.encode(x).latent_dist.mean.cpu() * state["scaling_factor"]
-            z = self._invert(vae, x)
+                z0 = vae.encode(x).latent_dist.mean
+            z = self._invert(vae, x, z0)
             ids = self._token_ids([s.caption for s in scenes])
-            done.append((kind, z.cpu() * state["scaling_factor"], ids, z0, torch.tensor([s.strength for s in scenes])))
+            scale = state["scaling_factor"]
+            done.append((kind, z.cpu() * scale, ids, z0.cpu() * scale, torch.tensor([s.strength for s in scenes])))
             _atomic_save(state, self.ckpt_path)
             self.progress("invert", index + 1, len(chunks), {})
         latents, ids = state["latents"].clone(), state["input_ids"].clone()
@@ -741,13 +742,15 @@ class Trainer:
         _atomic_save(state, self.ckpt_path)
         return state
 
-    def _invert(self, vae, x: torch.Tensor) -> torch.Tensor:
+    def _invert(self, vae, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (unscaled) that the frozen decoder draws as ``x``: Adam from the encoder's
-        mean, cosine-annealed, on the VAE's reconstruction loss (L1 + L2), plus ``invert_tv``
-        times the squared spatial differences of the displacement from that mean."""
+        mean ``z0`` (computed when not given), cosine-annealed, on the VAE's reconstruction loss
+        (L1 + L2), plus ``invert_tv`` times the squared spatial differences of the displacement
+        from that mean."""
         cfg = self.cfg
-        with torch.no_grad():
-            z0 = vae.encode(x).latent_dist.mean
+        if z0 is None:
+            with torch.no_grad():
+                z0 = vae.encode(x).latent_dist.mean
         z = z0.clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=cfg.invert_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.invert_steps, 1))
@@ -784,8 +787,9 @@ class Trainer:
         noise_sched = build_scheduler()
         latents, ids = state["latents"], state["input_ids"]
         empty = self._token_ids([""])
-        degraded = self._names_a_degradation(ids)
-        pools = (torch.nonzero(~degraded).flatten(), torch.nonzero(degraded).flatten())
+        if cfg.prior_degraded_share is not None:
+            degraded = self._names_a_degradation(ids)
+            pools = (torch.nonzero(~degraded).flatten(), torch.nonzero(degraded).flatten())
         g = torch.Generator()
         t0, start = time.time(), state["step"]
         for step in range(start, cfg.prior_steps):
