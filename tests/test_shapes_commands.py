@@ -723,7 +723,7 @@ def test_inverting_the_shipped_decoder_finds_latents_it_draws_blurred(tmp_path):
     trainer = Trainer(tmp_path / "w", TrainConfig(invert_steps=30))
     with torch.no_grad():
         encoded = vae.encode(x).latent_dist.mean
-    inverted = trainer._invert(vae, x)
+    inverted = trainer._invert(vae, x, encoded)
 
     def drawn(z):
         with torch.no_grad():
@@ -801,7 +801,7 @@ def test_the_smoothness_penalty_makes_the_inversions_displacement_smoother(tmp_p
         z0 = vae.encode(x).latent_dist.mean
 
     def roughness(tv):
-        d = Trainer(tmp_path / f"w{tv}", TrainConfig(invert_steps=15, invert_tv=tv))._invert(vae, x) - z0
+        d = Trainer(tmp_path / f"w{tv}", TrainConfig(invert_steps=15, invert_tv=tv))._invert(vae, x, z0) - z0
         return float((d.diff(dim=2).pow(2).mean() + d.diff(dim=3).pow(2).mean()) / d.pow(2).mean())
 
     assert roughness(1.0) < 0.8 * roughness(0.0)

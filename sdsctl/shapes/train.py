@@ -742,15 +742,11 @@ class Trainer:
         _atomic_save(state, self.ckpt_path)
         return state
 
-    def _invert(self, vae, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
+    def _invert(self, vae, x: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
         """Latents (unscaled) that the frozen decoder draws as ``x``: Adam from the encoder's
-        mean ``z0`` (computed when not given), cosine-annealed, on the VAE's reconstruction loss
-        (L1 + L2), plus ``invert_tv`` times the squared spatial differences of the displacement
-        from that mean."""
+        mean ``z0``, cosine-annealed, on the VAE's reconstruction loss (L1 + L2), plus
+        ``invert_tv`` times the squared spatial differences of the displacement from that mean."""
         cfg = self.cfg
-        if z0 is None:
-            with torch.no_grad():
-                z0 = vae.encode(x).latent_dist.mean
         z = z0.clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=cfg.invert_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.invert_steps, 1))
