@@ -614,7 +614,7 @@ def test_the_adversarial_stage_warms_up_the_discriminator_then_tunes_the_vae(tmp
     assert all(torch.equal(saved["vae"][k], vae0[k]) for k in vae0)  # warm-up: the VAE is untouched
     assert all("gen" not in l and "disc" in l for l in logs)
     state = Trainer(tmp_path / "w", cfg).train_adversarial(saved)
-    assert (state["stage"], state["step"]) == ("latents", 0)
+    assert (state["stage"], state["step"]) == ("grain", 0)
     assert not torch.equal(state["vae"]["encoder.conv_in.weight"], vae0["encoder.conv_in.weight"])
     assert not torch.equal(state["vae"]["decoder.conv_out.weight"], vae0["decoder.conv_out.weight"])
     assert not torch.equal(state["disc"]["net.0.weight"], saved["disc"]["net.0.weight"])
@@ -626,7 +626,7 @@ def test_without_adversarial_steps_the_stage_passes_the_vae_on_unchanged(tmp_pat
     cfg = _adversarial_config()
     vae0 = train.build_vae(cfg).state_dict()
     state = Trainer(tmp_path / "w", cfg).train_adversarial({"stage": "adversarial", "step": 0, "vae": vae0})
-    assert (state["stage"], state["step"]) == ("latents", 0) and state["vae"] is vae0 and "disc" not in state
+    assert (state["stage"], state["step"]) == ("grain", 0) and state["vae"] is vae0 and "disc" not in state
     for preset in (TrainConfig.first_release(), TrainConfig.candidate(), TrainConfig.jacobian_experiment()):
         assert preset.adversarial_steps == 0
 
@@ -700,8 +700,10 @@ def test_evaluate_prior_quick_reports_every_section(cli, tiny_prior, tmp_path):
     result = cli("evaluate-prior", "--model", tiny_prior, "--quick", "--out", tmp_path / "eval")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert set(report) == {"fidelity", "unconditional", "quality_words", "encoder_robustness", "vae_round_trip"}
+    assert set(report) == {"fidelity", "unconditional", "quality_words", "encoder_robustness", "vae_round_trip", "grain_codes"}
     assert report["fidelity"]["pairs"] == 24 and set(report["vae_round_trip"]["blur"]) >= {"clean_in", "degraded_out"}
+    assert set(report["grain_codes"]) == {"0", "1", "4", "8"}
+    assert set(report["grain_codes"]["1"]) == {"noise", "scene_right", "palette_error"}
     assert (tmp_path / "eval" / "fidelity.png").is_file()
 
 

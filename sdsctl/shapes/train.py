@@ -1,6 +1,6 @@
 """Training of the embedded shapes prior: a VAE, then a text-conditioned UNet on its latents.
 
-Five stages and an optional inversion, each resumable from ``<workdir>/checkpoint.pt``
+Five stages and two optional ones, each resumable from ``<workdir>/checkpoint.pt``
 (written atomically every ``checkpoint_every`` steps); the defaults of :class:`TrainConfig`
 train the shipped prior:
 
@@ -27,6 +27,11 @@ train the shipped prior:
 3. ``adversarial`` (``adversarial_steps``, 0 by default): encoder and decoder fine-tuned
    together with the VAE loss plus a :class:`~sdsctl.shapes.adversarial.PatchDiscriminator`;
    measured in ``docs/shapes-prior.md``: it sharpens every edge, blurred ones included.
+3b. ``grain`` (``grain_steps``, 0 by default): the decoder alone fine-tuned to draw random
+   per-cell codes along the latents' least-used direction as a coarse grey grain
+   (``sdsctl/shapes/grain.py``); the latents stage then gives each noisy world image the
+   clean scene's latents plus such a code, so ``noisy`` no longer moves the latents that
+   carry the shape.
 4. ``latents``: the world is rendered once, encoded to scaled latents and the captions
    tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
 4b. ``invert`` (``invert_kinds``, off by default; measured in ``docs/shapes-prior.md``): the
@@ -37,6 +42,8 @@ train the shipped prior:
    ``blurry`` looks like while the encoder keeps the smoothness EHC needs. With
    ``invert_operator`` a :class:`LatentOperator` fitted to the inversions displaces each of
    the world's own images of that kind instead (the optimization's fine noise averaged out).
+   With ``uncond_encoder_latents`` the caption-dropped rows of those images keep the
+   encoder's latents, so the unconditional model never learns the inversions' fine patterns.
 5. ``prior``: ``UNet2DConditionModel`` + ``CLIPTextModel`` trained jointly from scratch with
    the epsilon-prediction loss under SD's scaled-linear ``DDPMScheduler``, 30 % caption
    dropout for classifier-free guidance; the exported weights are an EMA of the trained ones.
@@ -92,6 +99,9 @@ class TrainConfig:
     adversarial_weight: float = 0.5  # scale of the adaptive weight of the discriminator's term
     adversarial_lr: float = 1e-4
     adversarial_warmup: int = 100  # first steps train the discriminator alone
+    grain_steps: int = 0  # decoder fine-tuned to draw grain codes, noisy images' latents coded (sdsctl/shapes/grain.py; 0: off)
+    grain_batch: int = 24  # clean scenes with grain codes per batch, besides the decoder stage's batch
+    grain_lr: float = 5e-4
     n_images: int = 60_000
     invert_kinds: tuple[str, ...] = ()  # degradations whose UNet latents come from inverting the decoder (() : off)
     invert_images: int = 512  # fresh renders inverted per kind; they stand in for the world's images of that kind
@@ -100,6 +110,7 @@ class TrainConfig:
     invert_batch: int = 32
     invert_tv: float = 0.0  # penalty on the spatial differences of the inversion's latent displacement (smooths it)
     invert_operator: bool = False  # fit a LatentOperator to the inversions and apply it to every world image of the kind
+    uncond_encoder_latents: bool = False  # caption-dropped rows of inverted kinds get the encoder's latents of the same renders
     operator_steps: int = 3000
     operator_lr: float = 2e-3
     prior_steps: int = 10_000
@@ -152,7 +163,8 @@ class TrainConfig:
         """A configuration that trains a few steps of every stage (for tests)."""
         base = dict(vae_steps=3, vae_batch=4, vae_degraded_extra=1, ema_decay=0.999, decoder_steps=2, adversarial_steps=2,
                     adversarial_warmup=1, n_images=64, invert_kinds=("blur",), invert_images=3, invert_steps=2,
-                    invert_batch=2, prior_steps=3, prior_batch=8, checkpoint_every=2)
+                    invert_batch=2, uncond_encoder_latents=True, grain_steps=2, grain_batch=2, prior_steps=3, prior_batch=8,
+                    checkpoint_every=2)
         return cls(**{**base, **kw})
 
 
@@ -465,7 +477,7 @@ class Trainer:
 
             vae = build_vae(self.cfg)
             vae.load_state_dict(AutoencoderKL.from_pretrained(self.vae_from / "vae").state_dict())
-            return {"stage": "latents", "step": 0, "vae": vae.state_dict()}
+            return {"stage": "grain" if self.cfg.grain_steps else "latents", "step": 0, "vae": vae.state_dict()}
         return {"stage": "vae", "step": 0}
 
     def run(self) -> Path:
@@ -476,6 +488,8 @@ class Trainer:
             state = self.tune_decoder(state)
         if state["stage"] == "adversarial":
             state = self.train_adversarial(state)
+        if state["stage"] == "grain":
+            state = self.tune_grain(state)
         if state["stage"] == "latents":
             state = self.make_latents(state)
         if state["stage"] == "invert":
@@ -616,7 +630,7 @@ class Trainer:
 
         cfg = self.cfg
         if cfg.adversarial_steps == 0:
-            return {**state, "stage": "latents", "step": 0}
+            return {**state, "stage": "grain", "step": 0}
         torch.manual_seed(cfg.seed + 2)
         vae = build_vae(cfg).to(self.device)
         vae.load_state_dict(state["vae"])
@@ -654,15 +668,79 @@ class Trainer:
             self.progress("adversarial", done, cfg.adversarial_steps, {**logs, "s/step": (time.time() - t0) / (done - start)})
             if done % cfg.checkpoint_every == 0 or done == cfg.adversarial_steps:
                 finished = done == cfg.adversarial_steps
-                state = {**state, "stage": "latents" if finished else "adversarial", "step": 0 if finished else done,
+                state = {**state, "stage": "grain" if finished else "adversarial", "step": 0 if finished else done,
                          "vae": vae.state_dict(), "disc": disc.state_dict(), "adversarial_opt": opt.state_dict(),
                          "disc_opt": opt_disc.state_dict()}
+                _atomic_save(state, self.ckpt_path)
+        return state
+
+    # -- stage 3b
+    def tune_grain(self, state: dict) -> dict:
+        """Fine-tune the decoder to draw grain codes (``sdsctl/shapes/grain.py``) as coarse grey grain.
+
+        Each batch is the decoder stage's (world and forced-degraded images, reconstructed as
+        they are) plus ``grain_batch`` clean scenes whose
+        latents carry a random code along the latents' least-used direction, drawn to the
+        scene plus :func:`grain.grain` of the code. Half of the codes lie beyond the world's
+        range and their grain is saturated, so the decoder learns to keep the shape however
+        long a code guidance makes. The direction and the latents' spread are fixed before
+        the first step (from 1,024 world images) and kept in the state for the latents stage.
+        """
+        from . import grain
+
+        cfg = self.cfg
+        if cfg.grain_steps == 0:
+            return {**state, "stage": "latents", "step": 0}
+        vae = build_vae(cfg).to(self.device)
+        vae.load_state_dict(state["vae"])
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+        if "grain" not in state:
+            imgs, _ = world.sample_batch(cfg.seed * 7919 + 20_000_003, min(1024, cfg.n_images))
+            with torch.no_grad():
+                z = torch.cat([vae.encode(_to_tensor(imgs[i : i + 256]).to(self.device)).latent_dist.mean.cpu()
+                               for i in range(0, len(imgs), 256)])
+            direction, std = grain.least_used_direction(z)
+            state = {**state, "grain": {"direction": direction, "latent_std": std}}
+        direction, std = state["grain"]["direction"].to(self.device), state["grain"]["latent_std"]
+        params = [p for p in vae.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.grain_lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.grain_steps)
+        if "grain_opt" in state:
+            opt.load_state_dict(state["grain_opt"])
+            sched.load_state_dict(state["grain_sched"])
+        g = torch.Generator()
+        t0, start = time.time(), state["step"]
+        for step in range(start, cfg.grain_steps):
+            seed = cfg.seed * 1_000_039 + step + 88_888_888
+            g.manual_seed(seed)
+            world_images, degraded, _ = self._topped_up_batch(seed, cfg.vae_degraded_extra if cfg.decoder_topup else 0)
+            x_world = torch.cat([world_images, degraded])  # the decoder stage's batch
+            clean_imgs, _ = world.sample_batch(seed + 1, cfg.grain_batch, degradation=False)
+            x_clean = _to_tensor(clean_imgs).to(self.device)
+            codes = grain.random_codes(grain.training_amplitudes(cfg.grain_batch, g), x_world.shape[-1] // 8, g).to(self.device)
+            with torch.no_grad():
+                z_world = vae.encode(x_world).latent_dist.mean
+                z_coded = grain.displace(vae.encode(x_clean).latent_dist.mean, codes, direction, std)
+            target = torch.cat([x_world, (x_clean + grain.grain(codes, x_clean.shape[-1])).clamp(-1, 1)])
+            rec = vae.decode(torch.cat([z_world, z_coded])).sample
+            loss = F.l1_loss(rec, target) + F.mse_loss(rec, target) + _edge_loss(rec, target)
+            _optimizer_step(loss, opt, sched, params)
+            done = step + 1
+            self.progress("grain", done, cfg.grain_steps, {"rec": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
+            if done % cfg.checkpoint_every == 0 or done == cfg.grain_steps:
+                finished = done == cfg.grain_steps
+                state = {**state, "stage": "latents" if finished else "grain", "step": 0 if finished else done,
+                         "vae": vae.state_dict(), "grain_opt": opt.state_dict(), "grain_sched": sched.state_dict()}
                 _atomic_save(state, self.ckpt_path)
         return state
 
     # -- stage 4
     @torch.no_grad()
     def make_latents(self, state: dict) -> dict:
+        """Encode the world once (posterior means) and tokenize its captions. After the grain
+        stage, each noisy image's latents are instead the clean scene's plus a grain code
+        matching its noise strength (:func:`_grain_coded`)."""
         cfg = self.cfg
         vae = build_vae(cfg).to(self.device)
         vae.load_state_dict(state["vae"])
@@ -671,9 +749,13 @@ class Trainer:
         chunk = 500
         for i in range(0, cfg.n_images, chunk):
             n = min(chunk, cfg.n_images - i)
-            imgs, scenes = world.sample_batch(10_000_019 + cfg.seed * 7919 + i, n)
+            seed = 10_000_019 + cfg.seed * 7919 + i
+            imgs, scenes = world.sample_batch(seed, n)
             x = _to_tensor(imgs).to(self.device)
-            means.append(vae.encode(x).latent_dist.mean.cpu())
+            z = vae.encode(x).latent_dist.mean
+            if "grain" in state:
+                z = self._grain_coded(vae, z, scenes, state["grain"], seed)
+            means.append(z.cpu())
             captions += [s.caption for s in scenes]
             kinds += [s.degradation for s in scenes]
             strengths += [s.strength for s in scenes]
@@ -683,9 +765,28 @@ class Trainer:
         ids = self._token_ids(captions)
         state = {"stage": "invert" if cfg.invert_kinds and cfg.invert_images else "prior", "step": 0,
                  "vae": state["vae"], "scaling_factor": scaling, "latents": latents * scaling, "input_ids": ids,
-                 "degradations": kinds, "strengths": torch.tensor(strengths, dtype=torch.float32)}
+                 "degradations": kinds, "strengths": torch.tensor(strengths, dtype=torch.float32),
+                 **({"grain": state["grain"]} if "grain" in state else {})}
         _atomic_save(state, self.ckpt_path)
         return state
+
+    def _grain_coded(self, vae, z: torch.Tensor, scenes: list, coding: dict, seed: int) -> torch.Tensor:
+        """``z`` with the rows of noisy scenes replaced by the latents of the same scene rendered
+        clean plus a random grain code (amplitude from the scene's noise strength; seeded)."""
+        from . import grain
+
+        rows = [k for k, s in enumerate(scenes) if s.degradation == "noise"]
+        if not rows:
+            return z
+        rng = np.random.default_rng(seed + 40_000_000)
+        clean = np.stack([world.render(dataclasses.replace(scenes[k], degradation=None), rng, 1 / 255) for k in rows])
+        z_clean = vae.encode(_to_tensor(clean).to(self.device)).latent_dist.mean
+        g = torch.Generator().manual_seed(seed + 40_000_000)
+        amplitude = grain.amplitude_for_strength(torch.tensor([scenes[k].strength for k in rows], dtype=torch.float32))
+        codes = grain.random_codes(amplitude, z.shape[-1], g).to(z)
+        z = z.clone()
+        z[rows] = grain.displace(z_clean, codes, coding["direction"], coding["latent_std"])
+        return z
 
     # -- stage 4b
     def invert_degraded(self, state: dict) -> dict:
@@ -725,6 +826,7 @@ class Trainer:
             _atomic_save(state, self.ckpt_path)
             self.progress("invert", index + 1, len(chunks), {})
         latents, ids = state["latents"].clone(), state["input_ids"].clone()
+        uncond = state["latents"].clone()  # what caption-dropped rows see with uncond_encoder_latents
         for kind in cfg.invert_kinds:
             slots = torch.tensor([i for i, k in enumerate(state["degradations"]) if k == kind], dtype=torch.long)
             rows = [row for row in done if row[0] == kind]
@@ -736,9 +838,10 @@ class Trainer:
                     latents[slots] = latents[slots] + op(latents[slots], state["strengths"][slots])
             else:
                 cycle = torch.arange(len(slots)) % len(inv_z)
-                latents[slots], ids[slots] = inv_z[cycle], inv_ids[cycle]
+                latents[slots], ids[slots], uncond[slots] = inv_z[cycle], inv_ids[cycle], enc_z[cycle]
         state = {"stage": "prior", "step": 0, "vae": state["vae"], "scaling_factor": state["scaling_factor"],
-                 "latents": latents, "input_ids": ids}
+                 "latents": latents, "input_ids": ids, **({"grain": state["grain"]} if "grain" in state else {}),
+                 **({"uncond_latents": uncond} if cfg.uncond_encoder_latents else {})}
         _atomic_save(state, self.ckpt_path)
         return state
 
@@ -794,7 +897,7 @@ class Trainer:
             drop = torch.rand(cfg.prior_batch, generator=g) < cfg.caption_dropout
             if cfg.prior_degraded_share is not None:
                 idx = self._rebalance(idx, drop, pools, cfg.prior_degraded_share, g)
-            z0 = latents[idx].to(self.device)
+            z0 = self._batch_latents(state, idx, drop).to(self.device)
             batch_ids = ids[idx].clone()
             batch_ids[drop] = empty
             noise = torch.randn(z0.shape, generator=g).to(self.device)
@@ -814,6 +917,16 @@ class Trainer:
                          "sched": sched.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {})}
                 _atomic_save(state, self.ckpt_path)
         return state
+
+    @staticmethod
+    def _batch_latents(state: dict, idx: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        """The latents of the batch's rows ``idx``; caption-dropped rows (``drop``) take
+        ``uncond_latents`` when the state has them (the encoder's latents of inverted images,
+        so the unconditional model does not learn the inversions' fine patterns)."""
+        z = state["latents"][idx]
+        if "uncond_latents" in state:
+            z = torch.where(drop[:, None, None, None], state["uncond_latents"][idx], z)
+        return z
 
     def _names_a_degradation(self, ids: torch.Tensor) -> torch.Tensor:
         """Which captions (token ids) name one of the world's degradations."""
@@ -932,6 +1045,8 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     p.add_argument("--invert-operator", action=argparse.BooleanOptionalAction, help="TrainConfig.invert_operator")
     p.add_argument("--invert-images", type=int, help="TrainConfig.invert_images")
     p.add_argument("--degraded-share", type=float, help="TrainConfig.prior_degraded_share")
+    p.add_argument("--grain-steps", type=int, help="TrainConfig.grain_steps")
+    p.add_argument("--uncond-encoder-latents", action=argparse.BooleanOptionalAction, help="TrainConfig.uncond_encoder_latents")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--jacobian-experiment", action="store_true", help="TrainConfig.jacobian_experiment()")
     which.add_argument("--candidate", action="store_true", help="TrainConfig.candidate()")
@@ -950,7 +1065,8 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     steps = {k: v for k, v in (("vae_steps", a.vae_steps), ("prior_steps", a.prior_steps), ("vae_blur_margin", a.blur_margin),
                                ("invert_kinds", tuple(a.invert) if a.invert is not None else None),
                                ("invert_tv", a.invert_tv), ("invert_operator", a.invert_operator),
-                               ("invert_images", a.invert_images), ("prior_degraded_share", a.degraded_share)) if v is not None}
+                               ("invert_images", a.invert_images), ("prior_degraded_share", a.degraded_share),
+                               ("grain_steps", a.grain_steps), ("uncond_encoder_latents", a.uncond_encoder_latents)) if v is not None}
     cfg = make(augment=not a.no_augment, **steps)
     tr = Trainer(Path(a.workdir), cfg, show, vae_from=a.vae_from)
     if a.stop_after_vae:
