@@ -347,7 +347,7 @@ def _blur_margin_loss(vae, sharp: torch.Tensor, blurred: torch.Tensor, margin: f
     displacement = (pb.mean - ps.mean).flatten(1).pow(2).mean(1).sqrt() / spread
     hinge = F.relu(margin - displacement).mean()
     rec = vae.decode(pb.mean + pb.std * torch.randn(pb.mean.shape, generator=g).to(pb.mean)).sample
-    rec_loss = F.l1_loss(rec, blurred) + F.mse_loss(rec, blurred) + _edge_loss(rec, blurred)
+    rec_loss = _decoder_loss(rec, blurred)
     return hinge, displacement.mean().detach(), rec_loss
 
 
@@ -363,6 +363,11 @@ def _edge_loss(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     and a blurred image comes back like a sharp one."""
     (ry, rx), (ty, tx) = _image_gradients(rec), _image_gradients(target)
     return F.l1_loss(ry, ty) + F.l1_loss(rx, tx)
+
+
+def _decoder_loss(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 + L2 + :func:`_edge_loss`: what the decoder stages (and the blurred pairs) fit."""
+    return F.l1_loss(rec, target) + F.mse_loss(rec, target) + _edge_loss(rec, target)
 
 
 def _vae_loss(vae, x_in, target, g, jacobian_weight: float = 0.0, jacobian_share: int = 1, jacobian_blocks: bool = False,
@@ -607,7 +612,7 @@ class Trainer:
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.mean
             rec = vae.decode(z).sample
-            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + _edge_loss(rec, x)
+            loss = _decoder_loss(rec, x)
             _optimizer_step(loss, opt, sched, params)
             done = step + 1
             self.progress("decoder", done, cfg.decoder_steps, {"rec": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
@@ -724,7 +729,7 @@ class Trainer:
                 z_coded = grain.displace(vae.encode(x_clean).latent_dist.mean, codes, direction, std)
             target = torch.cat([x_world, (x_clean + grain.grain(codes, x_clean.shape[-1])).clamp(-1, 1)])
             rec = vae.decode(torch.cat([z_world, z_coded])).sample
-            loss = F.l1_loss(rec, target) + F.mse_loss(rec, target) + _edge_loss(rec, target)
+            loss = _decoder_loss(rec, target)
             _optimizer_step(loss, opt, sched, params)
             done = step + 1
             self.progress("grain", done, cfg.grain_steps, {"rec": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
