@@ -21,8 +21,10 @@ the world blurs its own coarse noise.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+
+from . import world
 
 #: grey offset (image units in [0, 1]) per unit of code
 PER_CODE = 0.13
@@ -58,23 +60,16 @@ def displace(z: torch.Tensor, codes: torch.Tensor, direction: torch.Tensor, std:
     return z + std * codes[:, None] * direction.to(z).reshape(1, -1, 1, 1)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(3 * sigma))
-    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype) / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    x = F.conv2d(x, k.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return F.conv2d(x, k.reshape(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-
-
 def grain(codes: torch.Tensor, image_size: int, per_code: float = PER_CODE, code_max: float = CODE_MAX) -> torch.Tensor:
     """The grey offset ``[n, 3, image_size, image_size]`` (in the VAE's [-1, 1] units) that
     the decoder is taught to draw for ``codes``."""
     factor = image_size // codes.shape[-1]
     cells = per_code * codes.clamp(-code_max, code_max)
-    up = cells.repeat_interleave(factor, 1).repeat_interleave(factor, 2)[:, None]
-    return 2 * _gaussian_blur(up, BLUR_SIGMA).expand(-1, 3, -1, -1)
+    up = cells.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+    # the world's own blur (edge padding), the images as channels of one array
+    blurred = world._gaussian_blur(up.permute(1, 2, 0).detach().cpu().numpy(), BLUR_SIGMA)
+    offset = torch.from_numpy(np.ascontiguousarray(blurred)).permute(2, 0, 1).to(codes)
+    return 2 * offset[:, None].expand(-1, 3, -1, -1)
 
 
 def training_amplitudes(n: int, generator: torch.Generator, high: float = 10.0) -> torch.Tensor:

@@ -684,8 +684,7 @@ class Trainer:
         """Fine-tune the decoder to draw grain codes (``sdsctl/shapes/grain.py``) as coarse grey grain.
 
         Each batch is the decoder stage's (world and forced-degraded images, reconstructed as
-        they are) plus ``grain_batch`` clean scenes whose
-        latents carry a random code along the latents' least-used direction, drawn to the
+        they are) plus ``grain_batch`` clean scenes whose latents carry a random code along the latents' least-used direction, drawn to the
         scene plus :func:`grain.grain` of the code. Half of the codes lie beyond the world's
         range and their grain is saturated, so the decoder learns to keep the shape however
         long a code guidance makes. The direction and the latents' spread are fixed before
@@ -723,10 +722,11 @@ class Trainer:
             x_world = torch.cat([world_images, degraded])  # the decoder stage's batch
             clean_imgs, _ = world.sample_batch(seed + 1, cfg.grain_batch, degradation=False)
             x_clean = _to_tensor(clean_imgs).to(self.device)
-            codes = grain.random_codes(grain.training_amplitudes(cfg.grain_batch, g), x_world.shape[-1] // 8, g).to(self.device)
             with torch.no_grad():
                 z_world = vae.encode(x_world).latent_dist.mean
-                z_coded = grain.displace(vae.encode(x_clean).latent_dist.mean, codes, direction, std)
+                z_clean = vae.encode(x_clean).latent_dist.mean
+            codes = grain.random_codes(grain.training_amplitudes(cfg.grain_batch, g), z_clean.shape[-1], g).to(self.device)
+            z_coded = grain.displace(z_clean, codes, direction, std)
             target = torch.cat([x_world, (x_clean + grain.grain(codes, x_clean.shape[-1])).clamp(-1, 1)])
             rec = vae.decode(torch.cat([z_world, z_coded])).sample
             loss = _decoder_loss(rec, target)
