@@ -185,3 +185,49 @@ def test_grain_codes_tell_a_decoder_that_draws_them_from_one_that_does_not():
         drawn = evaluate.grain_codes(drawing, n=16, amplitudes=(0.0, 1.0))
     assert drawn["1"]["noise"] > 3 * drawn["0"]["noise"] and drawn["1"]["scene_right"] >= 0.9
     assert drawn["0"]["scene_right"] == 1.0 and drawn["0"]["palette_error"] < 0.05
+
+
+def test_off_manifold_moves_have_no_code_and_the_asked_spread():
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(200, 4, 8, 8, generator=g)
+    u = torch.nn.functional.normalize(torch.randn(4, generator=g), dim=0)
+    moved = grain.off_manifold(z, u, 2.0, (0.1, 0.3), g) - z
+    assert float(torch.einsum("nchw,c->nhw", moved, u).abs().max()) < 1e-5
+    rms = moved.flatten(1).pow(2).mean(1).sqrt() / 2.0
+    assert float(rms.min()) >= 0.1 - 1e-5 and float(rms.max()) <= 0.3 + 1e-5 and float(rms.std()) > 0.03
+
+
+def test_the_anchor_rows_are_drawn_by_the_decoder_from_before_the_stage_also_after_a_resume(tmp_path, monkeypatch):
+    cfg = _small(grain_steps=4, grain_batch=2, vae_batch=4, vae_degraded_extra=1, grain_anchor_batch=2)
+    torch.manual_seed(0)
+    start = {"stage": "grain", "step": 0, "vae": train.build_vae(cfg).state_dict()}
+    before = train.build_vae(cfg).eval()
+    before.load_state_dict(start["vae"])
+    moved, targets = [], []
+    off_manifold, decoder_loss = grain.off_manifold, train._decoder_loss
+    monkeypatch.setattr(grain, "off_manifold", lambda *a: moved.append(off_manifold(*a)) or moved[-1])
+    monkeypatch.setattr(train, "_decoder_loss", lambda rec, target: targets.append(target[-2:]) or decoder_loss(rec, target))
+    state = Trainer(tmp_path / "w", cfg).tune_grain(dict(start))
+    saved = torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(saved["grain_teacher"][k], v) for k, v in start["vae"].items())
+    assert any(not torch.equal(state["vae"][k], v) for k, v in start["vae"].items())
+    # resumed at step 2 from a state whose decoder has moved on: the anchors are still the original decoder's
+    resumed = Trainer(tmp_path / "w2", cfg).tune_grain({**state, "stage": "grain", "step": 2})
+    assert resumed["stage"] == "latents" and len(targets) == len(moved) == 6
+    with torch.no_grad():
+        for z, target in zip(moved, targets):
+            assert torch.allclose(target, before.decode(z).sample, atol=1e-5)
+
+
+def test_dropped_rows_of_noisy_images_keep_the_encoders_latents_when_asked(tmp_path):
+    for asked in (False, True):
+        cfg = _small(grain_steps=1, uncond_encoder_latents=asked)
+        vae = train.build_vae(cfg).eval()
+        coding = {"direction": torch.tensor([0.0, 0.0, 0.6, 0.8]), "latent_std": 1.0}
+        state = Trainer(tmp_path / f"w{asked}", cfg).make_latents({"stage": "latents", "vae": vae.state_dict(), "grain": coding})
+        assert ("uncond_latents" in state) == asked
+        if asked:
+            noisy = torch.tensor([k == "noise" for k in state["degradations"]])
+            assert noisy.any()
+            same = (state["uncond_latents"] == state["latents"]).flatten(1).all(1)
+            assert torch.equal(same, ~noisy)  # only the coded rows differ

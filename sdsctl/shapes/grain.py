@@ -79,3 +79,19 @@ def training_amplitudes(n: int, generator: torch.Generator, high: float = 10.0) 
     r = torch.rand(n, generator=generator)
     in_range = torch.arange(n) % 2 == 0
     return torch.where(in_range, 0.25 + 2.75 * r, 3.0 + (high - 3.0) * r)
+
+
+def off_manifold(z: torch.Tensor, direction: torch.Tensor, std: float, rms_range: tuple[float, float],
+                 generator: torch.Generator) -> torch.Tensor:
+    """Latents ``z`` moved by random Gaussian deviations with no component along ``direction``.
+
+    Each image's deviation has an rms drawn uniformly from ``rms_range`` (in units of the
+    latents' spread ``std``). Sampled latents deviate from the encoder's in such ways; drawn
+    by the decoder from before the grain stage, they anchor the tuned decoder to draw them as
+    it did, so that learning the grain does not change how it draws everything else.
+    """
+    u = direction.to(z).reshape(1, -1, 1, 1)
+    d = torch.randn(z.shape, generator=generator).to(z)
+    d = d - (d * u).sum(1, keepdim=True) * u
+    rms = rms_range[0] + (rms_range[1] - rms_range[0]) * torch.rand(len(z), generator=generator).to(z)
+    return z + d * (std * rms / d.flatten(1).pow(2).mean(1).sqrt()).reshape(-1, 1, 1, 1)

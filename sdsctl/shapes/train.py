@@ -31,7 +31,11 @@ train the shipped prior:
    per-cell codes along the latents' least-used direction as a coarse grey grain
    (``sdsctl/shapes/grain.py``); the latents stage then gives each noisy world image the
    clean scene's latents plus such a code, so ``noisy`` no longer moves the latents that
-   carry the shape.
+   carry the shape. With ``grain_anchor_batch`` each batch also has world latents moved off
+   the manifold (orthogonally to the code), drawn as the decoder drew them before the
+   stage, so learning the grain does not change how it draws sampled latents' other
+   deviations. With ``uncond_encoder_latents`` the caption-dropped rows of noisy images
+   keep the encoder's latents (no code).
 4. ``latents``: the world is rendered once, encoded to scaled latents and the captions
    tokenized; the VAE's ``scaling_factor`` is set to 1/std of the latents.
 4b. ``invert`` (``invert_kinds``, off by default; measured in ``docs/shapes-prior.md``): the
@@ -55,6 +59,7 @@ existing prior (``sdsctl train-shapes --vae-from``): the UNet is retrained, the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -102,6 +107,8 @@ class TrainConfig:
     grain_steps: int = 0  # decoder fine-tuned to draw grain codes, noisy images' latents coded (sdsctl/shapes/grain.py; 0: off)
     grain_batch: int = 24  # clean scenes with grain codes per batch, besides the decoder stage's batch
     grain_lr: float = 5e-4
+    grain_anchor_batch: int = 0  # world latents moved off the manifold (orthogonal to the code), drawn as the decoder drew them before the stage
+    grain_anchor_range: tuple[float, float] = (0.05, 0.3)  # rms of those moves, in units of the latents' spread
     n_images: int = 60_000
     invert_kinds: tuple[str, ...] = ()  # degradations whose UNet latents come from inverting the decoder (() : off)
     invert_images: int = 512  # fresh renders inverted per kind; they stand in for the world's images of that kind
@@ -163,7 +170,7 @@ class TrainConfig:
         """A configuration that trains a few steps of every stage (for tests)."""
         base = dict(vae_steps=3, vae_batch=4, vae_degraded_extra=1, ema_decay=0.999, decoder_steps=2, adversarial_steps=2,
                     adversarial_warmup=1, n_images=64, invert_kinds=("blur",), invert_images=3, invert_steps=2,
-                    invert_batch=2, uncond_encoder_latents=True, grain_steps=2, grain_batch=2, prior_steps=3, prior_batch=8,
+                    invert_batch=2, uncond_encoder_latents=True, grain_steps=2, grain_batch=2, grain_anchor_batch=1, prior_steps=3, prior_batch=8,
                     checkpoint_every=2)
         return cls(**{**base, **kw})
 
@@ -707,6 +714,11 @@ class Trainer:
             direction, std = grain.least_used_direction(z)
             state = {**state, "grain": {"direction": direction, "latent_std": std}}
         direction, std = state["grain"]["direction"].to(self.device), state["grain"]["latent_std"]
+        teacher = None
+        if cfg.grain_anchor_batch:  # the decoder as it was before this stage, kept to resume from
+            state.setdefault("grain_teacher", {k: v.clone() for k, v in vae.state_dict().items()})
+            teacher = copy.deepcopy(vae).requires_grad_(False)
+            teacher.load_state_dict(state["grain_teacher"])
         params = [p for p in vae.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.grain_lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.grain_steps)
@@ -727,8 +739,15 @@ class Trainer:
                 z_clean = vae.encode(x_clean).latent_dist.mean
             codes = grain.random_codes(grain.training_amplitudes(cfg.grain_batch, g), z_clean.shape[-1], g).to(self.device)
             z_coded = grain.displace(z_clean, codes, direction, std)
-            target = torch.cat([x_world, (x_clean + grain.grain(codes, x_clean.shape[-1])).clamp(-1, 1)])
-            rec = vae.decode(torch.cat([z_world, z_coded])).sample
+            z_rows = [z_world, z_coded]
+            targets = [x_world, (x_clean + grain.grain(codes, x_clean.shape[-1])).clamp(-1, 1)]
+            if teacher is not None:
+                z_off = grain.off_manifold(z_world[: cfg.grain_anchor_batch], direction, std, cfg.grain_anchor_range, g)
+                with torch.no_grad():
+                    targets.append(teacher.decode(z_off).sample)
+                z_rows.append(z_off)
+            target = torch.cat(targets)
+            rec = vae.decode(torch.cat(z_rows)).sample
             loss = _decoder_loss(rec, target)
             _optimizer_step(loss, opt, sched, params)
             done = step + 1
@@ -750,7 +769,7 @@ class Trainer:
         vae = build_vae(cfg).to(self.device)
         vae.load_state_dict(state["vae"])
         vae.eval()
-        means, captions, kinds, strengths = [], [], [], []
+        means, encoded, captions, kinds, strengths = [], [], [], [], []
         chunk = 500
         for i in range(0, cfg.n_images, chunk):
             n = min(chunk, cfg.n_images - i)
@@ -758,6 +777,7 @@ class Trainer:
             imgs, scenes = world.sample_batch(seed, n)
             x = _to_tensor(imgs).to(self.device)
             z = vae.encode(x).latent_dist.mean
+            encoded.append(z.cpu())
             if "grain" in state:
                 z = self._grain_coded(vae, z, scenes, state["grain"], seed)
             means.append(z.cpu())
@@ -772,6 +792,8 @@ class Trainer:
                  "vae": state["vae"], "scaling_factor": scaling, "latents": latents * scaling, "input_ids": ids,
                  "degradations": kinds, "strengths": torch.tensor(strengths, dtype=torch.float32),
                  **({"grain": state["grain"]} if "grain" in state else {})}
+        if "grain" in state and cfg.uncond_encoder_latents:  # dropped rows of noisy images: no code
+            state["uncond_latents"] = torch.cat(encoded) * scaling
         _atomic_save(state, self.ckpt_path)
         return state
 
@@ -831,7 +853,7 @@ class Trainer:
             _atomic_save(state, self.ckpt_path)
             self.progress("invert", index + 1, len(chunks), {})
         latents, ids = state["latents"].clone(), state["input_ids"].clone()
-        uncond = state["latents"].clone()  # what caption-dropped rows see with uncond_encoder_latents
+        uncond = state.get("uncond_latents", state["latents"]).clone()  # what dropped rows see with uncond_encoder_latents
         for kind in cfg.invert_kinds:
             slots = torch.tensor([i for i, k in enumerate(state["degradations"]) if k == kind], dtype=torch.long)
             rows = [row for row in done if row[0] == kind]
@@ -1052,6 +1074,8 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
     p.add_argument("--degraded-share", type=float, help="TrainConfig.prior_degraded_share")
     p.add_argument("--grain-steps", type=int, help="TrainConfig.grain_steps")
     p.add_argument("--uncond-encoder-latents", action=argparse.BooleanOptionalAction, help="TrainConfig.uncond_encoder_latents")
+    p.add_argument("--grain-anchor-batch", type=int, help="TrainConfig.grain_anchor_batch")
+    p.add_argument("--caption-dropout", type=float, help="TrainConfig.caption_dropout")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--jacobian-experiment", action="store_true", help="TrainConfig.jacobian_experiment()")
     which.add_argument("--candidate", action="store_true", help="TrainConfig.candidate()")
@@ -1071,7 +1095,8 @@ if __name__ == "__main__":  # pragma: no cover - convenience for long background
                                ("invert_kinds", tuple(a.invert) if a.invert is not None else None),
                                ("invert_tv", a.invert_tv), ("invert_operator", a.invert_operator),
                                ("invert_images", a.invert_images), ("prior_degraded_share", a.degraded_share),
-                               ("grain_steps", a.grain_steps), ("uncond_encoder_latents", a.uncond_encoder_latents)) if v is not None}
+                               ("grain_steps", a.grain_steps), ("uncond_encoder_latents", a.uncond_encoder_latents),
+                               ("grain_anchor_batch", a.grain_anchor_batch), ("caption_dropout", a.caption_dropout)) if v is not None}
     cfg = make(augment=not a.no_augment, **steps)
     tr = Trainer(Path(a.workdir), cfg, show, vae_from=a.vae_from)
     if a.stop_after_vae:
