@@ -769,6 +769,8 @@ class Trainer:
         vae = build_vae(cfg).to(self.device)
         vae.load_state_dict(state["vae"])
         vae.eval()
+        coded = "grain" in state
+        keep_encoded = coded and cfg.uncond_encoder_latents  # dropped rows of noisy images: no code
         means, encoded, captions, kinds, strengths = [], [], [], [], []
         chunk = 500
         for i in range(0, cfg.n_images, chunk):
@@ -777,8 +779,9 @@ class Trainer:
             imgs, scenes = world.sample_batch(seed, n)
             x = _to_tensor(imgs).to(self.device)
             z = vae.encode(x).latent_dist.mean
-            encoded.append(z.cpu())
-            if "grain" in state:
+            if keep_encoded:
+                encoded.append(z.cpu())
+            if coded:
                 z = self._grain_coded(vae, z, scenes, state["grain"], seed)
             means.append(z.cpu())
             captions += [s.caption for s in scenes]
@@ -791,9 +794,8 @@ class Trainer:
         state = {"stage": "invert" if cfg.invert_kinds and cfg.invert_images else "prior", "step": 0,
                  "vae": state["vae"], "scaling_factor": scaling, "latents": latents * scaling, "input_ids": ids,
                  "degradations": kinds, "strengths": torch.tensor(strengths, dtype=torch.float32),
-                 **({"grain": state["grain"]} if "grain" in state else {})}
-        if "grain" in state and cfg.uncond_encoder_latents:  # dropped rows of noisy images: no code
-            state["uncond_latents"] = torch.cat(encoded) * scaling
+                 **({"grain": state["grain"]} if coded else {}),
+                 **({"uncond_latents": torch.cat(encoded) * scaling} if keep_encoded else {})}
         _atomic_save(state, self.ckpt_path)
         return state
 
