@@ -57,8 +57,7 @@ class RobustNFSD(NFSD):
         cfg = self.config
         if times.phase == "warmup":
             return self.nfsd(z, times.t, cfg.warmup_correction_scale)
-        g = self.ctx.generator
-        s = int(torch.randint(cfg.correction_t_min, cfg.correction_t_max, (1,), generator=g, device=g.device))
+        s = self.ctx.randint(cfg.correction_t_min, cfg.correction_t_max)
         z_t, z_s = self.noised(z, times.t), self.noised(z, s)
         t_rows = torch.tensor([times.t, times.t, s], device=z.device)
         preds = self.ctx.prior.predict_noise(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 import sdsctl
@@ -30,9 +29,7 @@ class UniformSchedule(Schedule):
             raise InvalidConfig(f"{config.t_max} is outside the model's timesteps 0..{last}", field="t_max")
 
     def __call__(self, step: int) -> StepTimes:
-        g = self.ctx.generator
-        t = torch.randint(self.config.t_min, self.config.t_max + 1, (1,), generator=g, device=g.device)
-        return StepTimes(t=int(t))
+        return StepTimes(t=self.ctx.randint(self.config.t_min, self.config.t_max + 1))
 
 
 @sdsctl.hookimpl

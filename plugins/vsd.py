@@ -83,20 +83,21 @@ class VSD(Guidance):
             denoised=eps_to_x0(pretrained, z_t, prior.alphas_cumprod[times.t]),
         )
 
-    def update_lora(self, z: torch.Tensor) -> float:
-        """The LoRA's diffusion loss on the current image, ``lora_updates`` Adam steps."""
+    def update_lora(self, z: torch.Tensor) -> torch.Tensor:
+        """The LoRA's diffusion loss on the current image, ``lora_updates`` Adam steps (a 0-dim
+        tensor: the loop fetches it with the step's other numbers, no sync here)."""
         prior, g = self.ctx.prior, self.ctx.generator
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=z.device)
         with torch.enable_grad():
             for _ in range(self.config.lora_updates):
-                t = int(torch.randint(0, prior.num_train_timesteps, (1,), generator=g, device=g.device))
+                t = self.ctx.randint(0, prior.num_train_timesteps)
                 eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
                 pred = prior.predict_noise(prior.add_noise(z, eps, t), t, self.cond)
                 loss = F.mse_loss(pred, eps)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-        return float(loss.detach())
+        return loss.detach()
 
     def close(self) -> None:
         if ADAPTER in getattr(self.unet, "peft_config", {}):

@@ -9,7 +9,6 @@ term's; it draws the correction's small timestep itself).
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field, model_validator
 
 import sdsctl
@@ -40,11 +39,10 @@ class WarmupSchedule(UniformSchedule):
             raise InvalidConfig(f"{config.warmup_t_max} is outside the model's timesteps 0..{last}", field="warmup_t_max")
 
     def __call__(self, step: int) -> StepTimes:
-        cfg, g = self.config, self.ctx.generator
+        cfg = self.config
         warm = step < cfg.warmup_steps
         lo, hi = (cfg.warmup_t_min, cfg.warmup_t_max) if warm else (cfg.t_min, cfg.t_max)
-        t = torch.randint(lo, hi + 1, (1,), generator=g, device=g.device)
-        return StepTimes(t=int(t), phase="warmup" if warm else "main")
+        return StepTimes(t=self.ctx.randint(lo, hi + 1), phase="warmup" if warm else "main")
 
 
 @sdsctl.hookimpl

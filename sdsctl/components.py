@@ -106,9 +106,21 @@ class RunContext:
     recipe: Recipe  # the validated recipe
     device: torch.device
     dtype: torch.dtype  # compute dtype of the prior's forward passes
-    generator: torch.Generator  # all randomness of the run (seeded by recipe.seed)
+    generator: torch.Generator  # all randomness of the run (seeded by recipe.seed), on ``device``
     steps: int
+    #: host-side randomness (timesteps): a CPU generator, so that drawing an integer never waits
+    #: for the device. On the CPU it is ``generator`` itself (one stream, as before).
+    host_generator: torch.Generator | None = None
     _embeddings: dict[str, Tensor] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.host_generator is None:
+            self.host_generator = self.generator if self.generator.device.type == "cpu" else \
+                torch.Generator().manual_seed(self.generator.initial_seed())
+
+    def randint(self, low: int, high: int) -> int:
+        """An integer in [low, high) from the host generator: no device synchronisation."""
+        return int(torch.randint(low, high, (1,), generator=self.host_generator))
 
     def embeddings(self, prompt: str) -> Tensor:
         """Text embeddings ``[1, L, D]`` of ``prompt``, computed once per run and cached."""

@@ -26,6 +26,7 @@ exactly where the run stopped -- on the CPU, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib.metadata
 import math
@@ -45,6 +46,7 @@ from .errors import PluginError, RunFailed, SdsctlError
 from .images import contact_sheet, save_image
 from .plugins import Registered
 from .recipe import LoadedRecipe, to_yaml
+from .records import NonFinite, PendingRecords, StepRecord
 from .rundir import RunDir, check_target
 
 #: CUDA out-of-memory (torch.cuda.OutOfMemoryError before torch 2.5)
@@ -68,12 +70,6 @@ class FitTarget:
 
     latent: torch.Tensor | None
     image: torch.Tensor | None
-
-
-class NonFinite(Exception):
-    def __init__(self, step: int, term: str, value: float):
-        super().__init__(f"{term} is {value}")
-        self.step, self.term, self.value = step, term, value
 
 
 def resolve_device(name: str) -> torch.device:
@@ -307,8 +303,9 @@ class Optimization:
             if steps >= opt.max_fit_steps or bool(remaining <= limit):  # a sync per inner step: the fit's stop test
                 return steps, 1 - remaining / start
 
-    def step(self, k: int) -> dict[str, Any]:
-        """Step ``k`` (0-based); returns its metrics record (``step`` = k + 1)."""
+    def step(self, k: int) -> StepRecord:
+        """Step ``k`` (0-based). Its numbers stay on the device (``sdsctl.records``): no host
+        sync here unless the fit itself needs one (``fit: full``'s stop test)."""
         regs = self.regs
         with blame(regs["schedule"], f"giving step {k + 1} its timestep"):
             times = self.schedule(k)
@@ -319,39 +316,42 @@ class Optimization:
             w = float(self.weighting(times.t))
         step = (self.recipe.optimizer.score_scale * w) * out.score
         target = self.target(z, step, out)
-        loss = self.fit_loss(z, target)
-        # One device sync before θ moves: every number the record and the finiteness check need.
-        terms = ["render", *out.norms, "score", "loss"]
-        values = torch.stack([
-            z.detach().norm(),
-            *(torch.as_tensor(v, dtype=torch.float32, device=z.device) for v in out.norms.values()),
-            step.norm(),
-            loss.detach(),
-        ]).tolist()
-        for term, value in zip(terms, values):
-            if not math.isfinite(value):
-                raise NonFinite(k + 1, term, value)
+        with torch.no_grad():
+            values = [z.detach().norm(), *(_as_tensor(v, z.device) for v in out.norms.values()),
+                      step.norm(), self.fit_loss(z, target).detach()]
         fit_steps, fraction = self.fit(z, target)
-        stats = dict(zip(terms, values))
-        record = {
-            "step": k + 1,
-            "phase": times.phase,
-            "t": times.t,
-            "timesteps": {"t": times.t, **out.timesteps},
-            "weight": w,
-            "loss": stats["loss"],
-            "norms": {"score": stats["score"], **{n: stats[n] for n in out.norms}},
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "fit_steps": fit_steps,
-        }
+        names = ["render", *out.norms, "score", "loss"]
         if fraction is not None:
-            record["fit_fraction"] = round(float(fraction), 6)
-        return record
+            names.append("fit_fraction")
+            values.append(fraction.detach())
+        host = {"step": k + 1, "phase": times.phase, "t": times.t, "timesteps": {"t": times.t, **out.timesteps},
+                "weight": w, "lr": self.optimizer.param_groups[0]["lr"], "fit_steps": fit_steps}
+        return StepRecord(host=host, names=names, values=torch.stack([v.float() for v in values]),
+                          norms=list(out.norms))
+
+    def checkpoint(self, step: int) -> None:
+        """Keep an in-memory copy of the state at ``step``, whose numbers were all finite: a
+        non-finite value found at the next logging step restores it (:meth:`restore_checked`)."""
+        self.checked = (step, copy.deepcopy(self.state(step, 0.0)))
+
+    def restore_checked(self) -> int:
+        """Put back the state of the last checked step; returns that step."""
+        step, state = self.checked
+        self.load_state(copy.deepcopy(state))
+        return step
 
     def close(self) -> None:
         """Let the guidance undo what it did to the shared prior (VSD's LoRA)."""
         with blame(self.regs["guidance"], "closing"):
             self.guidance.close()
+
+
+def _as_tensor(value, device: torch.device) -> torch.Tensor:
+    """A guidance's norm as a 0-dim float32 tensor on the device (a Python float is filled in
+    on the device, not copied from the host)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().reshape(())
+    return torch.full((), float(value), device=device)
 
 
 def _title(loaded: LoadedRecipe) -> str:
@@ -431,7 +431,26 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
             save(step)
             return image
 
-        every, ckpt = recipe.output.preview_every, recipe.output.checkpoint_every
+        pending = PendingRecords()
+
+        def log(step: int) -> None:
+            """Fetch the pending steps' numbers (one host sync), write and show them; θ at
+            ``step`` is then known good (raises NonFinite otherwise)."""
+            for record in pending.flush():
+                run.add_metrics(record)
+                reporter.step(record)
+            opt.checkpoint(step)
+
+        def settle(step: int) -> int:
+            """After a failure: log what is pending, or go back to the last checked step."""
+            try:
+                log(step)
+                return step
+            except NonFinite:
+                return opt.restore_checked()
+
+        out = recipe.output
+        every, ckpt, log_every = out.preview_every, out.checkpoint_every, out.log_every
         done = start
         try:
             try:
@@ -440,6 +459,7 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
                     opt.load_state(state)
                 else:
                     opt.initialize()
+                opt.checkpoint(start)
                 run.write_summary(summary("running", start))
                 reporter.start({"title": _title(loaded), "steps": recipe.steps, "start_step": start,
                                 "device": str(device), "run_dir": str(path)})
@@ -448,16 +468,20 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
                         break
                     record = opt.step(k)
                     done = k + 1
-                    record["seconds"] = round(seconds_before + time.perf_counter() - started, 4)
-                    run.add_metrics(record)
-                    reporter.step(record)
-                    if done % every == 0 or done == recipe.steps:
+                    record.host["seconds"] = round(seconds_before + time.perf_counter() - started, 4)
+                    pending.add(record)
+                    preview = done % every == 0 or done == recipe.steps
+                    if preview or done % log_every == 0 or done % ckpt == 0:
+                        log(done)
+                    if preview:
                         image = opt.image()
                         save_image(image, run.preview_path(done))
                         reporter.preview(done, image)
                     if done % ckpt == 0:
                         save(done)
+                log(done)  # stopped between logging steps
             except NonFinite as exc:
+                done = opt.restore_checked()
                 kept = _keep_good(opt, run, done, finish)
                 message = (f"non-finite value at step {exc.step}: {exc.term} is {exc.value} "
                            f"({_term_owner(exc.term, loaded)}). Stopped; {kept}. {_non_finite_advice(recipe)}")
@@ -465,13 +489,18 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
                 raise RunFailed(message) from None
             except PluginError as exc:
                 run.write_error_log("".join(traceback.format_exception(exc.__cause__ or exc)))
+                failed_at = done + 1
+                if opt is not None:
+                    done = settle(done)
                 kept = _keep_good(opt, run, done, finish)
-                message = f"{exc}. Stopped at step {done + 1}; {kept}; traceback in {run.file('error.log')}"
+                message = f"{exc}. Stopped at step {failed_at}; {kept}; traceback in {run.file('error.log')}"
                 run.write_summary(summary("failed", done, error=message))
                 raise RunFailed(message) from None
             except OOM:
                 torch.cuda.empty_cache()
                 try:
+                    if opt is not None:
+                        done = settle(done)
                     _keep_good(opt, run, done, finish)
                 except OOM:  # saving needs a little memory too; the last checkpoint stays
                     run.flush_metrics()

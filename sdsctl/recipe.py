@@ -105,6 +105,7 @@ class OutputConfig(BaseModel):
     dir: str = "runs"
     preview_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1, description="fetch the steps' numbers from the device every N steps")
 
 
 class Recipe(BaseModel):

@@ -43,7 +43,7 @@ def one_step(opt: Optimization):
 
     opt.target = target
     z0 = render(opt)
-    record = opt.step(0)
+    record = opt.step(0).fetched()
     return z0, seen["target"].latent, record, render(opt)
 
 
@@ -136,7 +136,7 @@ def test_hifa_image_target_is_the_decoded_denoised_estimate(recipe_file, prior):
         return seen["found"]
 
     opt.guidance.score, opt.target = score, target
-    t = opt.step(0)["t"]
+    t = opt.step(0).fetched()["t"]
     replay = torch.Generator()
     replay.set_state(seen["generator"])
     eps = torch.randn(seen["z"].shape, generator=replay)

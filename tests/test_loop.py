@@ -123,7 +123,7 @@ def test_gradient_of_the_surrogate_loss_is_the_weighted_score(recipe_file, tiny_
         return original_fit(z, target)
 
     opt.adam_step = fit
-    record = opt.step(0)
+    record = opt.step(0).fetched()
     assert torch.allclose(seen["grad"], seen["g"])
     assert seen["g"].norm().item() == pytest.approx(record["norms"]["score"], rel=1e-5)
 
@@ -274,17 +274,20 @@ def test_resume_needs_a_run_directory(cli, tmp_path):
     assert cli("resume", tmp_path / "nope").exit_code == 2
 
 
-def test_sigint_in_process_then_resume_matches_an_uninterrupted_run(cli, recipe_file, tmp_path):
+def test_sigint_in_process_then_resume_matches_an_uninterrupted_run(cli, recipe_file, tmp_path, monkeypatch):
     path = recipe_file({"steps": 6})
     assert cli("run", path, "--out", tmp_path / "full", "--no-live").exit_code == 0
+    original = Optimization.step
 
-    class InterruptAfterStep3(PlainLog):
-        def step(self, record):
-            super().step(record)
-            if record["step"] == 3:
-                os.kill(os.getpid(), signal.SIGINT)  # handled by the run: finish the step, save
+    def interrupt_after_step_3(self, k):
+        record = original(self, k)
+        if k == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled by the run: finish the step, save
+        return record
 
-    result = execute(load_recipe(path), tmp_path / "part", InterruptAfterStep3(100))
+    monkeypatch.setattr(Optimization, "step", interrupt_after_step_3)
+    result = execute(load_recipe(path), tmp_path / "part", PlainLog(100))
+    monkeypatch.undo()
     assert (result.status, result.steps_done) == ("interrupted", 3)
     summary = json.loads((tmp_path / "part" / "summary.json").read_text())
     assert (summary["status"], summary["steps_done"]) == ("interrupted", 3)
