@@ -95,6 +95,25 @@ def test_model_command_describes_each_family_from_configs(name, cli, tiny_famili
     assert info["parameters"] == {n: sum(p.numel() for p in m.parameters()) for n, m in modules.items() if m is not None}
 
 
+def test_variant_files_are_the_ones_described_and_loaded(cli, tiny_families, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    folder = shutil.copytree(tiny_families["sd1"], tmp_path / "sd1-fp16")
+    UNet2DConditionModel.from_pretrained(folder / "unet").half().save_pretrained(folder / "unet", variant="fp16")
+    info = json.loads(cli("model", folder, "--json", "--variant", "fp16").stdout)
+    assert info["dtype_on_disk"]["unet"] == "float16"
+    assert json.loads(cli("model", folder, "--json").stdout)["dtype_on_disk"]["unet"] == "float32"
+    prior = Prior.load(str(folder), CPU, torch.float16, variant="fp16")
+    assert prior.denoiser.dtype == torch.float16
+
+
+def test_latent_geometry_comes_from_the_vae_not_the_unet_input(tiny_families, tmp_path):
+    folder = shutil.copytree(tiny_families["sd1"], tmp_path / "inpaint-like")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 9}))  # as inpainting UNets have
+    assert Prior.describe(str(folder)).latent_channels == 4
+
+
 def test_model_command_prints_a_summary(cli, tiny_families):
     result = cli("model", tiny_families["sdxl"])
     assert result.exit_code == 0
