@@ -28,7 +28,8 @@ class HashGridOptions(ComponentConfig):
     grid: HashGridConfig = Field(default_factory=HashGridConfig, description="hash encoding (tiny-cuda-nn's HashGrid options)")
     hidden_width: int = Field(32, gt=0, description="width of the MLP's hidden layers")
     hidden_layers: int = Field(1, ge=0, description="number of hidden layers")
-    output_activation: Literal["none", "sigmoid", "tanh"] = "none"
+    output_activation: Literal["none", "sigmoid", "tanh"] = Field(
+        "none", description="the MLP's last activation (latents are unbounded: none)")
     init_steps: int = Field(300, ge=0, description="Adam steps of the pre-fit to the initial image")
     init_lr: float = Field(1e-2, gt=0, description="learning rate of the pre-fit")
 
@@ -56,7 +57,7 @@ class _HashGridParameterization(Parameterization):
         target = self.initial_target()
         if self.config.init == "zeros":
             target = torch.zeros_like(target)
-        fit_to(self.field, target, steps=self.config.init_steps, lr=self.config.init_lr)
+        fit_to(self, target, steps=self.config.init_steps, lr=self.config.init_lr)  # through forward's output map
 
     def forward(self) -> torch.Tensor:
         return self.field()
@@ -78,11 +79,15 @@ class LatentHashGrid(_HashGridParameterization):
 
 
 class RGBHashGrid(_HashGridParameterization):
+    """RGB in [0, 1] from ``sigmoid`` or (tanh + 1)/2: both smooth, so no output value is ever cut
+    off from its gradient (a clamp would strand a pixel that overshoots)."""
+
     space = "rgb"
 
     class Config(HashGridOptions):
         name: str = "rgb-hashgrid"
-        output_activation: Literal["none", "sigmoid", "tanh"] = "sigmoid"
+        output_activation: Literal["sigmoid", "tanh"] = Field(
+            "sigmoid", description="how the MLP's output becomes [0, 1]: sigmoid, or tanh mapped as (tanh + 1)/2")
 
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
@@ -94,7 +99,7 @@ class RGBHashGrid(_HashGridParameterization):
 
     def forward(self) -> torch.Tensor:
         x = self.field()
-        return x if self.config.output_activation == "sigmoid" else x.clamp(0, 1)
+        return x if self.config.output_activation == "sigmoid" else (x + 1) / 2
 
 
 @sdsctl.hookimpl

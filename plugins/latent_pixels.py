@@ -61,6 +61,11 @@ class LatentPixels(Parameterization):
     def forward(self) -> torch.Tensor:
         return self.latents
 
+    def assign(self, target: torch.Tensor) -> bool:
+        """θ is the latent: a full fit is an assignment (the study's cuisine 1 on EPL)."""
+        self.latents.copy_(target)
+        return True
+
 
 @sdsctl.hookimpl
 def register_parameterizations(register):

@@ -1,8 +1,9 @@
 """Parameterization ``rgb-pixels``: θ is the RGB image itself, encoded by the VAE each step.
 
 Started, as the study prescribes for colour, from the decoded Gaussian latent (not RGB
-noise); ``init: zeros`` starts from a black image. Values are clamped to [0, 1] when
-rendered.
+noise); ``init: zeros`` starts from a black image. θ holds logits and the image is
+sigmoid(θ): every value of θ renders inside [0, 1] and every pixel keeps a gradient, so a
+pixel pushed towards 0 or 1 can come back (a clamp would leave it there with no gradient).
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ import sdsctl
 from sdsctl.components import ComponentConfig, Parameterization
 
 from .latent_pixels import check_resolution
+
+
+#: images are kept this far inside (0, 1) when turned into logits (a finite θ for black/white)
+EDGE = 1e-3
+
+
+def logit(rgb: torch.Tensor) -> torch.Tensor:
+    return torch.logit(rgb.clamp(EDGE, 1 - EDGE))
 
 
 class RGBPixels(Parameterization):
@@ -33,18 +42,24 @@ class RGBPixels(Parameterization):
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
         size = config.resolution or ctx.prior.image_size
-        self.rgb = torch.nn.Parameter(torch.zeros(1, 3, size, size, device=ctx.device))
+        self.logits = torch.nn.Parameter(torch.full((1, 3, size, size), torch.logit(torch.tensor(EDGE)).item(),
+                                                    device=ctx.device))
 
     def initialize(self) -> None:
         if self.config.init == "gaussian":
             prior, g = self.ctx.prior, self.ctx.generator
-            size = self.rgb.shape[-1] // prior.vae_scale_factor
+            size = self.logits.shape[-1] // prior.vae_scale_factor
             z = torch.randn((1, prior.latent_channels, size, size), generator=g, device=g.device)
             with torch.no_grad():
-                self.rgb.copy_(prior.decode_latents(z).float())
+                self.logits.copy_(logit(prior.decode_latents(z).float()))
 
     def forward(self) -> torch.Tensor:
-        return self.rgb.clamp(0, 1)
+        return torch.sigmoid(self.logits)
+
+    def assign(self, target: torch.Tensor) -> bool:
+        """A full fit to a target image (``fit_space: image``) is an assignment of its logits."""
+        self.logits.copy_(logit(target))
+        return True
 
 
 @sdsctl.hookimpl

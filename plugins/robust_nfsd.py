@@ -9,9 +9,11 @@ term to make it twice the norm of the classifier term." With the classifier term
     score = s_cfg · δ_C + ratio · ‖s_cfg · δ_C‖ / ‖δ_D‖ · δ_D
 
 so every step balances semantics and realism by the same proportion, whatever the
-parameterization. During a schedule's ``warmup`` phase it is plain NFSD at the (large)
-timestep: the classifier term plus ``warmup_correction_scale`` times NFSD's negative-prompt
-correction. Both timesteps' rows go through the UNet in one batched call (three rows).
+parameterization. During a schedule's ``warmup`` phase it is NFSD at the (large) timestep,
+as the study says ("optimize the NFSD"): the classifier term plus ``warmup_correction_scale``
+(default 1, NFSD's own) times NFSD's correction with the recipe's ``negative_prompt``. Both
+timesteps' rows go through the UNet in one batched call: one model call per step (three
+rows). The denoised estimate (HiFA's image target) is the CFG prediction's at the large t.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import Field, model_validator
 
 import sdsctl
 from sdsctl.components import GuidanceOutput, InvalidConfig, StepTimes
+from sdsctl.diffusion import eps_to_x0
 
 from .nfsd import NFSD, NFSDConfig
 
@@ -30,7 +33,7 @@ class RobustNFSDConfig(NFSDConfig):
     ratio: float = Field(2.0, gt=0, description="‖correction‖ / ‖classifier‖ after rescaling")
     correction_t_min: int = Field(20, ge=0, description="smallest timestep of the correction term")
     correction_t_max: int = Field(200, gt=0, description="the correction's timestep is below this")
-    warmup_correction_scale: float = Field(0.0, ge=0, description="NFSD correction scale during warm-up (0: classifier only)")
+    warmup_correction_scale: float = Field(1.0, ge=0, description="NFSD's correction scale during warm-up (0: the classifier term only)")
 
     @model_validator(mode="after")
     def _order(self):
@@ -44,6 +47,8 @@ class RobustNFSD(NFSD):
 
     @classmethod
     def check(cls, config, recipe, model) -> None:
+        if config.warmup_correction_scale > 0:
+            super().check(config, recipe, model)
         if config.correction_t_max > model.num_train_timesteps:
             raise InvalidConfig(f"{config.correction_t_max} is outside the model's timesteps 0..{model.num_train_timesteps - 1}",
                                 field="correction_t_max")
@@ -51,12 +56,7 @@ class RobustNFSD(NFSD):
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         cfg = self.config
         if times.phase == "warmup":
-            scale = cfg.warmup_correction_scale
-            classifier, correction = self.terms(self.noised(z, times.t), times.t, correction=scale > 0)
-            c = cfg.guidance_scale * classifier
-            d = scale * correction if scale > 0 else torch.zeros_like(c)
-            return GuidanceOutput(score=c + d, norms={"classifier": c.norm(), "correction": d.norm()},
-                                  timesteps={"t": times.t})
+            return self.nfsd(z, times.t, cfg.warmup_correction_scale)
         g = self.ctx.generator
         s = int(torch.randint(cfg.correction_t_min, cfg.correction_t_max, (1,), generator=g, device=g.device))
         z_t, z_s = self.noised(z, times.t), self.noised(z, s)
@@ -69,7 +69,8 @@ class RobustNFSD(NFSD):
         c_norm = c.norm()
         d = d * (cfg.ratio * c_norm / d.norm().clamp_min(1e-12))
         return GuidanceOutput(score=c + d, norms={"classifier": c_norm, "correction": d.norm()},
-                              timesteps={"t": times.t, "t_correction": s})
+                              timesteps={"t": times.t, "t_correction": s},
+                              denoised=eps_to_x0(preds[0] + c, z_t, self.ctx.prior.alphas_cumprod[times.t]))
 
 
 @sdsctl.hookimpl

@@ -7,10 +7,12 @@ that estimate (eq. 9 of the paper, 2-D: no camera conditioning)::
 
     score = ε_pretrained,CFG(z_t; y, t) − ε_LoRA(z_t; y, t)
 
-The LoRA starts as the identity (B = 0), drawn from the run's generator. The pretrained
-rows (unconditional and conditional) go through the UNet in one batched call with the
-adapter disabled; the LoRA's estimate needs a second call with it enabled, and each LoRA
-update a third (with gradients) — they cannot share a call since the weights differ.
+The LoRA starts as the identity (B = 0), drawn from the run's generator, and leaves the
+shared UNet when the run ends (``close``). The pretrained rows (unconditional -- the
+recipe's ``negative_prompt`` -- and conditional) go through the UNet in one batched call
+with the adapter disabled; the LoRA's estimate needs a second call with it enabled, and each
+LoRA update a third (with gradients) — they cannot share a call since the weights differ:
+2 + ``lora_updates`` model calls per step.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, StepTimes
-from sdsctl.diffusion import cfg
+from sdsctl.diffusion import cfg, eps_to_x0
 
 ADAPTER = "sdsctl_vsd"
 
 
 class VSD(Guidance):
+    gives_denoised = True
+
     class Config(ComponentConfig):
         name: str = "vsd"
         guidance_scale: float = Field(7.5, ge=0, description="CFG scale of the pretrained estimate")
@@ -76,6 +80,7 @@ class VSD(Guidance):
             score=pretrained - e_lora,
             norms={"pretrained": pretrained.norm(), "lora": e_lora.norm(), "lora_loss": lora_loss},
             timesteps={"t": times.t},
+            denoised=eps_to_x0(pretrained, z_t, prior.alphas_cumprod[times.t]),
         )
 
     def update_lora(self, z: torch.Tensor) -> float:
@@ -92,6 +97,10 @@ class VSD(Guidance):
                 loss.backward()
                 self.optimizer.step()
         return float(loss.detach())
+
+    def close(self) -> None:
+        if ADAPTER in getattr(self.unet, "peft_config", {}):
+            self.unet.delete_adapters(ADAPTER)
 
     def state_dict(self):
         return {"lora": {n: p.detach().clone() for n, p in self.lora.items()}, "optimizer": self.optimizer.state_dict()}

@@ -11,8 +11,8 @@ The step these components take part in (``docs/architecture.md``)::
     x      = parameterization()
     z      = x if space == "latent" else prior.encode_images(x)
     out    = guidance.score(z.detach(), times)
-    g      = score_scale * weighting(times.t) * out.score
-    target = (z - g).detach();  loss = 0.5 * ||z - target||^2
+    g      = weighting(times.t) * out.score
+    target = (z - score_scale * g).detach();  loss = 0.5 * ||z - target||^2
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ class GuidanceOutput:
     score: Tensor  # same shape as z; float32
     norms: dict[str, float | Tensor]  # e.g. {"classifier": .., "correction": ..}; 0-dim tensors are fine
     timesteps: dict[str, int]  # every timestep used, e.g. {"t": 700, "t_correction": 120}
+    #: the one-step denoised estimate ẑ₀ = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t of the step's guided
+    #: prediction (``sdsctl.diffusion.eps_to_x0``); HiFA's image target decodes it. None for a
+    #: guidance without one (its class says so with ``gives_denoised = False``).
+    denoised: Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -124,6 +128,12 @@ class Parameterization(torch.nn.Module, Component):
     def initialize(self) -> None:
         """Set θ's starting value (a fresh run only; a resumed run loads its state)."""
 
+    def assign(self, target: Tensor) -> bool:
+        """Set θ so that it renders ``target`` exactly, if this parameterization can (a full
+        fit in one move: ``optimizer.fit: full``); return whether it did. ``target`` is in the
+        space this parameterization renders. The default cannot."""
+        return False
+
     def image(self) -> Tensor:
         """The current image as float RGB ``[3, H, W]`` in [0, 1], without gradients."""
         with torch.no_grad():
@@ -142,9 +152,15 @@ class Guidance(Component):
     """
 
     kind = "guidance"
+    #: whether ``score`` fills ``GuidanceOutput.denoised`` (HiFA's image target needs it)
+    gives_denoised: ClassVar[bool] = False
 
     def score(self, z: Tensor, times: StepTimes) -> GuidanceOutput:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Undo what the guidance did to the shared prior (e.g. VSD's LoRA); called when the
+        run ends, however it ends. The default does nothing."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

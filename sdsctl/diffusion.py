@@ -1,4 +1,4 @@
-"""The diffusion formulas sdsctl states once: classifier-free guidance and v -> ε.
+"""The diffusion formulas sdsctl states once: classifier-free guidance, v -> ε, ε -> x̂₀.
 
 Classifier-free guidance (Ho & Salimans 2022), in the form diffusers uses::
 
@@ -38,3 +38,10 @@ def x0_to_eps(x0: Tensor, z_t: Tensor, alpha_bar: Tensor) -> Tensor:
     """ε from a sample prediction: ``ε = (z_t − √ᾱ_t · x̂_0) / √(1 − ᾱ_t)``."""
     a = _per_row(alpha_bar, z_t)
     return (z_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def eps_to_x0(eps: Tensor, z_t: Tensor, alpha_bar: Tensor) -> Tensor:
+    """The one-step denoised estimate ``x̂_0 = (z_t − √(1 − ᾱ_t) · ε̂) / √ᾱ_t`` (DDPM eq. 15;
+    HiFA's image target decodes it). ``alpha_bar``: ᾱ_t, one value or one per row."""
+    a = _per_row(alpha_bar.reshape(-1).expand(z_t.shape[0]) if alpha_bar.dim() == 0 else alpha_bar, z_t)
+    return (z_t - (1 - a).sqrt() * eps) / a.sqrt()

@@ -6,14 +6,16 @@ One step::
     x      = parameterization()                      # latents, or RGB
     z      = x if space == "latent" else prior.encode_images(x)
     out    = guidance.score(z.detach(), times)       # under no_grad: no gradient through the UNet
-    g      = score_scale * weighting(times.t) * out.score
-    target = (z - g).detach()
-    loss   = 0.5 * ||z - target||^2                  # its gradient w.r.t. z is g
-    loss.backward(); optimizer.step()                # then inner_steps - 1 more fits of θ to target
+    g      = weighting(times.t) * out.score
+    target = (z - score_scale * g).detach()          # z* = z − k·g
+    loss   = 0.5 * ||z - target||^2                  # its gradient w.r.t. z is k·g
+    fit θ to target                                  # optimizer.fit: one Adam step (adam) or until
+                                                     # R(θ) ≈ z* (full: assignment or inner steps)
 
-For RGB parameterizations ``optimizer.fit_space`` may add or substitute HiFA's image-space
-loss 0.5·‖x − sg(D(z − g))‖² (``image``: instead of the latent loss, no encoder graph;
-``both``: added with weight ``image_weight``).
+For RGB parameterizations ``optimizer.fit_space`` may add or substitute an image-space loss
+0.5·‖x − sg(x*)‖² (``image``: instead of the latent loss, no encoder graph; ``both``: added
+with weight ``image_weight``); x* is HiFA's decoded denoised estimate or the decoded target
+(``optimizer.image_target``).
 
 Reliability (issue 5): the step's numbers are checked before θ moves, so a non-finite score
 stops the run with the last good θ; SIGINT/SIGTERM finish the step and save; the saved state
@@ -61,8 +63,8 @@ class RunResult:
 
 @dataclasses.dataclass
 class FitTarget:
-    """What θ is fitted to in one step: the target latent z* = z − g (``fit_space`` latent or
-    both) and/or the decoded target image x* = D(z*) (image or both)."""
+    """What θ is fitted to in one step: the target latent z* = z − k·g (``fit_space`` latent or
+    both) and/or the target image x* (image or both: ``optimizer.image_target``)."""
 
     latent: torch.Tensor | None
     image: torch.Tensor | None
@@ -246,7 +248,24 @@ class Optimization:
                     return self.prior.encode_images(x)
             return self.prior.encode_images(x)
 
-    def fit_loss(self, z: torch.Tensor, target: "FitTarget") -> torch.Tensor:
+    def target(self, z: torch.Tensor, step: torch.Tensor, out) -> FitTarget:
+        """The step's target: z* = z − k·g and/or the image x* of ``optimizer.image_target``."""
+        opt = self.recipe.optimizer
+        latent = (z - step).detach()
+        image = None
+        if opt.fit_space != "latent":
+            if opt.image_target == "hifa":
+                if out.denoised is None:
+                    raise PluginError(f"{self.regs['guidance'].describe()} gave no denoised estimate, which "
+                                      "image_target: hifa needs")
+                source = out.denoised
+            else:
+                source = latent
+            with blame(self.regs["model"], "decoding the image target"), torch.no_grad():
+                image = self.prior.decode_latents(source.detach())
+        return FitTarget(latent=None if opt.fit_space == "image" else latent, image=image)
+
+    def fit_loss(self, z: torch.Tensor, target: FitTarget) -> torch.Tensor:
         """0.5·‖z − z*‖² and/or ``image_weight``·0.5·‖x − x*‖² (x: the last rendered RGB)."""
         loss = torch.zeros((), device=z.device)
         if target.latent is not None:
@@ -256,7 +275,7 @@ class Optimization:
             loss = loss + weight * 0.5 * (self.last_rgb - target.image).pow(2).sum()
         return loss
 
-    def fit(self, z: torch.Tensor, target: "FitTarget") -> torch.Tensor:
+    def adam_step(self, z: torch.Tensor, target: FitTarget) -> torch.Tensor:
         """One Adam step of θ towards the step's target (``z`` and ``last_rgb`` from one render)."""
         loss = self.fit_loss(z, target)
         self.optimizer.zero_grad(set_to_none=True)
@@ -264,6 +283,44 @@ class Optimization:
             loss.backward()
         self.optimizer.step()
         return loss
+
+    def residual(self, z: torch.Tensor, target: FitTarget) -> torch.Tensor:
+        """‖R(θ) − target‖ in the space the fit measures: latents, or the image for ``fit_space: image``."""
+        if target.latent is not None:
+            return (z.detach() - target.latent).norm()
+        return (self.last_rgb.detach() - target.image).norm()
+
+    def fit(self, z: torch.Tensor, target: FitTarget) -> tuple[int, torch.Tensor | None]:
+        """Move θ towards ``target`` by ``optimizer.fit``; returns (Adam steps taken, the
+        reached fraction 1 − ‖R(θ) − target‖ / ‖R(θ₀) − target‖, or None where measuring it
+        would cost an extra VAE encoder pass)."""
+        opt = self.recipe.optimizer
+        encode = target.latent is not None
+        start = self.residual(z, target).clamp_min(1e-20)
+        if opt.fit == "adam":
+            self.adam_step(z, target)
+            for _ in range(opt.inner_steps - 1):
+                self.adam_step(self.render(encode=encode), target)
+            if not self.latent and encode:
+                return opt.inner_steps, None
+            with torch.no_grad():
+                return opt.inner_steps, 1 - self.residual(self.render(encode=encode), target) / start
+        in_render_space = target.latent if self.latent else (None if encode else target.image)
+        if in_render_space is not None:
+            with blame(self.regs["parameterization"], "assigning the target"), torch.no_grad():
+                assigned = self.param.assign(in_render_space)
+            if assigned:
+                with torch.no_grad():
+                    return 0, 1 - self.residual(self.render(encode=encode), target) / start
+        limit = opt.fit_tolerance * start
+        steps = 0
+        while True:
+            self.adam_step(z, target)
+            steps += 1
+            z = self.render(encode=encode)
+            remaining = self.residual(z, target)
+            if steps >= opt.max_fit_steps or bool(remaining <= limit):  # a sync per inner step: the fit's stop test
+                return steps, 1 - remaining / start
 
     def step(self, k: int) -> dict[str, Any]:
         """Step ``k`` (0-based); returns its metrics record (``step`` = k + 1)."""
@@ -275,31 +332,23 @@ class Optimization:
             out = self.guidance.score(z.detach(), times)
         with blame(regs["weighting"], f"weighting t={times.t}"):
             w = float(self.weighting(times.t))
-        g = (self.recipe.optimizer.score_scale * w) * out.score
-        space = self.recipe.optimizer.fit_space
-        target_z = (z - g).detach()
-        target_x = None
-        if space != "latent":  # HiFA's image-space target: the decoded target latent
-            with blame(regs["model"], "decoding the target"), torch.no_grad():
-                target_x = self.prior.decode_latents(target_z)
-        target = FitTarget(latent=None if space == "image" else target_z, image=target_x)
+        step = (self.recipe.optimizer.score_scale * w) * out.score
+        target = self.target(z, step, out)
         loss = self.fit_loss(z, target)
-        # One device sync per step: every number the record and the finiteness check need.
+        # One device sync before θ moves: every number the record and the finiteness check need.
         terms = ["render", *out.norms, "score", "loss"]
         values = torch.stack([
             z.detach().norm(),
             *(torch.as_tensor(v, dtype=torch.float32, device=z.device) for v in out.norms.values()),
-            g.norm(),
+            step.norm(),
             loss.detach(),
         ]).tolist()
         for term, value in zip(terms, values):
             if not math.isfinite(value):
                 raise NonFinite(k + 1, term, value)
-        self.fit(z, target)
-        for _ in range(self.recipe.optimizer.inner_steps - 1):
-            self.fit(self.render(encode=target.latent is not None), target)
+        fit_steps, fraction = self.fit(z, target)
         stats = dict(zip(terms, values))
-        return {
+        record = {
             "step": k + 1,
             "phase": times.phase,
             "t": times.t,
@@ -308,7 +357,16 @@ class Optimization:
             "loss": stats["loss"],
             "norms": {"score": stats["score"], **{n: stats[n] for n in out.norms}},
             "lr": self.optimizer.param_groups[0]["lr"],
+            "fit_steps": fit_steps,
         }
+        if fraction is not None:
+            record["fit_fraction"] = round(float(fraction), 6)
+        return record
+
+    def close(self) -> None:
+        """Let the guidance undo what it did to the shared prior (VSD's LoRA)."""
+        with blame(self.regs["guidance"], "closing"):
+            self.guidance.close()
 
 
 def _title(loaded: LoadedRecipe) -> str:
@@ -420,8 +478,7 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
             except NonFinite as exc:
                 kept = _keep_good(opt, run, done, finish)
                 message = (f"non-finite value at step {exc.step}: {exc.term} is {exc.value} "
-                           f"({_term_owner(exc.term, loaded)}). Stopped; {kept}. Lower optimizer.lr, "
-                           "the guidance scale or optimizer.score_scale, or use dtype float32.")
+                           f"({_term_owner(exc.term, loaded)}). Stopped; {kept}. {_non_finite_advice(recipe)}")
                 run.write_summary(summary("failed", done, error=message, failed_step=exc.step, failed_term=exc.term))
                 raise RunFailed(message) from None
             except PluginError as exc:
@@ -443,16 +500,19 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
             run.flush_metrics()
             run.write_summary(summary("interrupted", done, note="aborted mid-step; state.pt is the last checkpoint"))
             return RunResult("interrupted", done, recipe.steps, path)
+        else:
+            reporter.close()
+            image = finish(done)
+            if done < recipe.steps:
+                run.write_summary(summary("interrupted", done))
+                return RunResult("interrupted", done, recipe.steps, path)
+            metrics = _metrics(opt, image, reporter)
+            run.write_summary(summary("completed", done, metrics=metrics))
+            return RunResult("completed", done, recipe.steps, path)
         finally:
             reporter.close()
-
-        image = finish(done)
-        if done < recipe.steps:
-            run.write_summary(summary("interrupted", done))
-            return RunResult("interrupted", done, recipe.steps, path)
-        metrics = _metrics(opt, image, reporter)
-        run.write_summary(summary("completed", done, metrics=metrics))
-        return RunResult("completed", done, recipe.steps, path)
+            if opt is not None:
+                opt.close()  # after the last save: VSD's LoRA leaves the shared UNet
 
 
 def _keep_good(opt: Optimization | None, run: RunDir, done: int, finish) -> str:
@@ -465,6 +525,17 @@ def _keep_good(opt: Optimization | None, run: RunDir, done: int, finish) -> str:
         return f"the last good state (step {done}) is in {run.file('state.pt')} and its image in final.png"
     run.flush_metrics()
     return f"θ itself is not finite; {run.file('state.pt')} keeps the last checkpoint"
+
+
+def _non_finite_advice(recipe) -> str:
+    """What to turn when the step's numbers overflow: the knobs that change the step's size."""
+    knobs = ["optimizer.lr", "the guidance scale"]
+    if recipe.optimizer.fit == "full":
+        knobs.append("optimizer.score_scale (the amplification)")
+    advice = f"Lower {', '.join(knobs[:-1])} or {knobs[-1]}"
+    if recipe.dtype != "float32":
+        advice += ", or use dtype float32"
+    return advice + "."
 
 
 def _term_owner(term: str, loaded: LoadedRecipe) -> str:

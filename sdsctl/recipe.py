@@ -48,15 +48,30 @@ DEFAULT_NAMES = {
 
 
 class OptimizerConfig(BaseModel):
-    """Adam on θ. ``inner_steps`` refits θ to the same target k times per step.
+    """How θ follows each step's target z* = z − k·g (k = ``score_scale``, g the weighted score).
 
-    ``fit_space`` says where θ is fitted to the step's target: ``latent`` (the surrogate
-    0.5·‖z − sg(z − g)‖², gradients through the VAE encoder for RGB parameterizations) or
-    ``image`` (RGB parameterizations only: the target latent is decoded, x* = D(z − g), and
-    θ fitted by 0.5·‖x − sg(x*)‖², HiFA's image-space loss; no gradient through the encoder)
-    or ``both`` (RGB only: the latent loss plus ``image_weight`` times the image loss, as HiFA
-    combines them; the image term pulls the pixels the encoder cannot see, its null space,
-    towards the decoder's images).
+    ``fit`` says how far θ moves towards z* in one step:
+
+    * ``adam`` -- one Adam step on the surrogate 0.5·‖z − sg(z*)‖² (its gradient w.r.t. z is
+      k·g), then ``inner_steps`` − 1 more Adam steps towards the same target. This is what
+      most SDS code does, and it is *not* a full fit: an Adam step moves each parameter by
+      about ``lr`` whatever the gradient's size, so it covers a small fraction of the way to
+      z* (``fit_fraction`` in metrics.jsonl), and a constant ``score_scale`` cancels in Adam's
+      normalisation (it has almost no effect; validation warns).
+    * ``full`` -- the study's cuisine 1 ("fully optimize θ to match the score"): θ is fitted
+      until the rendering reaches z*. Latent pixels are assigned (θ ← z*); other
+      parameterizations take Adam steps until ‖R(θ) − z*‖ ≤ ``fit_tolerance``·‖z − z*‖ or
+      ``max_fit_steps`` steps. Here ``score_scale`` amplifies the step (the study's "amplify
+      the NFSD score" to need fewer iterations).
+
+    ``fit_space`` says where θ is fitted: ``latent`` (the surrogate above, gradients through
+    the VAE encoder for RGB parameterizations), ``image`` (RGB parameterizations only: θ is
+    fitted by 0.5·‖x − sg(x*)‖² to a target image x*, no gradient through the encoder) or
+    ``both`` (the latent loss plus ``image_weight`` times the image loss). ``image_target``
+    says what x* is: ``hifa`` -- HiFA's (Zhu & Zhuang 2023, eq. 7), the decoded one-step
+    denoised estimate D(ẑ₀), ẑ₀ = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t, given by the guidance; or
+    ``decoded-target`` -- the decoded step target D(z*) (sdsctl's own: it pulls the pixels the
+    encoder cannot see, its null space, towards the decoder's image of where the score points).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -65,9 +80,13 @@ class OptimizerConfig(BaseModel):
     lr: float = Field(0.01, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
-    inner_steps: int = Field(1, ge=1)
-    score_scale: float = Field(1.0, gt=0)
+    fit: Literal["adam", "full"] = "adam"
+    inner_steps: int = Field(1, ge=1, description="fit: adam -- Adam steps per step towards the same target")
+    max_fit_steps: int = Field(50, ge=1, description="fit: full -- the most Adam steps a step's fit may take")
+    fit_tolerance: float = Field(0.01, gt=0, lt=1, description="fit: full -- stop when ‖R(θ) − z*‖ ≤ this · ‖z − z*‖")
+    score_scale: float = Field(1.0, gt=0, description="k: the target is z − k·g (amplification; fit: full)")
     fit_space: Literal["latent", "image", "both"] = "latent"
+    image_target: Literal["hifa", "decoded-target"] = "hifa"
     image_weight: float = Field(0.1, ge=0, description="weight of the image loss when fit_space is both")
 
     @field_validator("betas")
@@ -459,13 +478,25 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
                                 f"{recipe.parameterization.name!r} renders latents, but {info.pipeline} ({info.family}) "
                                 f"denoises pixels (it has no VAE); use a parameterization that renders RGB: "
                                 f"{', '.join(fits)} (--set parameterization.name={fits[0] if fits else '...'})"))
-    if recipe.optimizer.fit_space != "latent" and found["parameterization"].obj.space != "rgb":
+    opt = recipe.optimizer
+    if opt.fit_space != "latent" and found["parameterization"].obj.space != "rgb":
         problems.append(Problem(where(("optimizer", "fit_space")), "optimizer.fit_space",
-                                f"{recipe.optimizer.fit_space!r} needs an RGB parameterization; {recipe.parameterization.name!r} renders "
+                                f"{opt.fit_space!r} needs an RGB parameterization; {recipe.parameterization.name!r} renders "
                                 "latents (use fit_space: latent, or an rgb-* parameterization)"))
+    if opt.fit_space != "latent" and opt.image_target == "hifa" and not found["guidance"].obj.gives_denoised:
+        problems.append(Problem(where(("optimizer", "image_target")), "optimizer.image_target",
+                                f"'hifa' needs the guidance's denoised estimate, which {recipe.guidance.name!r} does not give "
+                                "(use image_target: decoded-target)"))
+    if opt.fit == "full" and opt.inner_steps != 1:
+        problems.append(Problem(where(("optimizer", "inner_steps")), "optimizer.inner_steps",
+                                "inner_steps is for fit: adam; with fit: full the fit stops at fit_tolerance "
+                                "or max_fit_steps"))
     if problems:
         raise RecipeError(sorted(problems, key=_order))
     warnings = []
+    if opt.fit == "adam" and opt.score_scale != 1:
+        warnings.append(f"optimizer.score_scale {opt.score_scale:g} has almost no effect with fit: adam (Adam "
+                        "normalises the gradient's scale away); amplification needs fit: full")
     for key in ("prompt", "negative_prompt"):
         text = getattr(recipe, key)
         unknown = info.unknown_words(text)

@@ -33,6 +33,13 @@ def prior(tiny_prior):
 
 @pytest.fixture
 def recipe(recipe_file):
+    """The recipe the guidances see: NFSD's negative prompt as its y_neg (SDS/VSD: CFG's ∅ row)."""
+    return load_recipe(recipe_file({"negative_prompt": NFSD_NEGATIVE_PROMPT})).recipe
+
+
+@pytest.fixture
+def plain(recipe_file):
+    """A recipe with an empty negative prompt: CFG's unconditional row is the empty prompt."""
     return load_recipe(recipe_file()).recipe
 
 
@@ -117,14 +124,37 @@ def test_nfsd_score_in_both_regimes(prior, recipe, t, large):
     assert float(out.norms["classifier"]) == pytest.approx(float((7.5 * classifier).norm()), rel=1e-6)
     assert float(out.norms["correction"]) == pytest.approx(float((0.1 * correction).norm()), rel=1e-6)
     assert out.timesteps == {"t": t}
+    # HiFA's image target: the CFG prediction's one-step denoised estimate
+    a = prior.alphas_cumprod[t]
+    guided = e[""] + 7.5 * classifier
+    torch.testing.assert_close(out.denoised, (z_t - (1 - a).sqrt() * guided) / a.sqrt(), rtol=1e-5, atol=1e-5)
+
+
+def test_nfsd_y_neg_is_the_recipes_negative_prompt(prior, recipe_file):
+    """One meaning for negative_prompt: NFSD's y_neg is the recipe's, not an option of its own."""
+    other = "dull, dark"
+    fake = KnownUNet(prior, ["", PROMPT, other])
+    nfsd = NFSD(NFSD.Config(), make_ctx(fake, load_recipe(recipe_file({"negative_prompt": other})).recipe))
+    nfsd.score(latent(prior), StepTimes(t=700))
+    assert fake.calls[0]["prompts"] == ["", PROMPT, other]
+    assert "negative_prompt" not in NFSD.Config.model_fields
+
+
+@pytest.mark.parametrize("guidance", ["nfsd", "robust-nfsd"])
+def test_nfsd_with_an_empty_negative_prompt_is_a_validation_error(recipe_file, guidance):
+    from sdsctl.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="negative_prompt is empty"):
+        load_recipe(recipe_file({"guidance": guidance}))
+    load_recipe(recipe_file({"guidance": {"name": guidance, "threshold": 1000}}))  # ε(∅) at every t: fine
 
 
 def test_nfsd_regimes_differ_on_the_real_prior(prior, recipe):
     """On the real UNet the correction below and above the threshold are different terms."""
     nfsd = NFSD(NFSD.Config(guidance_scale=0.0, correction_scale=1.0, threshold=500), make_ctx(prior, recipe))
     z = latent(prior)
-    small, small_corr = nfsd.terms(z, 499)
-    large, large_corr = nfsd.terms(z, 500)
+    _, small, small_corr = nfsd.terms(z, 499)
+    _, large, large_corr = nfsd.terms(z, 500)
     uncond = prior.predict_noise(z, 499, prior.encode_prompts([""]))
     torch.testing.assert_close(small_corr, uncond, rtol=1e-5, atol=1e-6)
     negative = prior.predict_noise(torch.cat([z, z]), 500, prior.encode_prompts(["", NFSD_NEGATIVE_PROMPT]))
@@ -159,6 +189,9 @@ def test_robust_nfsd_one_call_of_three_rows_and_its_formula(prior, recipe):
     torch.testing.assert_close(out.score, expected, rtol=1e-5, atol=1e-6)
     correction = out.score - classifier
     assert float(correction.norm() / classifier.norm()) == pytest.approx(2.0, abs=1e-5)
+    a = prior.alphas_cumprod[t]
+    guided = fake.eps("", z_t, t) + classifier
+    torch.testing.assert_close(out.denoised, (z_t - (1 - a).sqrt() * guided) / a.sqrt(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 2.0, 3.0])
@@ -199,10 +232,15 @@ def test_robust_nfsd_correction_range_is_validated(recipe_file):
     from sdsctl.errors import RecipeError
 
     with pytest.raises(RecipeError, match="correction_t_max"):
-        load_recipe(recipe_file({"guidance": {"name": "robust-nfsd", "correction_t_max": 1001}}))
+        load_recipe(recipe_file({"negative_prompt": "dull", "guidance": {"name": "robust-nfsd", "correction_t_max": 1001}}))
 
 
-@pytest.mark.parametrize("t, warm_scale", [(700, 0.0), (700, 0.3), (150, 0.3)])
+def test_robust_nfsd_warmup_defaults_to_nfsds_own_correction():
+    """The study: "for the first 300 iterations ... optimize the NFSD" -- its correction included."""
+    assert RobustNFSD.Config().warmup_correction_scale == NFSD.Config().correction_scale == 1.0
+
+
+@pytest.mark.parametrize("t, warm_scale", [(700, 0.0), (700, 0.3), (700, 1.0), (150, 0.3)])
 def test_robust_nfsd_warmup_is_nfsd(prior, recipe, t, warm_scale):
     fake = KnownUNet(prior, ["", PROMPT, NFSD_NEGATIVE_PROMPT])
     ctx = make_ctx(fake, recipe)
@@ -215,18 +253,17 @@ def test_robust_nfsd_warmup_is_nfsd(prior, recipe, t, warm_scale):
 
     large = t >= 200
     (call,) = fake.calls
-    # the negative-prompt row is only computed when its term is used
-    assert call["prompts"] == (["", PROMPT, NFSD_NEGATIVE_PROMPT] if large and warm_scale > 0 else ["", PROMPT])
+    assert call["prompts"] == (["", PROMPT, NFSD_NEGATIVE_PROMPT] if large else ["", PROMPT])
     assert call["t"] == [t] * len(call["prompts"])  # no small correction timestep in warm-up
     assert out.timesteps == {"t": t}
     e = {p: fake.eps(p, z_t, t) for p in call["prompts"]}
-    correction = (e[""] - e[NFSD_NEGATIVE_PROMPT] if large else e[""]) if warm_scale > 0 else 0
+    correction = e[""] - e[NFSD_NEGATIVE_PROMPT] if large else e[""]
     expected = 5.0 * (e[PROMPT] - e[""]) + warm_scale * correction
     torch.testing.assert_close(out.score, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_robust_nfsd_with_the_warmup_schedule_in_a_run(cli, recipe_file, tmp_path):
-    path = recipe_file({"steps": 4, "guidance": "robust-nfsd",
+    path = recipe_file({"steps": 4, "guidance": "robust-nfsd", "negative_prompt": "dull",
                         "schedule": {"name": "warmup", "warmup_steps": 2, "t_min": 500, "t_max": 900}})
     out = tmp_path / "run"
     result = cli("run", path, "--out", out, "--no-live")
@@ -242,9 +279,9 @@ def test_robust_nfsd_with_the_warmup_schedule_in_a_run(cli, recipe_file, tmp_pat
 # ----------------------------------------------------------------------------- SDS
 
 
-def test_sds_score_is_diffusers_cfg_minus_the_sampled_noise(prior, recipe, monkeypatch):
+def test_sds_score_is_diffusers_cfg_minus_the_sampled_noise(prior, plain, monkeypatch):
     fake = KnownUNet(prior, ["", PROMPT])
-    ctx = make_ctx(fake, recipe)
+    ctx = make_ctx(fake, plain)
     used = []
 
     def recording_cfg(uncond, cond, scale):
@@ -268,6 +305,8 @@ def test_sds_score_is_diffusers_cfg_minus_the_sampled_noise(prior, recipe, monke
     torch.testing.assert_close(out.score, diffusers_form - eps, rtol=1e-6, atol=1e-5)
     threestudio_form = cond + 30.0 * (cond - uncond)
     assert not torch.allclose(out.score, threestudio_form - eps, atol=1e-3)
+    a = prior.alphas_cumprod[t]  # HiFA's x̂₀, by hand
+    torch.testing.assert_close(out.denoised, (z_t - (1 - a).sqrt() * diffusers_form) / a.sqrt(), rtol=1e-5, atol=1e-5)
 
 
 def test_cfg_formula():
@@ -338,3 +377,67 @@ def test_vsd_run_saves_trained_lora_in_state(cli, recipe_file, tmp_path):
     assert lora and any(p.abs().max() > 0 for n, p in lora.items() if "lora_B" in n)
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"pretrained", "lora", "lora_loss"} <= set(record["norms"])
+
+
+def test_vsd_score_is_the_pretrained_cfg_minus_the_lora_estimate(tiny_prior, plain):
+    """score = ε_pretrained,CFG(z_t) − ε_LoRA(z_t; y), on fixed noise, with a LoRA that changes
+    the UNet's output: computing the pretrained rows with the adapter enabled (or the LoRA's with
+    it disabled) fails this test."""
+    prior = Prior.load(str(tiny_prior), torch.device("cpu"), torch.float32)
+    ctx = make_ctx(prior, plain)
+    vsd = VSD(VSD.Config(guidance_scale=4.0, lora_rank=2, lora_updates=0), ctx)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in vsd.lora.items():  # a LoRA far from the identity
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    z, t = latent(prior), 500
+    replay = clone_generator(ctx.generator)
+    eps = torch.randn(z.shape, generator=replay)
+    z_t = prior.add_noise(z, eps, t)
+    with torch.no_grad():
+        out = vsd.score(z, StepTimes(t=t))
+        embeddings = torch.cat([prior.encode_prompts([""]), prior.encode_prompts([PROMPT])])
+        lora = prior.predict_noise(z_t, t, embeddings[1:])
+        prior.unet.disable_adapters()
+        uncond, cond = prior.predict_noise(torch.cat([z_t, z_t]), t, embeddings).chunk(2)
+        prior.unet.enable_adapters()
+    assert (lora - cond).abs().max() > 1e-3  # the LoRA matters here
+    pretrained = uncond + 4.0 * (cond - uncond)
+    torch.testing.assert_close(out.score, pretrained - lora, rtol=1e-5, atol=1e-5)
+    a = prior.alphas_cumprod[t]
+    torch.testing.assert_close(out.denoised, (z_t - (1 - a).sqrt() * pretrained) / a.sqrt(), rtol=1e-5, atol=1e-5)
+
+
+def test_vsd_leaves_the_shared_unet_as_it_found_it(tiny_prior, plain):
+    prior = Prior.load(str(tiny_prior), torch.device("cpu"), torch.float32)
+    z, t = latent(prior), 400
+    embeddings = prior.encode_prompts([PROMPT])
+    with torch.no_grad():
+        before = prior.predict_noise(z, t, embeddings)
+    vsd = VSD(VSD.Config(lora_rank=2, lora_lr=1e-1), make_ctx(prior, plain))
+    with torch.no_grad():
+        for step in range(3):
+            vsd.score(z, StepTimes(t=900 - 100 * step))
+        assert not torch.allclose(prior.predict_noise(z, t, embeddings), before)  # the trained LoRA acts
+    vsd.close()
+    assert not any("lora_" in n for n, _ in prior.unet.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(prior.predict_noise(z, t, embeddings), before, rtol=0, atol=0)
+
+
+def test_a_vsd_run_detaches_its_lora_when_it_ends(tiny_prior, recipe_file, tmp_path, monkeypatch):
+    from sdsctl import loop
+    from sdsctl.panel import PlainLog
+
+    seen = []
+    original = VSD.close
+
+    def recording(self):
+        original(self)
+        seen.append(any("lora_" in n for n, _ in self.unet.named_parameters()))
+
+    monkeypatch.setattr(VSD, "close", recording)
+    loop.execute(load_recipe(recipe_file({"steps": 2, "guidance": {"name": "vsd", "lora_rank": 2}})),
+                 tmp_path / "run", PlainLog(100))
+    assert seen == [False]

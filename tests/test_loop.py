@@ -113,7 +113,7 @@ def _started(recipe_file, tiny_prior, content: dict) -> Optimization:
 def test_gradient_of_the_surrogate_loss_is_the_weighted_score(recipe_file, tiny_prior):
     opt = _started(recipe_file, tiny_prior, {"optimizer": {"score_scale": 2.0}})
     seen = {}
-    original_fit = opt.fit
+    original_fit = opt.adam_step
 
     def fit(z, target):
         assert target.image is None  # latent-pixels: the latent loss only
@@ -122,7 +122,7 @@ def test_gradient_of_the_surrogate_loss_is_the_weighted_score(recipe_file, tiny_
         seen["grad"], seen["g"] = grad, (z - target.latent).detach()
         return original_fit(z, target)
 
-    opt.fit = fit
+    opt.adam_step = fit
     record = opt.step(0)
     assert torch.allclose(seen["grad"], seen["g"])
     assert seen["g"].norm().item() == pytest.approx(record["norms"]["score"], rel=1e-5)
@@ -138,7 +138,7 @@ def test_inner_steps_refit_to_the_same_target(recipe_file, tmp_path, monkeypatch
 
     monkeypatch.setattr(Optimization, "render", counting)
     execute(load_recipe(recipe_file({"steps": 2, "optimizer": {"inner_steps": 3}})), tmp_path / "run", PlainLog(100))
-    assert len(renders) == 2 * 3  # the first fit of each step reuses the rendered z
+    assert len(renders) == 2 * (3 + 1)  # the first fit of each step reuses the rendered z; +1 measures fit_fraction
 
 
 def test_negative_prompt_is_the_unconditional_row(recipe_file, tiny_prior):
@@ -372,12 +372,12 @@ def test_a_completed_run_continues_when_its_steps_are_raised(cli, recipe_file, t
 
 
 def test_image_fit_fits_the_rgb_to_the_decoded_target(recipe_file, tiny_prior):
-    """fit_space: image fits x (not z) to D(z − g)."""
+    """fit_space: image with image_target: decoded-target fits x (not z) to D(z − g)."""
     opt = _started(recipe_file, tiny_prior, {"parameterization": {"name": "rgb-pixels"},
-                                             "optimizer": {"fit_space": "image"}})
+                                             "optimizer": {"fit_space": "image", "image_target": "decoded-target"}})
     prior = opt.prior
     seen = {}
-    original_fit, original_score = opt.fit, opt.guidance.score
+    original_fit, original_score = opt.adam_step, opt.guidance.score
 
     def score(z, times):
         out = original_score(z, times)
@@ -390,7 +390,7 @@ def test_image_fit_fits_the_rgb_to_the_decoded_target(recipe_file, tiny_prior):
         seen["x"] = opt.last_rgb.detach().clone()
         return original_fit(z, target)
 
-    opt.guidance.score, opt.fit = score, fit
+    opt.guidance.score, opt.adam_step = score, fit
     opt.step(0)
     assert seen["target"].latent is None and not seen["z_grad"]  # no encoder graph
     g = float(opt.weighting(seen["t"])) * seen["score"]
@@ -401,10 +401,11 @@ def test_image_fit_fits_the_rgb_to_the_decoded_target(recipe_file, tiny_prior):
 def test_fit_space_both_adds_the_weighted_image_loss_to_the_latent_loss(recipe_file, tiny_prior):
     """fit_space: both = 0.5‖z − z*‖² + image_weight · 0.5‖x − D(z*)‖², gradients through the encoder."""
     opt = _started(recipe_file, tiny_prior, {"parameterization": {"name": "rgb-pixels"},
-                                             "optimizer": {"fit_space": "both", "image_weight": 0.25}})
+                                             "optimizer": {"fit_space": "both", "image_weight": 0.25,
+                                                           "image_target": "decoded-target"}})
     prior = opt.prior
     seen = {}
-    original_fit = opt.fit
+    original_fit = opt.adam_step
 
     def fit(z, target):
         x = opt.last_rgb
@@ -415,7 +416,7 @@ def test_fit_space_both_adds_the_weighted_image_loss_to_the_latent_loss(recipe_f
         seen["expected"], seen["loss"] = float((latent + 0.25 * image).detach()), float(opt.fit_loss(z, target).detach())
         return original_fit(z, target)
 
-    opt.fit = fit
+    opt.adam_step = fit
     before = opt.param.image().detach().clone()
     opt.step(0)
     assert seen["z_grad"]

@@ -84,7 +84,7 @@ def test_rgb_pixels_start_from_the_decoded_gaussian_latent(prior):
     latent = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
     param.initialize()
     with torch.no_grad():
-        expected = prior.decode_latents(latent)
+        expected = prior.decode_latents(latent).clamp(1e-3, 1 - 1e-3)  # logits: kept inside (0, 1)
     torch.testing.assert_close(render(param), expected, rtol=0, atol=1e-6)
 
 
@@ -130,11 +130,45 @@ def test_rgb_hashgrid_target_is_decoded_not_rgb_noise(prior):
     torch.testing.assert_close(param.initial_target(), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["latent-pixels", "rgb-pixels"])
-def test_zeros_init_is_exactly_zero(prior, name):
-    param = build(name, prior, init="zeros")
+def test_zeros_init_is_exactly_zero(prior):
+    param = build("latent-pixels", prior, init="zeros")
     param.initialize()
     assert not render(param).any()
+
+
+def test_rgb_pixels_zeros_init_is_black(prior):
+    param = build("rgb-pixels", prior, init="zeros")
+    param.initialize()
+    assert float(render(param).max()) <= 1e-3  # sigmoid's logits: as black as a finite θ gets
+
+
+@pytest.mark.parametrize("name, options", [
+    ("rgb-pixels", {}),
+    ("rgb-hashgrid", {"init_steps": 0, "output_activation": "sigmoid"}),
+    ("rgb-hashgrid", {"init_steps": 0, "output_activation": "tanh"}),
+])
+def test_a_pixel_driven_out_of_range_comes_back(prior, name, options):
+    """RGB renders through a smooth map onto [0, 1]: a pixel pushed past 1 keeps a gradient and
+    returns when pulled back (a clamp would strand it at 1 with no gradient)."""
+    param = build(name, prior, **options)
+    param.initialize()
+    lr = 0.05 if name == "rgb-pixels" else 0.005
+
+    def pull(value: float, steps: int) -> float:
+        opt = torch.optim.Adam(param.parameters(), lr=lr)
+        for _ in range(steps):
+            x = param()
+            loss = (x[0, :, 5, 7] - value).pow(2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return float(render(param)[0, :, 5, 7].mean())
+
+    high = pull(1.5, 100)
+    x = render(param)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert high > 0.9
+    assert pull(0.2, 100) < high - 0.2
 
 
 @pytest.mark.parametrize("name, tolerance", [("latent-hashgrid", 1e-4), ("rgb-hashgrid", 1e-2)])
@@ -176,13 +210,13 @@ def _fit_error_after_one_step(recipe_file, prior, parameterization: dict, inner_
     with torch.no_grad():
         z0 = opt.render().detach().clone()
     targets = []
-    original = opt.fit
+    original = opt.adam_step
 
     def fit(z, target):
         targets.append(target.latent)
         return original(z, target)
 
-    opt.fit = fit
+    opt.adam_step = fit
     opt.step(0)
     with torch.no_grad():
         z = opt.render().detach()

@@ -257,8 +257,16 @@ def test_cuisine_recipes_encode_the_studys_settings(tiny_prior):
     assert epl.optimizer.lr == 0.01 and epl.parameterization.name == "latent-pixels"
     assert ehl.parameterization.name == "latent-hashgrid" and ehl.optimizer.lr == 0.003
     assert ehc.parameterization.name == "rgb-hashgrid" and ehc.optimizer.lr == 0.003
-    assert (ehc.optimizer.fit_space, ehc.optimizer.image_weight) == ("both", 0.1)
+    assert (ehc.optimizer.fit_space, ehc.optimizer.image_target, ehc.optimizer.image_weight) == ("both", "hifa", 0.1)
+    assert load("robust_nfsd_ehc_decoded").optimizer.image_target == "decoded-target"
     assert study.optimizer.fit_space == "latent" and study.parameterization == ehc.parameterization
-    hifa = load("nfsd_hifa")
+    assert epl.guidance.warmup_correction_scale == 1.0  # the study's warm-up is NFSD, its correction included
+    assert load("robust_nfsd_classifier_warmup").guidance.warmup_correction_scale == 0.0
+    hifa = load("nfsd_hifa")  # cuisine 1: "fully optimize theta to match the score"
     assert hifa.steps == 1000 and hifa.schedule.name == "hifa" and hifa.guidance.name == "nfsd"
-    assert load("nfsd_hifa_ehl").optimizer.inner_steps == 5
+    assert (hifa.optimizer.fit, hifa.guidance.correction_scale) == ("full", 0.1)
+    assert all(load(n).optimizer.fit == "full" for n in ("nfsd_hifa_ehl", "nfsd_hifa_ehc", "nfsd_hifa_fast"))
+    fast = load("nfsd_hifa_fast")  # "amplify the NFSD score" to need fewer iterations
+    assert (fast.steps, fast.optimizer.score_scale) == (250, 4.0)
+    for name in ("nfsd", "nfsd_hifa", "robust_nfsd"):
+        assert load(name).negative_prompt.startswith("unrealistic, blurry")
