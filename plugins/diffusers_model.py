@@ -1,30 +1,38 @@
-"""Model ``diffusers``: a Stable Diffusion-style diffusers folder, a hub id, or ``shapes``.
+"""Model ``diffusers``: a diffusers pipeline folder, a hub id, or ``shapes``.
 
 ``path: shapes`` (the default) is the small prior shipped in ``sdsctl/shapes/prior/``, trained
-on the procedural shapes world; a folder is any diffusers SD pipeline folder (``unet``,
-``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``); anything else of the form
-``owner/name`` is a Hugging Face Hub id.
+on the procedural shapes world; a folder is a diffusers pipeline folder of a supported
+family (SD 1.x/2.x, SDXL, DeepFloyd IF stage I: ``docs/models.md``), detected from its
+``model_index.json``; anything else of the form ``owner/name`` is a Hugging Face Hub id,
+taken from the local cache unless ``allow_download`` is set. ``variant`` picks the weight
+files (e.g. ``fp16`` for ``*.fp16.safetensors``); the recipe's ``dtype`` is the dtype the
+weights are loaded in.
 """
 
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 import sdsctl
-from sdsctl import prior
 from sdsctl.components import ComponentConfig, Model, ModelInfo
+from sdsctl.models import Prior
 
 
 class DiffusersModel(Model):
     class Config(ComponentConfig):
         name: str = "diffusers"
         path: str = "shapes"
+        variant: str | None = Field(None, description="weight files' variant, e.g. fp16 (unet/*.fp16.safetensors)")
+        allow_download: bool = Field(False, description="download a hub id missing from the local cache")
 
     def describe(self) -> ModelInfo:
-        return prior.describe(self.config.path)
+        c = self.config
+        return Prior.describe(c.path, variant=c.variant, allow_download=c.allow_download)
 
-    def load(self, device: torch.device, dtype: torch.dtype) -> prior.Prior:
-        return prior.Prior.load(self.config.path, device, dtype)
+    def load(self, device: torch.device, dtype: torch.dtype) -> Prior:
+        c = self.config
+        return Prior.load(c.path, device, dtype, variant=c.variant, allow_download=c.allow_download)
 
 
 @sdsctl.hookimpl

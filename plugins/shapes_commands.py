@@ -21,7 +21,7 @@ from sdsctl.errors import SdsctlError
 
 def _model_folder(model: str) -> tuple[str, str]:
     from sdsctl.components import InvalidConfig
-    from sdsctl.prior import resolve_source
+    from sdsctl.models import resolve_source
 
     try:
         return resolve_source(model)
@@ -31,14 +31,14 @@ def _model_folder(model: str) -> tuple[str, str]:
 
 def _pipeline(model: str, device: str):
     from sdsctl import sampling
-    from sdsctl.prior import _hub_hint
+    from sdsctl.models.sources import hub_hint
 
     kind, source = _model_folder(model)
     try:
         return sampling.load_pipeline(source, device=device, local_files_only=kind == "folder")
     except (OSError, ValueError) as exc:
         if kind == "hub":
-            raise SdsctlError(f"{_hub_hint(source)}\n  ({type(exc).__name__}: {exc})") from exc
+            raise SdsctlError(f"{hub_hint(source)}\n  ({type(exc).__name__}: {exc})") from exc
         raise SdsctlError(f"cannot load the model in {source}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -71,7 +71,7 @@ def train_shapes(
         raise SdsctlError("--vae-steps and --prior-steps must be positive, --decoder-steps at least 0")
     vae_folder = None
     if vae_from is not None:
-        from sdsctl.prior import SHAPES_PRIOR
+        from sdsctl.models import SHAPES_PRIOR
 
         vae_folder = SHAPES_PRIOR if vae_from == "shapes" else Path(vae_from).expanduser()
         if not (vae_folder / "vae" / "config.json").is_file():

@@ -1,6 +1,6 @@
 """Guidance ``vsd``: Variational Score Distillation (ProlificDreamer, Wang et al. 2023, arXiv 2305.16213).
 
-A LoRA on the UNet's attention projections (through ``peft``) is trained alongside θ with
+A LoRA on the denoiser's attention projections (through ``peft``) is trained alongside θ with
 the standard diffusion loss on the current image, so that it learns the score of the
 distribution the optimization is currently in. The score replaces SDS's sampled noise by
 that estimate (eq. 9 of the paper, 2-D: no camera conditioning)::
@@ -44,7 +44,7 @@ class VSD(Guidance):
         super().__init__(config, ctx)
         from peft import LoraConfig
 
-        self.unet = unet = ctx.prior.unet
+        self.unet = unet = ctx.prior.denoiser  # a UNet2DConditionModel in every family so far
         if ADAPTER in getattr(unet, "peft_config", {}):
             unet.delete_adapters(ADAPTER)
         unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,

@@ -98,6 +98,8 @@ StepsOption = Annotated[int | None, typer.Option(help="Shortcut for --set steps=
 ModelOption = Annotated[str | None, typer.Option(
     help="Model: 'shapes', a diffusers folder or a hub id (shortcut for --set model=...)")]
 DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (shortcut for --set device=...)")]
+AllowDownloadOption = Annotated[bool, typer.Option(
+    "--allow-download", help="Download a hub model missing from the local cache (shortcut for --set model.allow_download=true).")]
 RecipeArgument = Annotated[str, typer.Argument(
     metavar="RECIPE", help="A recipe file, or the name of a bundled recipe (see `sdsctl recipes`).",
     autocompletion=_complete_recipe)]
@@ -105,6 +107,10 @@ RecipeArgument = Annotated[str, typer.Argument(
 
 def _overrides(prompt, seed, steps, model, device) -> dict[str, Any]:
     return {"prompt": prompt, "seed": seed, "steps": steps, "model": model, "device": device}
+
+
+def _sets(sets: list[str], allow_download: bool) -> list[str]:
+    return [*sets, "model.allow_download=true"] if allow_download else list(sets)
 
 
 def _warn(warnings: list[str]) -> None:
@@ -168,12 +174,13 @@ def create_app() -> typer.Typer:
         steps: StepsOption = None,
         model: ModelOption = None,
         device: DeviceOption = None,
+        allow_download: AllowDownloadOption = False,
     ) -> None:
         """Run a recipe: optimize an image and write a run directory."""
         from .recipe import load_recipe
         from .rundir import check_target, default_path
 
-        loaded = load_recipe(recipe, set_, _overrides(prompt, seed, steps, model, device))
+        loaded = load_recipe(recipe, _sets(set_, allow_download), _overrides(prompt, seed, steps, model, device))
         _warn(loaded.warnings)
         path = out if out is not None else default_path(loaded.recipe.output.dir, loaded.name)
         check_target(path, overwrite)
@@ -203,11 +210,12 @@ def create_app() -> typer.Typer:
         model: ModelOption = None,
         device: DeviceOption = None,
         show: Annotated[bool, typer.Option("--show", help="Print the fully resolved recipe.")] = False,
+        allow_download: AllowDownloadOption = False,
     ) -> None:
         """Check a recipe without running it (no model weights are loaded)."""
         from .recipe import load_recipe, to_yaml
 
-        loaded = load_recipe(recipe, set_, _overrides(prompt, seed, steps, model, device))
+        loaded = load_recipe(recipe, _sets(set_, allow_download), _overrides(prompt, seed, steps, model, device))
         _warn(loaded.warnings)
         r = loaded.recipe
         if show:

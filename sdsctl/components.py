@@ -24,8 +24,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from .errors import InvalidConfig  # noqa: F401 -- re-exported: components raise it
+from .models.base import ModelInfo  # noqa: F401 -- re-exported: components' checks read it
+
 if TYPE_CHECKING:
-    from .prior import Prior
+    from .models.base import Prior
     from .recipe import Recipe
 
 
@@ -35,46 +38,6 @@ class ComponentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-
-
-class InvalidConfig(ValueError):
-    """Raised by a component's ``check`` (or a model's ``describe``) for a bad option.
-
-    ``field`` is the option's key within the component's section, so the error can point
-    at its line in the recipe.
-    """
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """What validation needs to know about a model, read without loading its weights."""
-
-    source: str  # the folder or hub id
-    num_train_timesteps: int
-    prediction_type: str
-    vae_scale_factor: int  # pixels per latent pixel
-    latent_multiple: int  # the UNet needs latent sizes divisible by this
-    latent_channels: int
-    latent_size: int  # native latent size
-    max_prompt_tokens: int
-    tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)
-
-    @property
-    def image_size(self) -> int:
-        """The native image resolution in pixels."""
-        return self.latent_size * self.vae_scale_factor
-
-    def unknown_words(self, prompt: str) -> list[str]:
-        """Words of ``prompt`` the tokenizer holds no whole-word token for."""
-        if self.tokenizer is None:
-            return []
-        from .shapes.tokenizer import unknown_words
-
-        return unknown_words(self.tokenizer, prompt)
 
 
 @dataclasses.dataclass
@@ -149,7 +112,7 @@ class Component:
 
 
 class Model(Component):
-    """A frozen text-to-image model; ``load`` returns the run's :class:`~sdsctl.prior.Prior`."""
+    """A frozen text-to-image model; ``load`` returns the run's :class:`~sdsctl.models.base.Prior`."""
 
     kind = "model"
 

@@ -8,7 +8,7 @@ Note that threestudio's SDS uses ``ε(z_t; y) + s·(ε(z_t; y) − ε(z_t; ∅))
 in this form. Every guidance in sdsctl calls :func:`cfg`.
 
 Noising ``z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε`` is the model's own scheduler's ``add_noise``
-(``sdsctl.prior.Prior.add_noise``).
+(``sdsctl.models.base.Prior.add_noise``).
 """
 
 from __future__ import annotations

@@ -37,6 +37,19 @@ class PluginError(SdsctlError):
     exit_code = 1
 
 
+class InvalidConfig(ValueError):
+    """Raised by a component's ``check`` (or a model's ``describe``) for a bad option.
+
+    ``field`` is the option's key within the component's section, so the error can point
+    at its line in the recipe. (Defined here, with no imports, so that the models layer and
+    the components share it without importing each other; ``sdsctl.components`` re-exports it.)
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclasses.dataclass(frozen=True)
 class Location:
     """Where a recipe value came from: a file position, or a command-line option."""

@@ -89,10 +89,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | None]:
-    """The prior's compute dtype; half precision only on CUDA (θ and the loss stay float32)."""
-    if name != "float32" and device.type != "cuda":
-        return torch.float32, f"dtype {name} is for CUDA devices; running in float32 on {device.type}"
+    """The dtype the model's weights are loaded in (θ, Adam and the guidance arithmetic stay
+    float32). bfloat16 runs on CUDA and on the CPU; float16 only on CUDA (on the CPU many of
+    its kernels are missing or slower than float32)."""
+    if name == "float16" and device.type != "cuda":
+        return torch.float32, (f"dtype float16 is for CUDA devices; running in float32 on {device.type} "
+                               "(bfloat16 halves the memory on the CPU too: --set dtype=bfloat16)")
+    if name == "bfloat16" and device.type not in ("cuda", "cpu"):
+        return torch.float32, f"dtype bfloat16 is for CUDA and CPU devices; running in float32 on {device.type}"
     return DTYPES[name], None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The run's peak memory: the CUDA allocator's peak on CUDA, the process's peak RSS elsewhere."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(rss / (2**20 if platform.system() == "Darwin" else 2**10), 1)
 
 
 @contextlib.contextmanager
@@ -394,6 +409,8 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
         check_target(path, overwrite)
 
     # Ctrl-C while the model loads raises KeyboardInterrupt: nothing has been written yet.
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with blame(loaded.components["model"], "loading the model"):
         prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
     with StopRequest(reporter) as stop:
@@ -406,7 +423,7 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
         seconds_before = state["seconds"] if state else 0.0
         started = time.perf_counter()
         base_summary = {"steps": recipe.steps, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                        "recipe": "recipe.yaml", "versions": versions()}
+                        "model": prior.summary() if hasattr(prior, "summary") else {}, "recipe": "recipe.yaml", "versions": versions()}
         if device.type == "cuda":
             base_summary["device_name"] = torch.cuda.get_device_name(device)
         opt: Optimization | None = None
@@ -416,7 +433,7 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
             return {"status": status, "steps_done": done, **base_summary,
                     "seconds": round(seconds_before + session, 3),
                     "steps_per_second": round((done - start) / session, 3) if session > 0 and done > start else 0.0,
-                    **extra}
+                    "peak_memory_mb": peak_memory_mb(device), **extra}
 
         def save(step: int) -> None:
             run.save_state(opt.state(step, seconds_before + time.perf_counter() - started))
@@ -455,6 +472,7 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
         try:
             try:
                 opt = Optimization(loaded, prior, device, dtype)
+                prior.release_text_encoders()  # the components have encoded their prompts
                 if state:
                     opt.load_state(state)
                 else:

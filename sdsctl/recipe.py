@@ -473,6 +473,12 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
         raise RecipeError(problems)
     for section, reg in found.items():
         run_check(section, lambda reg=reg, section=section: reg.obj.check(getattr(recipe, section), recipe, info))
+    if info.space == "pixel" and found["parameterization"].obj.space != "rgb":
+        fits = sorted(n for n, r in plugins.components("parameterizations").items() if r.obj.space == "rgb")
+        problems.append(Problem(where(("parameterization", "name")), "parameterization.name",
+                                f"{recipe.parameterization.name!r} renders latents, but {info.pipeline} ({info.family}) "
+                                f"denoises pixels (it has no VAE); use a parameterization that renders RGB: "
+                                f"{', '.join(fits)} (--set parameterization.name={fits[0] if fits else '...'})"))
     opt = recipe.optimizer
     if opt.fit_space != "latent" and found["parameterization"].obj.space != "rgb":
         problems.append(Problem(where(("optimizer", "fit_space")), "optimizer.fit_space",

@@ -117,3 +117,13 @@ def register_plugin():
     finally:
         for name in names:
             plugins.pm.unregister(name=name)
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-weight pipeline folders of every family: ``sd1``, ``sd2`` (v-prediction),
+    ``sdxl`` and ``if`` (``tests/tiny_pipelines.py``)."""
+    import tiny_pipelines
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the network
+    return tiny_pipelines.build_all(tmp_path_factory.mktemp("families"))

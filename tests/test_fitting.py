@@ -11,7 +11,7 @@ import torch
 from sdsctl.diffusion import eps_to_x0
 from sdsctl.errors import RecipeError
 from sdsctl.loop import Optimization
-from sdsctl.prior import Prior
+from sdsctl.models import Prior
 from sdsctl.recipe import load_recipe
 
 

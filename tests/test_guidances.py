@@ -15,7 +15,7 @@ import torch
 
 from sdsctl.components import RunContext, StepTimes
 from sdsctl.diffusion import cfg
-from sdsctl.prior import Prior
+from sdsctl.models import Prior
 from sdsctl.recipe import load_recipe
 from sdsctl_plugins import sds as sds_module
 from sdsctl_plugins.nfsd import NFSD, NFSD_NEGATIVE_PROMPT

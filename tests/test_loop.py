@@ -14,7 +14,7 @@ from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, Metric
 from sdsctl.errors import RunFailed
 from sdsctl.loop import Optimization, execute
 from sdsctl.panel import PlainLog
-from sdsctl.prior import Prior
+from sdsctl.models import Prior
 from sdsctl.recipe import load_recipe
 from sdsctl_plugins.sds import SDS
 

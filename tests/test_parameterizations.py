@@ -10,7 +10,7 @@ from sdsctl import plugins
 from sdsctl.components import RunContext
 from sdsctl.hashgrid import fit_to
 from sdsctl.loop import Optimization
-from sdsctl.prior import Prior
+from sdsctl.models import Prior
 from sdsctl.recipe import load_recipe
 
 # name -> (space, channels, pixels per side at the tiny prior's native size)

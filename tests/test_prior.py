@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdsctl.diffusion import cfg, v_to_eps, x0_to_eps
-from sdsctl.prior import Prior, describe
+from sdsctl.models import Prior, describe
 
 CPU = torch.device("cpu")
 

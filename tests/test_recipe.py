@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from sdsctl import prior as prior_module
+from sdsctl.models import Prior, sources
 from sdsctl.errors import RecipeError, SdsctlError
 from sdsctl.recipe import bundled_recipes, find_recipe, load_recipe, parse_set, to_yaml
 
@@ -82,7 +82,7 @@ def no_model_load(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before validation finished")
 
-    monkeypatch.setattr(prior_module.Prior, "load", classmethod(forbidden))
+    monkeypatch.setattr(Prior, "load", classmethod(forbidden))
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
@@ -222,7 +222,7 @@ def test_sds_recipe_is_the_study_setting(tiny_prior):
 
 
 def test_shapes_model_missing_is_a_clear_error(monkeypatch, recipe_file, tmp_path):
-    monkeypatch.setattr(prior_module, "SHAPES_PRIOR", tmp_path / "absent")
+    monkeypatch.setattr(sources, "SHAPES_PRIOR", tmp_path / "absent")
     with pytest.raises(RecipeError, match="the shapes prior is not installed"):
         load_recipe(recipe_file({"model": "shapes"}))
 

@@ -1,0 +1,61 @@
+"""Command ``model``: describe a model from its configuration files alone (no weights load).
+
+Family, pipeline class, prediction type, space, latent channels and downscale factor,
+default resolution, text encoders with their token limits, parameter counts and dtype on
+disk (from the safetensors headers). ``--json`` prints the same as one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+import sdsctl
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "? (no safetensors files here)"
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
+
+
+def model(
+    path: Annotated[str, typer.Argument(metavar="PATH_OR_ID", help="shapes, a diffusers pipeline folder or a hub id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    variant: Annotated[Optional[str], typer.Option(help="Weight files' variant to count, e.g. fp16.")] = None,
+    allow_download: Annotated[bool, typer.Option(
+        "--allow-download", help="Download the configuration files of a hub id missing from the local cache.")] = False,
+) -> None:
+    """Describe a model (family, space, resolution, text encoders, parameters) without loading it."""
+    from sdsctl.errors import InvalidConfig, SdsctlError
+    from sdsctl.models import Prior
+
+    try:
+        info = Prior.describe(path, variant=variant, allow_download=allow_download)
+    except InvalidConfig as exc:
+        raise SdsctlError(f"{path}: {exc}") from exc
+    data = info.to_dict()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    lines = [
+        f"model            {data['source']}",
+        f"family           {data['family']} ({data['pipeline']})",
+        f"prediction       {data['prediction_type']}",
+        f"space            {data['space']}" + (f", {data['latent_channels']} latent channels, downscale factor "
+                                               f"{data['downscale_factor']}" if data["space"] == "latent" else ""),
+        f"resolution       {data['default_resolution']} px (default)",
+    ]
+    for enc in data["text_encoders"]:
+        lines.append(f"text encoder     {enc['name']}: {enc['class']}, {enc['max_tokens']} tokens")
+    for name, n in data["parameters"].items():
+        lines.append(f"parameters       {name}: {_count(n)}" + (f" ({data['dtype_on_disk'][name]} on disk)"
+                                                                 if data["dtype_on_disk"][name] else ""))
+    typer.echo("\n".join(lines))
+
+
+@sdsctl.hookimpl
+def register_commands(app):
+    app.command("model")(model)

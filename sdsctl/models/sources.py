@@ -1,0 +1,131 @@
+"""Where a model's files come from, and what can be read from them without loading weights.
+
+A recipe's ``model.path`` is ``shapes`` (the prior shipped in ``sdsctl/shapes/prior/``), a
+local diffusers pipeline folder, or a Hugging Face Hub id. A hub id is resolved from the
+local Hugging Face cache only, unless the user opts in to downloading
+(``model.allow_download: true`` / ``--allow-download``): a run never reaches the network
+by surprise.
+
+Parameter counts and the dtype on disk come from the safetensors headers (8 bytes of
+length, then a JSON table of every tensor's dtype and shape) and from sharded checkpoints'
+``*.safetensors.index.json``: no tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from pathlib import Path
+
+from ..errors import InvalidConfig, SdsctlError
+
+SHAPES_PRIOR = Path(__file__).resolve().parent.parent / "shapes" / "prior"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: the configuration files describe() reads (and, for a hub id, takes from the cache)
+CONFIG_PATTERNS = ["model_index.json", "*/config.json", "*/*_config.json", "scheduler/*.json", "tokenizer*/*",
+                   "*/*.safetensors.index.json"]
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def resolve_source(path: str) -> tuple[str, str]:
+    """``("folder", path)`` or ``("hub", id)`` for a recipe's ``model.path``."""
+    if path == "shapes":
+        if not (SHAPES_PRIOR / "model_index.json").is_file():
+            raise InvalidConfig(
+                f"the shapes prior is not installed (expected in {SHAPES_PRIOR}); it is the product "
+                "of the shapes training (`sdsctl train-shapes`) -- until it is there, use a diffusers "
+                "pipeline folder: --model DIR (or model: DIR in the recipe)",
+                field="path",
+            )
+        return "folder", str(SHAPES_PRIOR)
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise InvalidConfig(
+                f"{path} is not a diffusers pipeline folder: it has no model_index.json (save a pipeline "
+                "with `pipe.save_pretrained(DIR)`, or download one with `hf download OWNER/NAME --local-dir DIR`)",
+                field="path",
+            )
+        return "folder", str(folder)
+    if folder.exists():
+        raise InvalidConfig(f"{path} is a file; the model is a diffusers folder or a hub id", field="path")
+    if _HUB_ID.match(path) and not path.startswith((".", "~")):
+        return "hub", path
+    raise InvalidConfig(f"model folder {path} not found (nor is it a hub id like 'owner/name')", field="path")
+
+
+def hub_hint(repo_id: str, allow_download: bool = False) -> str:
+    """What to do when a hub model is not available."""
+    if allow_download:
+        where = "could not download it (no network, a private or gated repository, or a wrong id?)"
+    else:
+        where = ("it is not in the local Hugging Face cache, and sdsctl does not download unless asked "
+                 "(--allow-download, or model.allow_download: true in the recipe)")
+    return (
+        f"could not get model {repo_id!r} from the Hugging Face Hub: {where}. To use a local copy, "
+        f"download it on a machine with network: `hf download {repo_id} --local-dir DIR` (older "
+        f"huggingface_hub: `huggingface-cli download {repo_id} --local-dir DIR`), then pass --model DIR"
+    )
+
+
+def config_folder(kind: str, source: str, allow_download: bool = False) -> Path:
+    """A local folder holding the model's configuration files (for a hub id: the cache's snapshot)."""
+    if kind == "folder":
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, allow_patterns=CONFIG_PATTERNS, local_files_only=not allow_download))
+    except Exception as exc:
+        raise SdsctlError(f"{hub_hint(source, allow_download)}\n  ({type(exc).__name__}: {exc})") from exc
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SdsctlError(f"cannot read the model's configuration {path}: {exc}") from exc
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def _weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors files a ``from_pretrained(..., variant=variant)`` would read in ``folder``."""
+
+    def variant_of(name: str) -> str | None:  # model.fp16.safetensors -> fp16
+        parts = name.removesuffix(".index.json").split(".")
+        return parts[-2] if len(parts) > 2 else None
+
+    for pattern in ("*.safetensors.index.json", "*.safetensors"):
+        found = sorted(p for p in folder.glob(pattern) if variant_of(p.name) == variant)
+        if not found:
+            continue
+        if pattern.endswith("index.json"):
+            shards = sorted(set(read_json(found[0]).get("weight_map", {}).values()))
+            return [folder / s for s in shards]
+        return found
+    return []
+
+
+def weights_summary(folder: Path, variant: str | None = None) -> dict:
+    """``{"parameters": n, "dtype": "float16"}`` of a component's weights, from headers alone
+    (``None`` for both where no safetensors files are there, e.g. a hub cache holding only configs)."""
+    files = _weight_files(folder, variant)
+    if not files or not all(f.is_file() for f in files):
+        return {"parameters": None, "dtype": None}
+    count, dtypes = 0, set()
+    for f in files:
+        for name, entry in _header(f).items():
+            if name == "__metadata__":
+                continue
+            count += math.prod(entry["shape"])
+            dtypes.add(_SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]))
+    return {"parameters": count, "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed: " + ", ".join(sorted(dtypes))}

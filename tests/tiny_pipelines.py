@@ -1,0 +1,151 @@
+"""Miniatures of every supported model family, saved as diffusers pipeline folders.
+
+Each is built from arguments with the family's real component classes and config keys,
+scaled down (as diffusers' own pipeline tests build theirs) and random weights, then
+``save_pretrained`` so that ``model_index.json`` detection is exercised. Tokenizers are
+offline: the shipped shapes CLIP tokenizer, and a small T5-style word-level tokenizer made
+with the ``tokenizers`` library. Geometry: 64 × 64 images for the latent families (VAE
+factor 8, 8 × 8 latents), 16 × 16 for IF (pixel space).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdsctl.models import SHAPES_PRIOR
+
+CLIP_WIDTH = 32
+IF_SIZE = 16
+WORDS = ("a red green blue yellow circle square triangle star on background white black dark "
+         "unrealistic blurry low quality out of focus ugly contrast dull resolution gloomy , -").split()
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(SHAPES_PRIOR / "tokenizer"))
+
+
+def clip_text_encoder(tokenizer, cls_name: str = "CLIPTextModel", projection_dim: int | None = None):
+    import transformers
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig(
+        hidden_size=CLIP_WIDTH, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_act="gelu", projection_dim=projection_dim or CLIP_WIDTH,
+    )
+    return getattr(transformers, cls_name)(config)
+
+
+def vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4, sample_size=64, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+
+
+def sd(out: Path, *, prediction_type: str = "epsilon") -> Path:
+    """SD 1.x (ε) or, with ``prediction_type="v_prediction"`` and linear projections, SD 2.x."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    v2 = prediction_type == "v_prediction"
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CLIP_WIDTH, norm_num_groups=4, attention_head_dim=(2, 4) if v2 else 2,
+        use_linear_projection=v2,
+    )
+    tok = clip_tokenizer()
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae(), text_encoder=clip_text_encoder(tok), tokenizer=tok, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def sdxl(out: Path) -> Path:
+    """SDXL: two CLIP encoders (the second with a projection), the UNet's text_time added embedding."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=4,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + CLIP_WIDTH,  # 6 time ids × 8 + the pooled width
+        cross_attention_dim=2 * CLIP_WIDTH,  # both encoders' hidden states, concatenated
+    )
+    tok = clip_tokenizer()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae(), text_encoder=clip_text_encoder(tok), text_encoder_2=clip_text_encoder(tok, "CLIPTextModelWithProjection"),
+        tokenizer=tok, tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler, add_watermarker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def t5_tokenizer():
+    """A T5 tokenizer (a ``tokenizers`` Unigram model: pad 0, eos 1, unk 2, ``</s>`` appended) over ``WORDS``."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in WORDS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=77)
+
+
+def deepfloyd_if(out: Path) -> Path:
+    """IF stage I: T5 encoder, a pixel-space UNet with learned variance (out = 2 × in channels)."""
+    from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
+                                           pad_token_id=0, eos_token_id=1))
+    unet = UNet2DConditionModel(
+        sample_size=IF_SIZE, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        cross_attention_dim=16, encoder_hid_dim=32, encoder_hid_dim_type="text_proj", addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        attention_head_dim=4, norm_num_groups=4, resnet_time_scale_shift="scale_shift", act_fn="gelu",
+        only_cross_attention=False,
+    )
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", prediction_type="epsilon",
+                              thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.0)
+    pipe = IFPipeline(tokenizer=tok, text_encoder=text_encoder, unet=unet, scheduler=scheduler, safety_checker=None,
+                      feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+BUILDERS = {
+    "sd1": sd,
+    "sd2": lambda out: sd(out, prediction_type="v_prediction"),
+    "sdxl": sdxl,
+    "if": deepfloyd_if,
+}
+
+
+def build_all(root: Path) -> dict[str, Path]:
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for log in (dlog, tlog):
+        log.disable_progress_bar()
+        log.set_verbosity_error()
+    return {name: build(root / name) for name, build in BUILDERS.items()}
