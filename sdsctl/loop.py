@@ -41,6 +41,7 @@ from . import plugins
 from .components import RunContext
 from .errors import PluginError, RunFailed, SdsctlError
 from .images import contact_sheet, save_image
+from .panel import peak_memory_mib
 from .plugins import Registered
 from .recipe import LoadedRecipe, to_yaml
 from .rundir import RunDir, check_target
@@ -317,8 +318,12 @@ def _metrics(opt: Optimization, image: torch.Tensor, reporter) -> dict[str, Any]
     return results
 
 
-def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = False, resume: bool = False) -> RunResult:
-    """Run (or resume) a validated recipe into the run directory ``path``."""
+def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = False, resume: bool = False,
+            prior=None) -> RunResult:
+    """Run (or resume) a validated recipe into the run directory ``path``.
+
+    ``prior``: the recipe's model already loaded on its device and dtype (``sdsctl compare``
+    shares one among runs); None loads it."""
     recipe = loaded.recipe
     device = resolve_device(recipe.device)
     dtype, dtype_warning = resolve_dtype(recipe.dtype, device)
@@ -336,8 +341,11 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
         check_target(path, overwrite)
 
     # Ctrl-C while the model loads raises KeyboardInterrupt: nothing has been written yet.
-    with blame(loaded.components["model"], "loading the model"):
-        prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
+    if prior is None:
+        with blame(loaded.components["model"], "loading the model"):
+            prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with StopRequest(reporter) as stop:
         if not resume:
             run = RunDir.create(path, overwrite)
@@ -358,7 +366,7 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
             return {"status": status, "steps_done": done, **base_summary,
                     "seconds": round(seconds_before + session, 3),
                     "steps_per_second": round((done - start) / session, 3) if session > 0 and done > start else 0.0,
-                    **extra}
+                    "peak_memory_mib": round(peak_memory_mib(device), 1), **extra}
 
         def save(step: int) -> None:
             run.save_state(opt.state(step, seconds_before + time.perf_counter() - started))
