@@ -169,3 +169,28 @@ def test_a_folder_without_clip_is_refused_before_any_run(cli, recipe_file, tmp_p
     result = cli("compare", recipe_file(), "--seeds", "1", "--clip", tmp_path, "--out", tmp_path / "cmp")
     assert result.exit_code == 2 and "no CLIP model there" in result.output
     assert not (tmp_path / "cmp" / "runs").exists()
+
+
+def test_progress_line_above_the_live_panel():
+    import io
+
+    from rich.console import Console
+
+    from sdsctl.compare import Progress, _live_reporter
+    from sdsctl.shapes.judge import outside_world
+
+    progress = Progress(total_runs=4, total_steps=400)
+    progress.reused += 1
+    progress.finish(100, None)
+    progress.finish(100, 10.0)  # 0.1 s per step executed here: 200 steps left -> 20 s
+    progress.current = "sds 'a red circle' seed 1"
+    panel = _live_reporter(progress)
+    panel.info = {"title": "sds", "steps": 100, "start_step": 0, "device": "cpu", "run_dir": "r"}
+    panel.started = 0.0
+    console = Console(file=io.StringIO(), width=120)
+    console.print(panel.render())
+    text = console.file.getvalue()
+    assert text.index("compare: 2/4 runs done, 1 reused") < text.index("0/100")
+    assert "ETA 0:00:20" in text
+    assert outside_world("a red circle on a blue background") is None
+    assert "dog" in outside_world("a photo of a dog") and outside_world("a red thing")
