@@ -6,6 +6,10 @@ in ``summary.json`` under ``metrics.shapes-judge``: the judged background, colou
 ``match`` (and ``match_color``, ``match_shape``, ``match_background``) against the prompt,
 the palette error and the realism figures (sharpness, noise, saturation, contrast,
 brightness).
+
+For a prompt outside the shapes world (``judge.outside_world``: "a photo of a dog") the
+judge has nothing to compare with: the result is ``{"applies": false, "note": "n/a: ..."}``
+and no ``match`` key, so comparisons show n/a instead of a match.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ class ShapesJudge(Metric):
         return prior.image_size == world.IMAGE_SIZE and all(w + "</w>" in vocab for w in words)
 
     def __call__(self, image, prompt: str) -> dict:
+        reason = judge.outside_world(prompt)
+        if reason is not None:
+            return {"applies": False, "note": f"n/a: {reason}"}
         return judge.judge(image, prompt).to_dict(prompt)
 
 

@@ -44,6 +44,7 @@ from . import plugins
 from .components import RunContext
 from .errors import PluginError, RunFailed, SdsctlError
 from .images import contact_sheet, save_image
+from .panel import peak_memory_mb
 from .plugins import Registered
 from .recipe import LoadedRecipe, to_yaml
 from .records import NonFinite, PendingRecords, StepRecord
@@ -98,16 +99,6 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | N
     if name == "bfloat16" and device.type not in ("cuda", "cpu"):
         return torch.float32, f"dtype bfloat16 is for CUDA and CPU devices; running in float32 on {device.type}"
     return DTYPES[name], None
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """The run's peak memory: the CUDA allocator's peak on CUDA, the process's peak RSS elsewhere."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(rss / (2**20 if platform.system() == "Darwin" else 2**10), 1)
 
 
 @contextlib.contextmanager
@@ -390,8 +381,12 @@ def _metrics(opt: Optimization, image: torch.Tensor, reporter) -> dict[str, Any]
     return results
 
 
-def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = False, resume: bool = False) -> RunResult:
-    """Run (or resume) a validated recipe into the run directory ``path``."""
+def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = False, resume: bool = False,
+            prior=None) -> RunResult:
+    """Run (or resume) a validated recipe into the run directory ``path``.
+
+    ``prior``: the recipe's model already loaded on its device and dtype (``sdsctl compare``
+    shares one among runs); None loads it."""
     recipe = loaded.recipe
     device = resolve_device(recipe.device)
     dtype, dtype_warning = resolve_dtype(recipe.dtype, device)
@@ -411,8 +406,9 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
     # Ctrl-C while the model loads raises KeyboardInterrupt: nothing has been written yet.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with blame(loaded.components["model"], "loading the model"):
-        prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
+    if prior is None:
+        with blame(loaded.components["model"], "loading the model"):
+            prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
     with StopRequest(reporter) as stop:
         if not resume:
             run = RunDir.create(path, overwrite)
@@ -433,7 +429,7 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
             return {"status": status, "steps_done": done, **base_summary,
                     "seconds": round(seconds_before + session, 3),
                     "steps_per_second": round((done - start) / session, 3) if session > 0 and done > start else 0.0,
-                    "peak_memory_mb": peak_memory_mb(device), **extra}
+                    "peak_memory_mb": round(peak_memory_mb(device), 1), **extra}
 
         def save(step: int) -> None:
             run.save_state(opt.state(step, seconds_before + time.perf_counter() - started))

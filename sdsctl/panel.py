@@ -23,15 +23,22 @@ import torch
 from .images import half_blocks
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB (``peak_memory_mb`` in summary.json): allocated on a CUDA device (since
+    the last reset), else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak if sys.platform == "darwin" else peak * 1024) / 2**20
+
+
 def memory_text(device: torch.device) -> str:
     """Allocated and peak memory on a CUDA device; the process's peak RSS on the CPU."""
     if device.type == "cuda":
         mib = 2**20
         return (f"{torch.cuda.memory_allocated(device) / mib:.0f} MiB "
                 f"(peak {torch.cuda.max_memory_allocated(device) / mib:.0f} MiB)")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_bytes = peak if sys.platform == "darwin" else peak * 1024
-    return f"peak RSS {peak_bytes / 2**20:.0f} MiB"
+    return f"peak RSS {peak_memory_mb(device):.0f} MiB"
 
 
 def _duration(seconds: float) -> str:

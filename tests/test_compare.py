@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -51,23 +52,123 @@ def test_compare_writes_table_json_and_grid(cli, recipe_file, tmp_path):
     md = (out / "compare.md").read_text()
     assert "median shape IoU" in md and "| first |" in md and "| second |" in md
     with Image.open(out / "grid.png") as grid:
-        assert grid.size[1] == 2 * 66  # one row per recipe
+        assert grid.size[1] > 2 * 100  # a label row, then one 96-px row per recipe
+    assert (out / "report.html").is_file()
+    # the same comparison again reuses every run and says so
+    again = cli("compare", a, b, "--pairs", "2", "--steps", "2", "--out", out)
+    assert again.exit_code == 0, again.output
+    assert "reused 4 of 4 runs" in again.output and "model loaded 0 time(s)" in again.output
+    # one more pair: the first two are reused, two new runs share one loaded model
+    more = cli("compare", a, b, "--pairs", "3", "--steps", "2", "--out", out)
+    assert "reused 4 of 6 runs" in more.output and "model loaded 1 time(s)" in more.output, more.output
 
 
-def test_compare_refuses_a_folder_that_holds_a_comparison(cli, recipe_file, tmp_path):
+def test_compare_refuses_a_folder_that_holds_something_else(cli, recipe_file, tmp_path):
     out = tmp_path / "cmp"
     out.mkdir()
-    (out / "compare.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
     result = cli("compare", recipe_file(), "--pairs", "1", "--out", out)
     assert result.exit_code == 2
-    assert "already holds a comparison" in result.output and "Traceback" not in result.output
-    assert (out / "compare.json").read_text() == "{}"
+    assert "holds no comparison" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_compare_needs_a_positive_number_of_pairs(cli, recipe_file, tmp_path):
     result = cli("compare", recipe_file(), "--pairs", "0", "--out", tmp_path / "cmp")
     assert result.exit_code == 2 and "--pairs 0" in result.output
     assert not (tmp_path / "cmp").exists()
+
+
+def test_same_named_recipes_get_two_rows_and_folders(cli, recipe_file, tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a = recipe_file(name="a/x.yaml")
+    b = recipe_file({"guidance": {"name": "sds", "guidance_scale": 20}}, name="b/x.yaml")
+    out = tmp_path / "cmp"
+    result = cli("compare", a, b, "--seeds", "2", "--steps", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "compare.json").read_text())
+    assert list(results) == ["a/x", "b/x"]
+    assert [r["seed"] for r in results["a/x"]["runs"]] == [0, 1]
+    folders = {Path(r["run_dir"]).parent for res in results.values() for r in res["runs"]}
+    assert len(folders) == 2 and all(f.name.startswith("x-") for f in folders)
+    assert results["b/x"]["resolved"]["guidance"]["guidance_scale"] == 20
+
+
+def test_an_interrupted_run_is_continued(cli, recipe_file, tmp_path):
+    import shutil
+
+    r = recipe_file()
+    assert cli("compare", r, "--seeds", "1", "--steps", "2", "--out", tmp_path / "short").exit_code == 0
+    out = tmp_path / "cmp"
+    assert cli("compare", r, "--seeds", "1", "--steps", "4", "--out", out).exit_code == 0
+    (short,) = [Path(x["run_dir"]) for x in json.loads((tmp_path / "short" / "compare.json").read_text())["recipe"]["runs"]]
+    (run,) = [Path(x["run_dir"]) for x in json.loads((out / "compare.json").read_text())["recipe"]["runs"]]
+    final = (run / "final.png").read_bytes()
+    # make the 4-step run one that was interrupted after step 2: its state, metrics and summary
+    shutil.copy(short / "state.pt", run / "state.pt")
+    lines = (run / "metrics.jsonl").read_text().splitlines()[:2]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted", "steps_done": 2}))
+    again = cli("compare", r, "--seeds", "1", "--steps", "4", "--out", out)
+    assert "continued 1 interrupted" in again.output, again.output
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert (run / "final.png").read_bytes() == final  # as if never interrupted (CPU: bit for bit)
+
+
+def test_prompts_outside_the_shapes_world_are_judged_na_with_one_warning(cli, recipe_file, tmp_path):
+    out = tmp_path / "cmp"
+    result = cli("compare", recipe_file(), "--prompt", "a photo of a dog", "--seeds", "2", "--steps", "4", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("warning:") == 1 and "photo" in result.output and "dog" in result.output
+    res = json.loads((out / "compare.json").read_text())["recipe"]
+    assert res["summary"]["match_rate"] is None and "| recipe | n/a |" in (out / "compare.md").read_text()
+    judged = res["runs"][0]["metrics"]["shapes-judge"]
+    assert judged["applies"] is False and "photo" in judged["note"] and "match" not in judged
+    assert {"saturation", "sharpness", "colorfulness"} <= set(res["runs"][0]["metrics"]["image-stats"])
+    assert res["summary"]["notes"] == ["CLIP score skipped: no --clip DIR given"]
+    figures = res["runs"][0]["figures"]
+    assert figures["convergence"] is not None and figures["seconds_per_step"] > 0 and figures["peak_memory_mb"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A randomly initialized CLIP, a few thousand parameters, saved as a transformers folder."""
+    import shutil
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from sdsctl.prior import SHAPES_PRIOR
+
+    folder = tmp_path_factory.mktemp("clip")
+    vocab = len(json.loads((SHAPES_PRIOR / "tokenizer" / "vocab.json").read_text()))
+    config = CLIPConfig(
+        text_config={"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 32},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    for f in (SHAPES_PRIOR / "tokenizer").iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_clip_score_with_a_local_clip_folder(cli, recipe_file, tmp_path, tiny_clip):
+    out = tmp_path / "cmp"
+    result = cli("compare", recipe_file(), "--seeds", "1", "--steps", "2", "--clip", tiny_clip, "--out", out)
+    assert result.exit_code == 0, result.output
+    res = json.loads((out / "compare.json").read_text())["recipe"]
+    score = res["runs"][0]["metrics"]["clip"]["score"]
+    assert 0 <= score <= 100 and "clip.score" in res["summary"]["metrics"] and "notes" not in res["summary"]
+
+
+def test_a_folder_without_clip_is_refused_before_any_run(cli, recipe_file, tmp_path):
+    result = cli("compare", recipe_file(), "--seeds", "1", "--clip", tmp_path, "--out", tmp_path / "cmp")
+    assert result.exit_code == 2 and "no CLIP model there" in result.output
+    assert not (tmp_path / "cmp" / "runs").exists()
 
 
 def test_progress_line_above_the_live_panel():

@@ -49,6 +49,24 @@ class Judgement:
         return out
 
 
+def outside_world(prompt: str) -> str | None:
+    """Why ``prompt`` is not a prompt of the shapes world (None when it is one).
+
+    A prompt of the world uses only the world's words and names a shape or a background;
+    for any other ("a photo of a dog") the judge has nothing to compare the image with.
+    """
+    import re
+
+    vocab = set(world.vocabulary())
+    unknown = list(dict.fromkeys(w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in vocab))
+    if unknown:
+        return f"words outside the shapes world: {', '.join(unknown)}"
+    want = world.parse_prompt(prompt)
+    if want["shape"] is None and want["background"] is None:
+        return "the prompt names no shape and no background of the shapes world"
+    return None
+
+
 def to_array(image) -> np.ndarray:
     """A 64x64x3 float32 array in [0, 1] from a PIL image, an HxWx3 array or a [3,H,W] tensor."""
     from PIL import Image

@@ -1,0 +1,188 @@
+"""``sdsctl doctor``: the study's checklist applied to a run directory, with evidence and knobs.
+
+The study ("Investigation of the optimization") reads a failed run this way: look at the
+previews; the warm-up must build a reasonable global structure (fewer warm-up steps if it
+over-saturates, more if nothing shows up); the result must converge; the correction term's
+weight is raised if the result is over-saturated and lowered if it is over-smooth. NFSD adds
+why: a high guidance scale over-saturates, a low one (7.5) over-smooths, because the
+unconditional term smooths the image. Each check below reads the run's files
+(``sdsctl.runread``), states its evidence in numbers and steps, and names the recipe key
+to turn.
+
+Thresholds, calibrated on the shapes prior (three prompts and seeds each: plain SDS at CFG
+100 over 500 steps, SDS at CFG 7.5, robust NFSD; figures in ``docs/compare.md``):
+
+* over-saturated: ≥ 25 % of pixels with a channel at 0 or 1 (SDS at CFG 100: 29-49 %;
+  SDS at 7.5 and robust NFSD: 0-19 %, the upper end a white background);
+* over-smooth: edge sharpness < 0.295 (SDS at 7.5: 0.275-0.280; robust NFSD 0.31-0.34;
+  clean renders 0.34-0.50) on an image that is not over-saturated;
+* not converged: the image changed by more than 0.025 (mean absolute difference, RGB in
+  [0, 1]) over the last tenth of the run (finished 500-600-step runs: 0.010-0.017);
+* warm-up without structure: two-tone share < 0.5 at the warm-up's end (the decoded
+  Gaussian start: about 0.27; robust NFSD after 300 warm-up steps: 0.70). Its end is
+  saturated even in healthy runs (robust NFSD: 44 % clipped at step 300, 0 % at 600); fewer
+  warm-up steps are named only when the final image is over-saturated too;
+* score norm exploded or vanished: the median ‖g‖ over the last tenth of the steps above
+  10× or below 1/20 of its median over the first tenth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from . import imagestats
+from .runread import RunData
+
+OVERSATURATED_CLIPPED = 0.25
+OVERSMOOTH_SHARPNESS = 0.295
+CONVERGED_CHANGE = 0.025
+WARMUP_TWO_TONE = 0.5
+NORM_EXPLODED, NORM_VANISHED = 10.0, 1 / 20
+
+
+@dataclasses.dataclass
+class Finding:
+    check: str  # warmup, saturation, smoothness, convergence, score-norm, status
+    ok: bool | None  # None: does not apply to this run
+    title: str
+    evidence: str
+    knob: str = ""
+
+
+def _knobs(recipe: dict[str, Any]) -> dict[str, str]:
+    """What to turn, in this recipe's own keys."""
+    g, sched = recipe.get("guidance", {}), recipe.get("schedule", {})
+    scale = g.get("guidance_scale")
+    weight = "guidance.ratio" if "ratio" in g else "guidance.correction_scale" if "correction_scale" in g else None
+    warm = f"schedule.warmup_steps (now {sched['warmup_steps']})" if "warmup_steps" in sched else None
+    out = {}
+    if weight:
+        out["more_correction"] = f"a larger correction weight: {weight} (now {g[weight.split('.')[1]]})"
+        out["less_correction"] = f"a smaller correction weight: {weight} (now {g[weight.split('.')[1]]})"
+    else:
+        out["more_correction"] = (f"a lower guidance.guidance_scale (now {scale}), or a guidance with a correction "
+                                  "term (robust-nfsd, nfsd) whose weight balances it")
+        out["less_correction"] = (f"a higher guidance.guidance_scale (now {scale}; NFSD: at 7.5 the unconditional "
+                                  "term smooths the image), or nfsd / robust-nfsd, which leave that term out")
+    out["fewer_warmup"] = f"fewer warm-up steps: {warm}" if warm else ""
+    out["more_warmup"] = f"more warm-up steps: {warm}" if warm else ""
+    return out
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def diagnose(path: Path) -> dict[str, Any]:
+    """Every check on the run in ``path``; ``healthy`` when none found a problem."""
+    run = RunData.read(path)
+    recipe, summary, records = run.recipe, run.summary, run.records
+    steps = recipe.get("steps") or summary.get("steps") or 0
+    knobs = _knobs(recipe)
+    findings: list[Finding] = []
+    status = summary.get("status", "unknown")
+    done = run.steps_done
+    if status == "failed":
+        findings.append(Finding("status", False, "the run failed", summary.get("error", "see error.log"),
+                                "the error names the knob; `sdsctl resume` continues from the last good state"))
+    elif done < steps:
+        findings.append(Finding("status", False, f"the run stopped at step {done} of {steps} ({status})",
+                                "the checks below read the run so far", f"continue it: sdsctl resume {path}"))
+
+    # warm-up: a global structure at its end, not over-saturated
+    warm = [r["step"] for r in records if r.get("phase") == "warmup"]
+    warm_saturated = False
+    if warm and (at := run.image_at(warm[-1])):
+        step, image = at
+        st = imagestats.stats(image)
+        start = run.image_at(min(run.previews)) if run.previews else None
+        start_tt = imagestats.stats(start[1])["two_tone"] if start else None
+        evidence = (f"two-tone share {st['two_tone']:.2f} at step {step}, the warm-up's end"
+                    + (f" ({start_tt:.2f} at step {start[0]})" if start else "")
+                    + f"; clipped pixels {st['clipped']:.0%}" + _judged(image, recipe.get("prompt", "")))
+        # A warm-up at large t leaves the image saturated (robust NFSD's: 44 % clipped at step 300);
+        # that is a problem only if the main phase does not remove it (the saturation check below).
+        warm_saturated = st["clipped"] >= OVERSATURATED_CLIPPED
+        if st["two_tone"] < WARMUP_TWO_TONE:
+            findings.append(Finding("warmup", False, "the warm-up built no global structure", evidence, knobs["more_warmup"]))
+        else:
+            findings.append(Finding("warmup", True, "the warm-up built a global structure", evidence))
+    else:
+        findings.append(Finding("warmup", None, "no warm-up phase",
+                                f"schedule {recipe.get('schedule', {}).get('name')!r} has no warm-up phase"))
+
+    final = run.final
+    if final is not None:
+        st = imagestats.stats(final)
+        sat_evidence = (f"{st['clipped']:.0%} of pixels have a channel at 0 or 1 (limit {OVERSATURATED_CLIPPED:.0%}); "
+                        f"saturation {st['saturation']:.2f}, colourfulness {st['colorfulness']:.2f}, "
+                        f"two-tone share {st['two_tone']:.2f}")
+        over = st["clipped"] >= OVERSATURATED_CLIPPED
+        knob = "; or ".join(k for k in (knobs["more_correction"], warm_saturated and knobs["fewer_warmup"]) if k)
+        findings.append(Finding("saturation", not over, "over-saturated" if over else "not over-saturated",
+                                sat_evidence, knob if over else ""))
+        smooth = st["sharpness"] < OVERSMOOTH_SHARPNESS and not over
+        findings.append(Finding("smoothness", not smooth, "over-smooth" if smooth else "not over-smooth",
+                                f"edge sharpness {st['sharpness']:.3f} (over-smooth below {OVERSMOOTH_SHARPNESS})"
+                                + (" -- not judged: the image is over-saturated" if over else ""),
+                                knobs["less_correction"] if smooth else ""))
+        conv = run.convergence()
+        if conv:
+            moving = conv["change"] > CONVERGED_CHANGE
+            findings.append(Finding(
+                "convergence", not moving, "not converged" if moving else "converged",
+                f"the image changed by {conv['change']:.4f} from step {conv['from_step']} to {conv['to_step']} "
+                f"(the last tenth; limit {CONVERGED_CHANGE})",
+                f"more steps: steps (now {steps}), e.g. --set steps={int(steps * 1.5)}" if moving else ""))
+
+    norms = [r["norms"]["score"] for r in records if "score" in r.get("norms", {})]
+    if len(norms) >= 10:
+        k = max(1, len(norms) // 10)
+        first, last = _median(norms[:k]), _median(norms[-k:])
+        ratio = last / first if first > 0 else math.inf
+        evidence = (f"median score norm {first:.3g} over steps 1-{k}, {last:.3g} over steps "
+                    f"{records[-k]['step']}-{records[-1]['step']} (×{ratio:.2g})")
+        if not math.isfinite(last) or ratio > NORM_EXPLODED:
+            findings.append(Finding("score-norm", False, "the score norm exploded", evidence,
+                                    "a lower optimizer.lr or guidance.guidance_scale, or optimizer.score_scale"))
+        elif ratio < NORM_VANISHED:
+            findings.append(Finding("score-norm", False, "the score norm vanished", evidence,
+                                    "the guidance stopped pulling: check the weighting and the schedule's t range"))
+        else:
+            findings.append(Finding("score-norm", True, "the score norm stayed in range", evidence))
+    healthy = all(f.ok is not False for f in findings)
+    return {
+        "run_dir": str(path), "status": status, "steps_done": done, "steps": steps,
+        "guidance": recipe.get("guidance", {}).get("name"), "healthy": healthy,
+        "findings": [dataclasses.asdict(f) for f in findings],
+    }
+
+
+def _judged(image: Path, prompt: str) -> str:
+    """The shapes judge's reading, for prompts of its world."""
+    from .shapes import judge
+
+    if judge.outside_world(prompt):
+        return ""
+    j = judge.judge(imagestats.as_array(image), prompt)
+    if j.shape is None:
+        return "; the shapes judge sees no shape"
+    return f"; the shapes judge sees a {j.color} {j.shape} (shape IoU {j.shape_iou:.2f})"
+
+
+def text(report: dict[str, Any]) -> str:
+    lines = [f"doctor: {report['run_dir']} ({report['guidance']}, {report['steps_done']}/{report['steps']} steps, "
+             f"{report['status']})"]
+    for f in report["findings"]:
+        mark = {True: "ok     ", False: "PROBLEM", None: "n/a    "}[f["ok"]]
+        lines.append(f"  {mark} {f['title']}: {f['evidence']}")
+        if f["knob"]:
+            lines.append(f"          turn: {f['knob']}")
+    problems = [f["title"] for f in report["findings"] if f["ok"] is False]
+    lines.append("verdict: healthy -- every check passed" if report["healthy"]
+                 else f"verdict: {'; '.join(problems)}")
+    return "\n".join(lines) + "\n"

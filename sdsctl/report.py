@@ -1,0 +1,272 @@
+"""``report.html``: one self-contained page that reads a comparison (``sdsctl compare``).
+
+Everything is in the file: the final images are embedded as ``data:`` URIs, the curves are
+inline SVG, the style is inline; there is no script and nothing is fetched, so the page
+opens the same from a laptop, a mail attachment or a CI artefact. Only the links to each
+run's ``progress.png`` point outside it (relative paths into ``runs/``). Sections:
+
+1. the grid of final images (a row per recipe, a column per prompt and seed);
+2. a table of every metric per recipe (mean ± sample standard deviation over the runs);
+3. the curves over steps of every number the runs logged (loss, score norm, the guidance's
+   terms, t, the weight), one line per recipe: the mean over its runs, smoothed;
+4. each recipe's differences from the first (recipe keys, metrics, images) side by side;
+5. every run with its figures and a link to its progress image.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .compare import fmt
+from .rundir import atomic_write_text
+from .runread import RunData
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2"]
+
+CSS = """
+body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #222; max-width: 1400px; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 6px 0; } th, td { padding: 3px 8px; border-bottom: 1px solid #eee; text-align: left; vertical-align: top; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+table.grid th.col { font-weight: normal; font-size: 12px; width: 104px; } table.grid td { text-align: center; padding: 2px; }
+table.grid img, .pair img { image-rendering: pixelated; display: block; margin: auto; border: 1px solid #ccc; }
+.small { font-size: 11px; color: #666; } .note { color: #8a5a00; } .better { color: #1a7f37; } .worse { color: #b42318; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; } .plots figure { margin: 0; } figcaption { font-size: 12px; text-align: center; }
+.legend span { display: inline-block; margin-right: 14px; } .legend i { display: inline-block; width: 14px; height: 3px; vertical-align: middle; margin-right: 4px; }
+.diff { display: flex; gap: 24px; flex-wrap: wrap; } .pair { display: inline-block; margin: 2px 8px 2px 0; text-align: center; }
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _img(path: Path, size: int, title: str) -> str:
+    return f'<img src="{data_uri(path)}" width="{size}" height="{size}" alt="{_e(title)}" title="{_e(title)}">'
+
+
+def _rel(path: Path, out: Path) -> str:
+    return Path(os.path.relpath(path, out)).as_posix()
+
+
+def _series(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """Every numeric field of metrics.jsonl as (step, value) lists: loss, norms.*, t, weight, lr."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        values = {"loss": r.get("loss"), **{f"norm {k}": v for k, v in r.get("norms", {}).items()},
+                  "t": r.get("t"), "weight": r.get("weight"), "lr": r.get("lr")}
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                out.setdefault(k, []).append((r["step"], float(v)))
+    return out
+
+
+def _mean_curve(runs: list[dict[str, list[tuple[int, float]]]], key: str, points: int = 150) -> list[tuple[int, float]]:
+    """The mean over runs at each step, then a moving average (window: 1/50 of the steps), at most ``points`` points."""
+    by_step: dict[int, list[float]] = {}
+    for series in runs:
+        for step, v in series.get(key, []):
+            by_step.setdefault(step, []).append(v)
+    steps = sorted(by_step)
+    if not steps:
+        return []
+    mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+    w = max(1, len(steps) // 50)
+    smooth, acc = [], 0.0
+    for i, v in enumerate(mean):
+        acc += v
+        if i >= w:
+            acc -= mean[i - w]
+        smooth.append(acc / min(i + 1, w))
+    stride = max(1, len(steps) // points)
+    keep = list(range(0, len(steps), stride))
+    if keep[-1] != len(steps) - 1:
+        keep.append(len(steps) - 1)
+    return [(steps[i], smooth[i]) for i in keep]
+
+
+def svg_plot(title: str, curves: dict[str, list[tuple[int, float]]], colors: dict[str, str],
+             width: int = 420, height: int = 220) -> str:
+    """A line plot as inline SVG: one polyline per recipe, axes with their ranges; log y for wide ranges."""
+    values = [v for c in curves.values() for _, v in c]
+    steps = [s for c in curves.values() for s, _ in c]
+    if not values:
+        return ""
+    left, right, top, bottom = 56, 10, 10, 30
+    log = min(values) > 0 and max(values) / min(values) > 50
+    f = (lambda v: math.log10(v)) if log else (lambda v: v)
+    lo, hi = f(min(values)), f(max(values))
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    s0, s1 = min(steps), max(steps)
+    s1 = s1 if s1 > s0 else s0 + 1
+
+    def xy(s: int, v: float) -> str:
+        x = left + (s - s0) / (s1 - s0) * (width - left - right)
+        y = top + (hi - f(v)) / (hi - lo) * (height - top - bottom)
+        return f"{x:.1f},{y:.1f}"
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
+             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="#fafafa" stroke="#ccc"/>']
+    for frac in (0.0, 0.5, 1.0):
+        v = lo + frac * (hi - lo)
+        label = fmt(10**v if log else v)
+        y = top + (1 - frac) * (height - top - bottom)
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{label}</text>')
+        if 0 < frac < 1:
+            parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e4e4"/>')
+    for s, anchor, x in ((s0, "start", left), (s1, "end", width - right)):
+        parts.append(f'<text x="{x}" y="{height - 14}" font-size="10" text-anchor="{anchor}">{s}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 3}" font-size="10" text-anchor="middle">'
+                 f'step{" (log y)" if log else ""}</text>')
+    for name, curve in curves.items():
+        if curve:
+            pts = " ".join(xy(s, v) for s, v in curve)
+            parts.append(f'<polyline fill="none" stroke="{colors[name]}" stroke-width="1.6" points="{pts}"><title>{_e(name)}</title></polyline>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _metric_cell(m: dict[str, float] | None) -> str:
+    if not m:
+        return '<td class="num">n/a</td>'
+    return f'<td class="num">{fmt(m["mean"])} <span class="small">± {fmt(m["std"])}</span></td>'
+
+
+def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, int]],
+           notes: list[str] = (), unknown: dict[str, list[str]] | None = None) -> str:
+    labels = list(results)
+    colors = {lab: COLORS[i % len(COLORS)] for i, lab in enumerate(labels)}
+    runs_data = {lab: [RunData.read(Path(r["run_dir"])) for r in res["runs"]] for lab, res in results.items()}
+    h: list[str] = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+                    "<title>sdsctl compare</title>", f"<style>{CSS}</style></head><body>"]
+    n_runs = sum(len(res["runs"]) for res in results.values())
+    h.append("<h1>sdsctl compare</h1>")
+    h.append(f'<p class="small">{len(labels)} recipes × {len(pairs)} (prompt, seed) pairs = {n_runs} runs · '
+             f'{_e(out)}</p>')
+    for note in notes:
+        h.append(f'<p class="note">{_e(note)}</p>')
+    for prompt, words in (unknown or {}).items():
+        h.append(f'<p class="note">{_e(prompt)!s}: the model has no whole-word token for {_e(", ".join(words))}; '
+                 "it has never seen these words.</p>")
+
+    # 1. grid
+    h.append("<h2>Final images</h2>")
+    h.append('<table class="grid"><thead><tr><th></th>')
+    for prompt, seed in pairs:
+        h.append(f'<th class="col">{_e(prompt)}<br><span class="small">seed {seed}</span></th>')
+    h.append("</tr></thead><tbody>")
+    for lab, res in results.items():
+        h.append(f'<tr><th><span style="color:{colors[lab]}">■</span> {_e(lab)}</th>')
+        for r in res["runs"]:
+            run_dir = Path(r["run_dir"])
+            judged = r["metrics"].get("shapes-judge", {})
+            verdict = {True: "match", False: "miss"}.get(judged.get("match"), "judge n/a")
+            title = f"{lab}: {r['prompt']}, seed {r['seed']}"
+            h.append(f'<td><a href="{_e(_rel(run_dir / "progress.png", out))}">'
+                     f'{_img(run_dir / "final.png", 96, title)}</a>'
+                     f'<span class="small">{verdict}</span></td>')
+        h.append("</tr>")
+    h.append('</tbody></table><p class="small">Click an image for the run\'s progress sheet (previews over the steps).</p>')
+
+    # 2. metrics
+    h.append("<h2>Metrics per recipe</h2>")
+    h.append('<p class="small">Mean ± sample standard deviation over each recipe\'s runs; true/false figures '
+             "(judge matches) as rates. convergence: mean absolute change of the image over the last tenth "
+             "of the run; peak_memory_mb on the CPU is the process's peak RSS.</p>")
+    h.append('<table class="metrics"><thead><tr><th>metric</th>'
+             + "".join(f"<th>{_e(lab)}</th>" for lab in labels) + "</tr></thead><tbody>")
+    h.append("<tr><td>judge match</td>" + "".join(
+        f'<td class="num">{res["summary"]["matches"]}/{res["summary"]["runs"]}</td>' if res["summary"]["match_rate"] is not None
+        else '<td class="num">n/a</td>' for res in results.values()) + "</tr>")
+    names = list(dict.fromkeys(k for res in results.values() for k in res["summary"]["metrics"]))
+    for k in names:
+        h.append(f"<tr><td>{_e(k)}</td>" + "".join(_metric_cell(res["summary"]["metrics"].get(k)) for res in results.values()) + "</tr>")
+    h.append("</tbody></table>")
+
+    # 3. curves
+    h.append("<h2>Curves over steps</h2>")
+    h.append('<p class="legend">' + "".join(f'<span><i style="background:{colors[lab]}"></i>{_e(lab)}</span>' for lab in labels)
+             + '<span class="small">mean over the recipe\'s runs, moving average over 1/50 of the steps</span></p>')
+    series = {lab: [_series(d.records) for d in data] for lab, data in runs_data.items()}
+    keys = list(dict.fromkeys(k for runs in series.values() for s in runs for k in s))
+    h.append('<div class="plots">')
+    for key in keys:
+        curves = {lab: _mean_curve(series[lab], key) for lab in labels}
+        flat = [v for c in curves.values() for _, v in c]
+        if not flat or (key == "lr" and max(flat) == min(flat)):
+            continue
+        h.append(f"<figure>{svg_plot(key, curves, colors)}<figcaption>{_e(key)}</figcaption></figure>")
+    h.append("</div>")
+
+    # 4. differences from the first
+    if len(labels) > 1:
+        first = labels[0]
+        base = _flat(results[first].get("resolved", {}))
+        h.append(f"<h2>Differences from {_e(first)}</h2>")
+        for lab in labels[1:]:
+            this = _flat(results[lab].get("resolved", {}))
+            keys_diff = [k for k in dict.fromkeys([*base, *this]) if base.get(k) != this.get(k) and k not in ("prompt", "seed")]
+            h.append(f'<h3><span style="color:{colors[lab]}">■</span> {_e(lab)}</h3><div class="diff">')
+            h.append(f"<table><thead><tr><th>recipe key</th><th>{_e(first)}</th><th>{_e(lab)}</th></tr></thead><tbody>")
+            for k in keys_diff or []:
+                h.append(f"<tr><td>{_e(k)}</td><td>{_e(base.get(k, '—'))}</td><td>{_e(this.get(k, '—'))}</td></tr>")
+            if not keys_diff:
+                h.append('<tr><td colspan="3">same resolved recipe</td></tr>')
+            h.append("</tbody></table>")
+            h.append(f"<table><thead><tr><th>metric</th><th>{_e(first)}</th><th>{_e(lab)}</th><th>Δ</th></tr></thead><tbody>")
+            a, b = results[first]["summary"]["metrics"], results[lab]["summary"]["metrics"]
+            for k in [k for k in names if k in a and k in b]:
+                d = b[k]["mean"] - a[k]["mean"]
+                h.append(f'<tr><td>{_e(k)}</td><td class="num">{fmt(a[k]["mean"])}</td>'
+                         f'<td class="num">{fmt(b[k]["mean"])}</td><td class="num">{"+" if d > 0 else ""}{fmt(d)}</td></tr>')
+            h.append("</tbody></table><div>")
+            for ra, rb in zip(results[first]["runs"], results[lab]["runs"]):
+                h.append(f'<div class="pair">{_img(Path(ra["run_dir"]) / "final.png", 64, first)}'
+                         f'{_img(Path(rb["run_dir"]) / "final.png", 64, lab)}'
+                         f'<span class="small">seed {ra["seed"]}</span></div>')
+            h.append("</div></div>")
+
+    # 5. runs
+    h.append("<h2>Runs</h2><table><thead><tr><th>recipe</th><th>prompt</th><th>seed</th><th>s</th>"
+             "<th>s/step</th><th>convergence</th><th></th><th>run</th></tr></thead><tbody>")
+    for lab, res in results.items():
+        for r in res["runs"]:
+            fig = r.get("figures", {})
+            run_dir = Path(r["run_dir"])
+            h.append(f"<tr><td>{_e(lab)}</td><td>{_e(r['prompt'])}</td><td class=\"num\">{r['seed']}</td>"
+                     f'<td class="num">{r["seconds"]:.1f}</td>'
+                     f'<td class="num">{fmt(fig["seconds_per_step"]) if fig.get("seconds_per_step") else "n/a"}</td>'
+                     f'<td class="num">{fmt(fig["convergence"]) if fig.get("convergence") is not None else "n/a"}</td>'
+                     f'<td class="small">{"reused" if r.get("reused") else ""}</td>'
+                     f'<td><a href="{_e(_rel(run_dir / "progress.png", out))}">progress.png</a> · '
+                     f'<span class="small">{_e(_rel(run_dir, out))}</span></td></tr>')
+    h.append("</tbody></table></body></html>")
+    return "\n".join(h) + "\n"
+
+
+def write_report(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, int]],
+                 notes: list[str] = (), unknown: dict[str, list[str]] | None = None) -> Path:
+    path = Path(out) / "report.html"
+    atomic_write_text(path, render(Path(out), results, pairs, notes, unknown))
+    return path

@@ -1,0 +1,86 @@
+"""`sdsctl doctor` on real runs of the shipped shapes prior: the study's checklist with evidence.
+
+Three runs (about 15 s each on one thread), shared by the tests of this module: the study's
+failure modes -- plain SDS at CFG 100 over-saturates, SDS at CFG 7.5 over-smooths -- and its
+robust NFSD cuisine, which is healthy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from sdsctl.cli import create_app
+
+    base = tmp_path_factory.mktemp("doctor")
+    made = {}
+    for name, args in {
+        "sds": ["recipes/sds.yaml"],
+        "sds-cfg7.5": ["recipes/sds.yaml", "--set", "guidance.guidance_scale=7.5"],
+        "robust-nfsd": ["recipes/robust_nfsd.yaml"],
+    }.items():
+        out = base / name
+        result = CliRunner().invoke(create_app(), ["run", str(ROOT / args[0]), *args[1:], "--device", "cpu",
+                                                   "--no-live", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        made[name] = out
+    return made
+
+
+def _doctor(cli, path: Path) -> dict:
+    result = cli("doctor", path, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def _problems(report: dict) -> list[str]:
+    return [f["check"] for f in report["findings"] if f["ok"] is False]
+
+
+def test_plain_sds_is_over_saturated_and_the_knob_is_named(cli, runs):
+    report = _doctor(cli, runs["sds"])
+    assert _problems(report) == ["saturation"] and not report["healthy"]
+    (sat,) = [f for f in report["findings"] if f["check"] == "saturation"]
+    assert "% of pixels" in sat["evidence"] and "guidance.guidance_scale (now 100" in sat["knob"]
+
+
+def test_sds_at_cfg_7_5_is_over_smooth(cli, runs):
+    report = _doctor(cli, runs["sds-cfg7.5"])
+    assert _problems(report) == ["smoothness"]
+    (smooth,) = [f for f in report["findings"] if f["check"] == "smoothness"]
+    assert "edge sharpness" in smooth["evidence"] and "guidance_scale (now 7.5" in smooth["knob"]
+
+
+def test_robust_nfsd_is_healthy_and_its_warmup_built_a_structure(cli, runs):
+    report = _doctor(cli, runs["robust-nfsd"])
+    assert report["healthy"] and _problems(report) == []
+    (warm,) = [f for f in report["findings"] if f["check"] == "warmup"]
+    assert warm["ok"] and "step 300" in warm["evidence"] and "red circle" in warm["evidence"]
+    text = cli("doctor", runs["robust-nfsd"]).output
+    assert "verdict: healthy" in text and "converged" in text
+
+
+def test_an_interrupted_run_is_read_and_resume_is_named(cli, recipe_file, tmp_path):
+    run = tmp_path / "run"
+    assert cli("run", recipe_file({"steps": 10}), "--out", run, "--no-live").exit_code == 0
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    lines = (run / "metrics.jsonl").read_text().splitlines()[:6]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    report = _doctor(cli, run)
+    (status,) = [f for f in report["findings"] if f["check"] == "status"]
+    assert "step 6 of 10" in status["title"] and f"sdsctl resume {run}" in status["knob"]
+
+
+def test_doctor_on_a_folder_that_is_no_run(cli, tmp_path):
+    result = cli("doctor", tmp_path)
+    assert result.exit_code == 2 and "is not a run directory" in result.output and "Traceback" not in result.output
