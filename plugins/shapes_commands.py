@@ -56,30 +56,17 @@ def train_shapes(
     vae_steps: Annotated[int, typer.Option(help="VAE training steps")] = 2000,
     decoder_steps: Annotated[int, typer.Option(help="decoder fine-tuning steps")] = 600,
     prior_steps: Annotated[int, typer.Option(help="UNet + text encoder training steps")] = 10000,
-    no_augment: Annotated[bool, typer.Option("--no-augment", help="train the VAE on world images only")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     smoke: Annotated[bool, typer.Option("--smoke", help="a few steps of every stage (to check the set-up)")] = False,
-    vae_from: Annotated[Optional[str], typer.Option(
-        "--vae-from", help="shapes or a prior folder: start from its VAE and train only the UNet and text encoder")] = None,
 ) -> None:
-    """Train the shapes prior (resumes from OUT/checkpoint.pt); the result is OUT/prior/."""
+    """Train the shapes prior as shipped (resumes from OUT/checkpoint.pt); the result is OUT/prior/."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from sdsctl.shapes.train import Trainer, TrainConfig
 
     if min(vae_steps, prior_steps) <= 0 or decoder_steps < 0:
         raise SdsctlError("--vae-steps and --prior-steps must be positive, --decoder-steps at least 0")
-    vae_folder = None
-    if vae_from is not None:
-        from sdsctl.models import SHAPES_PRIOR
-
-        vae_folder = SHAPES_PRIOR if vae_from == "shapes" else Path(vae_from).expanduser()
-        if not (vae_folder / "vae" / "config.json").is_file():
-            raise SdsctlError(f"--vae-from {vae_from}: no vae/config.json there; give `shapes` or a prior folder "
-                              "written by `sdsctl train-shapes` (OUT/prior)")
-        if (out / "checkpoint.pt").exists():
-            typer.echo(f"note: {out / 'checkpoint.pt'} exists and is resumed; --vae-from is not used", err=True)
-    kw = dict(seed=seed, augment=not no_augment, device=_device(device))
+    kw = dict(seed=seed, device=_device(device))
     cfg = TrainConfig.smoke(**kw) if smoke else TrainConfig(vae_steps=vae_steps, decoder_steps=decoder_steps, prior_steps=prior_steps, **kw)
     columns = [TextColumn("{task.description:>8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[logs]}")]
@@ -92,7 +79,7 @@ def train_shapes(
             text = "  ".join(f"{k} {v:.4g}" for k, v in logs.items())
             progress.update(tasks[stage], completed=step, logs=text)
 
-        folder = Trainer(out, cfg, report, vae_from=vae_folder).run()
+        folder = Trainer(out, cfg, report).run()
     typer.echo(f"prior written to {folder}")
 
 

@@ -1,7 +1,6 @@
 """Measured checks of a shapes prior: is it faithful to prompts, and do quality words work?
 
-``python -m sdsctl.shapes.evaluate PRIOR_DIR`` (or ``sdsctl evaluate-prior``) prints the
-figures the prior is shipped with:
+``sdsctl evaluate-prior`` prints the figures the prior is shipped with:
 
 - **fidelity**: one sample for each of the 8 x 7 x 3 (colour, background, shape)
   combinations, 50 DDIM steps, CFG 7.5, judged against its prompt;
@@ -9,9 +8,7 @@ figures the prior is shipped with:
 - **quality words**: for each degradation word, samples of ``a {word} {color} {shape} ...``
   against the plain caption at the same seeds, compared in the judge's matching figure;
 - **encoder robustness**: how far the VAE encoder moves per unit of input perturbation;
-- **VAE round trip**: whether blur, noise, darkness and low contrast survive encode -> decode;
-- **grain codes**: whether the decoder draws codes along the latents' least-used direction
-  as grain and keeps the shape (what a grain stage teaches it).
+- **VAE round trip**: whether blur, noise, darkness and low contrast survive encode -> decode.
 """
 
 from __future__ import annotations
@@ -163,34 +160,6 @@ def vae_round_trip(vae, *, n: int = 64, seed: int = 4000, strength: float = 0.5)
     return out
 
 
-@torch.no_grad()
-def grain_codes(vae, *, n: int = 64, seed: int = 5000, amplitudes: tuple[float, ...] = (0.0, 1.0, 4.0, 8.0)) -> dict:
-    """Does the decoder draw grain codes (``sdsctl/shapes/grain.py``) as grain, keeping the shape?
-
-    The latents' least-used direction is found from ``n`` encoded clean renders; random
-    per-cell codes of each amplitude along it are added to their latents and decoded. Per
-    amplitude: the median judge noise figure, the share of images whose scene is still
-    judged right, and the median palette error. A decoder without a grain stage shows no
-    grain here; amplitudes above the world's (about 0.7 to 1.2) are what guidance makes.
-    """
-    from . import grain
-    from .train import _to_tensor
-
-    imgs, scenes = world.sample_batch(seed, n, degradation=False)
-    z = vae.encode(_to_tensor(imgs)).latent_dist.mean
-    direction, std = grain.least_used_direction(z)
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for a in amplitudes:
-        codes = grain.random_codes(torch.full((n,), float(a)), z.shape[-1], g)
-        rec = ((vae.decode(grain.displace(z, codes, direction, std)).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        judged = [judge.judge(im, s.caption) for im, s in zip(rec, scenes)]
-        out[f"{a:g}"] = {"noise": float(statistics.median(j.noise for j in judged)),
-                         "scene_right": float(np.mean([j.matches(s.caption)["match"] for j, s in zip(judged, scenes)])),
-                         "palette_error": float(statistics.median(j.palette_error for j in judged))}
-    return out
-
-
 def evaluate(folder: str | Path, *, quick: bool = False, out: Path | None = None) -> dict:
     """All checks of a shapes prior; with ``out``, also ``report.json`` and the sample grids there."""
     pipe = sampling.load_pipeline(folder)
@@ -200,7 +169,6 @@ def evaluate(folder: str | Path, *, quick: bool = False, out: Path | None = None
         "quality_words": quality_words(pipe, n=8 if quick else 24),
         "encoder_robustness": encoder_robustness(pipe.vae),
         "vae_round_trip": vae_round_trip(pipe.vae, n=16 if quick else 64),
-        "grain_codes": grain_codes(pipe.vae, n=16 if quick else 64),
     }
     if out is not None:
         out = Path(out)
@@ -225,14 +193,3 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 12) -> None:
         r, c = divmod(i, columns)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
     save_image(torch.from_numpy(grid).permute(2, 0, 1), path)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import argparse
-
-    p = argparse.ArgumentParser()
-    p.add_argument("folder")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="folder for report.json and sample grids")
-    a = p.parse_args()
-    print(json.dumps(evaluate(a.folder, quick=a.quick, out=a.out), indent=2))
