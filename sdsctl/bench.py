@@ -1,0 +1,262 @@
+"""``sdsctl bench``: how fast a recipe's step runs, where its time goes, and how far it is from
+the floor set by the model evaluations it cannot avoid.
+
+Three measurements, in one process, on the same model and inputs:
+
+1. **The steps** -- ``steps`` steps of the recipe's own loop (the step, and fetching its numbers
+   every ``output.log_every`` steps, as a run does; no run directory, no previews), after
+   ``warmup`` untimed steps. Nothing is instrumented here, so the time is the loop's own:
+   ``ms_per_step``, ``steps_per_second``; ``unet_calls_per_step`` is counted on one extra step.
+2. **The breakdown** -- a separate pass of the same number of steps with every phase wrapped
+   in a timer (``render``, ``encode``, ``unet``, ``decode``, ``guidance`` without its UNet calls,
+   ``backward``, ``optimizer``; ``other`` is the rest). CUDA events time it on a GPU,
+   ``time.perf_counter`` on the CPU; being a separate pass, the timers cannot slow the steps
+   of (1).
+3. **The floor** -- measured between chunks of (1), so that both see the same machine load
+   (each is the median over chunks), the bare time of the model evaluations one step needs: every UNet call of a
+   step replayed on the step's real inputs (with its backward when it ran with gradients, as
+   VSD's LoRA update does), plus the VAE encoder's forward and backward for parameterizations
+   that render RGB through it, plus the VAE decoder's forward where the fit needs an image target
+   (``fit_space: image | both``). ``floor_ratio`` = step time ÷ floor time: 1.0 would mean the
+   step is nothing but its model evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from .loop import Optimization, resolve_device, resolve_dtype
+from .panel import peak_memory_mb
+from .recipe import LoadedRecipe
+from .records import PendingRecords
+
+PHASES = ("render", "encode", "unet", "decode", "guidance", "backward", "optimizer", "other")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Timestamps: CUDA events on a GPU (device time, no sync when taken), else perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1000
+
+
+class PhaseTimer:
+    """Exclusive time per phase: a phase nested in another (the UNet inside the guidance) is
+    not counted twice."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.spans: list[tuple[str, Any, Any, list]] = []  # (phase, start, end, children spans)
+        self._stack: list[list] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        children: list = []
+        self._stack.append(children)
+        start = self.clock.mark()
+        try:
+            yield
+        finally:
+            end = self.clock.mark()
+            self._stack.pop()
+            span = (name, start, end, children)
+            (self._stack[-1] if self._stack else self.spans).append(span)
+
+    def totals(self) -> dict[str, float]:
+        out = dict.fromkeys(PHASES[:-1], 0.0)
+
+        def visit(span) -> float:
+            name, start, end, children = span
+            inclusive = self.clock.ms(start, end)
+            out[name] = out.get(name, 0.0) + inclusive - sum(visit(c) for c in children)
+            return inclusive
+
+        for span in self.spans:
+            visit(span)
+        return out
+
+
+def _wrap(obj, attr: str, wrapper: Callable[[Callable], Callable]) -> Callable[[], None]:
+    """Replace ``obj.attr`` by ``wrapper(original)``; returns the undo."""
+    original = getattr(obj, attr)
+    had_own = attr in vars(obj)
+    setattr(obj, attr, wrapper(original))
+
+    def undo():
+        if had_own:
+            setattr(obj, attr, original)
+        else:
+            delattr(obj, attr)
+
+    return undo
+
+
+def _timed(timer: PhaseTimer, name: str):
+    def wrapper(fn):
+        def timed(*args, **kwargs):
+            with timer.phase(name):
+                return fn(*args, **kwargs)
+        return timed
+    return wrapper
+
+
+@contextlib.contextmanager
+def _instrumented(opt: Optimization, timer: PhaseTimer | None, calls: list | None):
+    """Wrap the step's phases in ``timer`` and/or record every UNet call's inputs in ``calls``."""
+    undo = []
+    prior = opt.prior
+    if calls is not None:
+        def recording(fn):
+            def predict(z_t, t, embeddings):
+                calls.append(("unet", (z_t.detach(), t, embeddings.detach()), torch.is_grad_enabled()))
+                return fn(z_t, t, embeddings)
+            return predict
+
+        def recording_encode(fn):
+            def encode(rgb):
+                calls.append(("encode", (rgb.detach(),), torch.is_grad_enabled() and rgb.requires_grad))
+                return fn(rgb)
+            return encode
+
+        def recording_decode(fn):
+            def decode(z):
+                calls.append(("decode", (z.detach(),), False))
+                return fn(z)
+            return decode
+
+        undo += [_wrap(prior, "predict_noise", recording), _wrap(prior, "encode_images", recording_encode),
+                 _wrap(prior, "decode_latents", recording_decode)]
+    if timer is not None:
+        undo += [
+            _wrap(prior, "predict_noise", _timed(timer, "unet")),
+            _wrap(prior, "encode_images", _timed(timer, "encode")),
+            _wrap(prior, "decode_latents", _timed(timer, "decode")),
+            _wrap(opt.param, "forward", _timed(timer, "render")),
+            _wrap(opt.guidance, "score", _timed(timer, "guidance")),
+            _wrap(opt.optimizer, "step", _timed(timer, "optimizer")),
+            _wrap(torch.autograd, "backward", _timed(timer, "backward")),
+        ]
+    try:
+        yield
+    finally:
+        for u in reversed(undo):
+            u()
+
+
+def _run_steps(opt: Optimization, first: int, count: int, log_every: int) -> None:
+    """Steps ``first`` .. ``first + count - 1`` of the recipe (wrapping past its last step)."""
+    pending = PendingRecords()
+    for k in range(first, first + count):
+        pending.add(opt.step(k % opt.recipe.steps))
+        if (k + 1) % log_every == 0:
+            pending.flush()
+    pending.flush()
+
+
+def _floor_ms(prior, calls: list, device: torch.device, repeats: int) -> float:
+    """The bare time of one step's model evaluations, replayed ``repeats`` times on its real
+    inputs (mean)."""
+
+    def once():
+        for kind, args, grad in calls:
+            with torch.set_grad_enabled(grad):
+                if kind == "unet":
+                    out = prior.predict_noise(*args)
+                    if grad:
+                        torch.autograd.backward(out.sum())
+                elif kind == "decode":
+                    prior.decode_latents(*args)
+                else:
+                    rgb = args[0].clone().requires_grad_(grad)
+                    out = prior.encode_images(rgb)
+                    if grad:
+                        torch.autograd.backward(out.sum())
+
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1000 / repeats
+
+
+def bench(loaded: LoadedRecipe, *, steps: int = 50, warmup: int = 5, prior=None) -> dict[str, Any]:
+    """Measure ``loaded``'s step (see the module docstring); returns the report's fields."""
+    recipe = loaded.recipe
+    device = resolve_device(recipe.device)
+    dtype, _ = resolve_dtype(recipe.dtype, device)
+    if prior is None:
+        prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    opt = Optimization(loaded, prior, device, dtype)
+    try:
+        opt.initialize()
+        log_every = recipe.output.log_every
+        _run_steps(opt, 0, warmup, log_every)
+
+        calls: list = []
+        with _instrumented(opt, None, calls):  # one step's model evaluations, on its real inputs
+            _run_steps(opt, warmup, 1, 1)
+        unet_calls = sum(1 for kind, _, _ in calls if kind == "unet")
+        # Steps and floor in alternating chunks, medians of each: a machine whose load drifts
+        # (other processes) shifts both alike instead of skewing their ratio.
+        chunk = max(1, min(log_every, steps))
+        step_ms, floor_ms, done = [], [], 0
+        while done < steps:
+            n = min(chunk, steps - done)
+            synchronize(device)
+            start = time.perf_counter()
+            _run_steps(opt, warmup + 1 + done, n, n)
+            synchronize(device)
+            step_ms.append((time.perf_counter() - start) * 1000 / n)
+            floor_ms.append(_floor_ms(prior, calls, device, repeats=n))
+            done += n
+        ms_per_step, floor = statistics.median(step_ms), statistics.median(floor_ms)
+
+        timer = PhaseTimer(Clock(device))
+        synchronize(device)
+        pass_start = time.perf_counter()
+        with _instrumented(opt, timer, None):
+            _run_steps(opt, warmup + 1 + steps, steps, log_every)
+        synchronize(device)
+        pass_ms = (time.perf_counter() - pass_start) * 1000 / steps
+        breakdown = {k: v / steps for k, v in timer.totals().items()}
+        breakdown["other"] = max(0.0, pass_ms - sum(breakdown.values()))
+    finally:
+        opt.close()
+    return {
+        "recipe": loaded.name,
+        "steps": steps,
+        "warmup": warmup,
+        "steps_per_second": round(1000 / ms_per_step, 3),
+        "ms_per_step": round(ms_per_step, 3),
+        "unet_calls_per_step": unet_calls,
+        "breakdown_ms": {k: round(breakdown.get(k, 0.0), 3) for k in PHASES},
+        "floor_ms": round(floor, 3),
+        "floor_ratio": round(ms_per_step / floor, 3),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+    }
