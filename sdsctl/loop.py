@@ -184,6 +184,8 @@ class Optimization:
         self.weighting = build("weighting")
         opt = recipe.optimizer
         self.optimizer = torch.optim.Adam(self.param.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        with blame(self.regs["model"], "preparing its fast paths"):
+            prior.accelerate(channels_last=recipe.channels_last, compile=recipe.compile)
         self.latent = self.param.space == "latent"
 
     def initialize(self) -> None:

@@ -126,6 +126,8 @@ class Recipe(BaseModel):
     output: OutputConfig = OutputConfig()
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    compile: bool = Field(False, description="torch.compile the denoiser (static shapes; CUDA graphs on CUDA)")
+    channels_last: bool = Field(False, description="NHWC convolution weights (faster on tensor cores)")
 
     @field_validator("prompt")
     @classmethod
