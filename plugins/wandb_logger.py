@@ -54,6 +54,9 @@ class WandbLogger(Logger):
         run = getattr(self, "run", None)
         if run is not None:
             run.finish()
+            # finish() can return before W&B's service process has written the run file;
+            # teardown waits for it, so the offline run is complete when sdsctl exits.
+            self.wandb.teardown()
             self.run = None
 
 

@@ -69,16 +69,17 @@ def test_wandb_offline_run_holds_the_steps_and_the_summary(cli, recipe_file, tmp
     result, out = _run(cli, recipe_file, tmp_path, "wandb")
     assert result.exit_code == 0, result.output
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    history, summary = {}, {}
+    history, summary, kinds = {}, {}, []
     for record in _wandb_records(run_file):
         kind = record.WhichOneof("record_type")
+        kinds.append(kind)
         if kind == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
             history.setdefault(items["_step"], {}).update(items)
         elif kind == "summary":
             summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update})
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(history) == [1, 2, 3, 4]
+    assert sorted(history) == [1, 2, 3, 4], (kinds, run_file.stat().st_size)
     assert [history[s]["loss"] for s in (1, 2, 3, 4)] == pytest.approx([r["loss"] for r in records], rel=1e-6)
     previews = [history[s].get("preview/path", "") for s in (1, 2, 3, 4)]
     assert [bool(p) for p in previews] == [False, True, False, True]
