@@ -22,7 +22,7 @@ from . import plugins
 from .errors import PluginError, RunFailed, SdsctlError
 
 CORE_COMMANDS = ("run", "resume", "validate", "recipes", "plugins")
-KIND_ORDER = ("models", "parameterizations", "guidances", "schedules", "weightings", "metrics", "commands")
+KIND_ORDER = ("models", "parameterizations", "guidances", "schedules", "weightings", "metrics", "loggers", "commands")
 
 
 def _print_error(exc: SdsctlError) -> None:
@@ -100,6 +100,9 @@ ModelOption = Annotated[str | None, typer.Option(
 DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (shortcut for --set device=...)")]
 AllowDownloadOption = Annotated[bool, typer.Option(
     "--allow-download", help="Download a hub model missing from the local cache (shortcut for --set model.allow_download=true).")]
+LogOption = Annotated[list[str], typer.Option(
+    "--log", metavar="LOGGER",
+    help="Also send the run to a logger: tensorboard, wandb (offline), or a plugin's (see `sdsctl plugins`). Repeatable.")]
 RecipeArgument = Annotated[str, typer.Argument(
     metavar="RECIPE", help="A recipe file, or the name of a bundled recipe (see `sdsctl recipes`).",
     autocompletion=_complete_recipe)]
@@ -118,11 +121,14 @@ def _warn(warnings: list[str]) -> None:
         print(f"warning: {w}", file=sys.stderr)
 
 
-def _run(loaded, path: Path, live: bool, overwrite: bool, resume: bool) -> None:
+def _run(loaded, path: Path, live: bool, overwrite: bool, resume: bool, log: list[str] = ()) -> None:
+    from .loggers import RunLoggers, build
     from .loop import OOM, execute, oom_message
     from .panel import make_reporter
 
-    reporter = make_reporter(live, loaded.recipe.output.preview_every)
+    loggers, skipped = build(list(log), path, loaded.recipe)
+    _warn(skipped)
+    reporter = RunLoggers(make_reporter(live, loaded.recipe.output.preview_every), loggers)
     try:
         result = execute(loaded, path, reporter, overwrite=overwrite, resume=resume)
     except OOM:
@@ -130,6 +136,8 @@ def _run(loaded, path: Path, live: bool, overwrite: bool, resume: bool) -> None:
     except KeyboardInterrupt:  # while the model loaded: nothing was written
         print("interrupted before the first step; nothing written", file=sys.stderr)
         raise typer.Exit(130) from None
+    finally:
+        reporter.finish(path)
     if result.status == "interrupted":
         print(f"interrupted at step {result.steps_done}/{result.steps}; state saved in {path}. "
               f"Continue with: sdsctl resume {path}", file=sys.stderr)
@@ -175,6 +183,7 @@ def create_app() -> typer.Typer:
         model: ModelOption = None,
         device: DeviceOption = None,
         allow_download: AllowDownloadOption = False,
+        log: LogOption = [],  # noqa: B006
     ) -> None:
         """Run a recipe: optimize an image and write a run directory."""
         from .recipe import load_recipe
@@ -184,12 +193,13 @@ def create_app() -> typer.Typer:
         _warn(loaded.warnings)
         path = out if out is not None else default_path(loaded.recipe.output.dir, loaded.name)
         check_target(path, overwrite)
-        _run(loaded, path, live=not no_live, overwrite=overwrite, resume=False)
+        _run(loaded, path, live=not no_live, overwrite=overwrite, resume=False, log=log)
 
     @app.command()
     def resume(
         run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The directory of an interrupted or failed run.")],
         no_live: Annotated[bool, typer.Option("--no-live", help="Plain log lines instead of the live panel.")] = False,
+        log: LogOption = [],  # noqa: B006
     ) -> None:
         """Continue an interrupted run to its end (on the CPU: bit-identical to an uninterrupted run)."""
         from .recipe import load_recipe
@@ -198,7 +208,7 @@ def create_app() -> typer.Typer:
         RunDir.open(run_dir)
         loaded = load_recipe(run_dir / "recipe.yaml")
         _warn(loaded.warnings)
-        _run(loaded, run_dir, live=not no_live, overwrite=False, resume=True)
+        _run(loaded, run_dir, live=not no_live, overwrite=False, resume=True, log=log)
 
     @app.command()
     def validate(
@@ -273,11 +283,14 @@ def create_app() -> typer.Typer:
             raise
         except Exception as exc:
             raise PluginError(f"plugin {plugin!r} failed in register_commands: {type(exc).__name__}: {exc}") from exc
-        added = [_command_name(i) for i in app.registered_commands[n_cmds:]]
-        added += [_group_name(g) for g in app.registered_groups[n_groups:]]
-        for name in added:
-            if name in owners:
-                raise PluginError(f"command {name!r} is registered by two plugins: {owners[name]!r} and {plugin!r}")
+        added = [(_command_name(i), app.registered_commands, i) for i in app.registered_commands[n_cmds:]]
+        added += [(_group_name(g), app.registered_groups, g) for g in app.registered_groups[n_groups:]]
+        for name, registry, info in added:
+            if name in owners:  # the first owner keeps it; the rest of the CLI works on
+                registry.remove(info)
+                plugins.warn_once(f"command {name!r} of plugin {plugin!r} ({dist or 'not installed'}) is ignored: "
+                                  f"the name is taken by {owners[name]!r}; uninstall one of them")
+                continue
             owners[name] = plugin
             plugin_commands.append(plugins.Registered("commands", name, None, plugin, dist))
     _guard_all(app)

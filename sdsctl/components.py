@@ -28,6 +28,8 @@ from .errors import InvalidConfig  # noqa: F401 -- re-exported: components raise
 from .models.base import ModelInfo  # noqa: F401 -- re-exported: components' checks read it
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .models.base import Prior
     from .recipe import Recipe
 
@@ -84,6 +86,10 @@ class RunContext:
     def randint(self, low: int, high: int) -> int:
         """An integer in [low, high) from the host generator: no device synchronisation."""
         return int(torch.randint(low, high, (1,), generator=self.host_generator))
+
+    def rand(self) -> float:
+        """A float in [0, 1) from the host generator: no device synchronisation."""
+        return float(torch.rand((), generator=self.host_generator))
 
     def embeddings(self, prompt: str) -> Tensor:
         """Text embeddings ``[1, L, D]`` of ``prompt``, computed once per run and cached."""
@@ -218,6 +224,47 @@ class Metric(Component):
         raise NotImplementedError
 
 
+class Logger(Component):
+    """Receives a run as it happens -- each step's record, the preview images, the final
+    summary -- and sends it somewhere (TensorBoard, Weights & Biases, ...).
+
+    Chosen on the command line (``sdsctl run RECIPE --log NAME``), not in the recipe: where a
+    run's numbers go does not change the run. Built as ``cls(cls.Config(name=NAME), run_dir,
+    recipe)`` before the run starts -- open files and connections in :meth:`start`, when the
+    run directory exists. A logger that raises is switched off with a warning; the run goes on.
+    """
+
+    kind = "logger"
+
+    def __init__(self, config: ComponentConfig, run_dir: Path, recipe: Recipe):  # no RunContext: loggers see records only
+        self.config = config
+        self.run_dir = run_dir
+        self.recipe = recipe
+
+    @classmethod
+    def missing(cls) -> str | None:
+        """Why this logger cannot run here -- e.g. its library is not installed, and the
+        ``pip install`` that fixes it -- or None when it can. The run then goes on without it."""
+        return None
+
+    def start(self, info: dict[str, Any]) -> None:
+        """The run starts (or resumes): ``info`` has ``title``, ``steps``, ``start_step``,
+        ``device`` and ``run_dir``."""
+
+    def step(self, record: dict[str, Any]) -> None:
+        """After every step: the record written to ``metrics.jsonl`` (``step``, ``phase``, ``t``,
+        ``timesteps``, ``weight``, ``loss``, ``norms``, ``lr``, ...)."""
+
+    def preview(self, step: int, image: Tensor) -> None:
+        """Every ``output.preview_every`` steps: the current image, float RGB ``[3, H, W]`` in [0, 1]."""
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        """When the run has ended (completed, interrupted or failed): ``summary.json``'s content."""
+
+    def close(self) -> None:
+        """Flush and release; called once, last."""
+
+
 #: kind (plural, as in ``sdsctl plugins --json``) -> (hook name, base class)
 KINDS: dict[str, tuple[str, type]] = {
     "models": ("register_models", Model),
@@ -226,4 +273,5 @@ KINDS: dict[str, tuple[str, type]] = {
     "schedules": ("register_schedules", Schedule),
     "weightings": ("register_weightings", Weighting),
     "metrics": ("register_metrics", Metric),
+    "loggers": ("register_loggers", Logger),
 }

@@ -81,6 +81,17 @@ def register_metrics(register):
 
 
 @hookspec
+def register_loggers(register):
+    """Register run loggers (subclasses of ``sdsctl.components.Logger``).
+
+    Called when ``sdsctl run``/``resume`` is given ``--log NAME`` and by ``sdsctl plugins``.
+    A logger receives every step's record, the preview images and the run's final summary.
+    Call ``register(name, cls)`` for each; ``name`` is what ``--log`` selects. The return
+    value is ignored.
+    """
+
+
+@hookspec
 def register_commands(app):
     """Add commands to the CLI.
 

@@ -9,8 +9,14 @@ like a third-party package's. Environment variables:
 * ``SDSCTL_TRACE_PLUGINS=1`` prints every hook call and its result on stderr.
 
 The registry (:func:`components`) asks each plugin's hook separately, so it knows which
-plugin registered which name, and refuses a name registered twice. It is computed on
-demand, not cached: registering a plugin (as tests do) takes effect at once.
+plugin (and distribution) registered which name. It is computed on demand, not cached:
+registering a plugin (as tests do) takes effect at once.
+
+A name registered by two plugins is a *clash*: it is reported once on stderr (which
+distributions, and how to choose), neither component takes the bare name, and each stays
+usable under its qualified name ``<distribution>:<name>`` (``<plugin>:<name>`` when both come
+from one distribution). Every other component keeps working. A qualified name also works
+when there is no clash (``sdsctl:sds``), so a recipe can pin its component's origin.
 """
 
 from __future__ import annotations
@@ -132,28 +138,24 @@ def each_plugin(hook_name: str) -> Iterator[tuple[str, str | None, Callable[...,
         yield impl.plugin_name, dists.get(id(impl.plugin)), manager.subset_hook_caller(hook_name, others)
 
 
-def components(kind: str) -> dict[str, Registered]:
-    """Every registered component of ``kind`` (``"guidances"``, ...), by name."""
+def registrations(kind: str) -> list[Registered]:
+    """Every component of ``kind`` as registered, clashing names included, in hook order."""
     from .components import KINDS, ComponentConfig
 
     hook_name, base = KINDS[kind]
-    found: dict[str, Registered] = {}
+    found: list[Registered] = []
     for plugin, dist, call in each_plugin(hook_name):
 
         def register(name: str, cls: type, _plugin: str = plugin, _dist: str | None = dist) -> None:
             what = f"plugin {_plugin!r} registered {singular(kind)} {name!r}"
-            if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {_plugin!r} registered a {singular(kind)} with the name {name!r}; names are non-empty strings")
+            if not isinstance(name, str) or not name or ":" in name:
+                raise PluginError(f"plugin {_plugin!r} registered a {singular(kind)} with the name {name!r}; "
+                                  "names are non-empty strings without ':'")
             if not (isinstance(cls, type) and issubclass(cls, base)):
                 raise PluginError(f"{what} as {cls!r}, which is not a subclass of sdsctl.components.{base.__name__}")
             if not (isinstance(cls.Config, type) and issubclass(cls.Config, ComponentConfig)):
                 raise PluginError(f"{what}, whose Config is not a subclass of sdsctl.components.ComponentConfig")
-            if name in found:
-                raise PluginError(
-                    f"{singular(kind)} {name!r} is registered by two plugins: {found[name].plugin!r} and "
-                    f"{_plugin!r}; uninstall one, or load only one with SDSCTL_LOAD_PLUGINS"
-                )
-            found[name] = Registered(kind, name, cls, _plugin, _dist)
+            found.append(Registered(kind, name, cls, _plugin, _dist))
 
         try:
             call(register=register)
@@ -164,5 +166,72 @@ def components(kind: str) -> dict[str, Registered]:
     return found
 
 
+def qualifiers(regs: list[Registered]) -> list[str]:
+    """What tells clashing registrations apart: their distributions, or their plugins when
+    the distributions do not (both from one distribution, or not installed)."""
+    dists = [r.distribution for r in regs]
+    if None not in dists and len(set(dists)) == len(dists):
+        return [str(d) for d in dists]
+    return [r.plugin for r in regs]
+
+
+_reported: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print ``warning: message`` on stderr, once per process (a clash is seen by every lookup)."""
+    if message not in _reported:
+        _reported.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def clash_message(kind: str, name: str, regs: list[Registered]) -> str:
+    quals = qualifiers(regs)
+    who = " and ".join(
+        f"{r.plugin!r} (distribution {r.distribution or 'not installed'})" for r in regs)
+    choose = " or ".join(f"`name: {q}:{name}`" for q in quals)
+    uninstall = " or ".join(f"`pip uninstall {r.distribution}`" for r in regs if r.distribution and r.distribution != "sdsctl")
+    return (f"{singular(kind)} {name!r} is registered by {len(regs)} plugins: {who}. Neither takes the name "
+            f"{name!r}; choose one in a recipe with {choose}" + (f", or remove one ({uninstall})" if uninstall else "")
+            + ", or load one with SDSCTL_LOAD_PLUGINS")
+
+
+def components(kind: str) -> dict[str, Registered]:
+    """Every registered component of ``kind`` (``"guidances"``, ...), by the name a recipe uses.
+
+    A clashing name is reported once (:func:`warn_once`) and its components appear under their
+    qualified names ``<distribution or plugin>:<name>`` (``Registered.name`` is that key).
+    """
+    by_name: dict[str, list[Registered]] = {}
+    for reg in registrations(kind):
+        by_name.setdefault(reg.name, []).append(reg)
+    found: dict[str, Registered] = {}
+    for name, regs in by_name.items():
+        if len(regs) == 1:
+            found[name] = regs[0]
+            continue
+        warn_once(clash_message(kind, name, regs))
+        for qualifier, reg in zip(qualifiers(regs), regs):
+            found[f"{qualifier}:{name}"] = dataclasses.replace(reg, name=f"{qualifier}:{name}")
+    return found
+
+
+def clashing(kind: str, name: str) -> list[str]:
+    """The qualified names to choose from when ``name`` is registered by several plugins, else []."""
+    found = components(kind)
+    if name in found:
+        return []
+    return sorted(key for key in found if ":" in key and key.split(":", 1)[1] == name)
+
+
 def lookup(kind: str, name: str) -> Registered | None:
-    return components(kind).get(name)
+    """The component a recipe's ``name`` selects: a registered name, or ``<distribution>:<name>`` /
+    ``<plugin>:<name>`` for any component (clashing or not)."""
+    found = components(kind)
+    if name in found:
+        return found[name]
+    if ":" not in name:
+        return None
+    qualifier, bare = name.split(":", 1)
+    matches = [r for r in registrations(kind) if r.name == bare and qualifier in (r.distribution, r.plugin)]
+    return dataclasses.replace(matches[0], name=name) if len(matches) == 1 else None

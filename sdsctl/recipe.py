@@ -422,14 +422,19 @@ def validate(data: dict[str, Any], where: _Locator) -> tuple[Recipe, dict[str, p
                                     f"expected a component name or a mapping {{name: ..., <options>}}, got {raw!r}"))
             continue
         name = raw.get("name", DEFAULT_NAMES[section])
-        registry = plugins.components(kind)
-        if not isinstance(name, str) or name not in registry:
-            installed = ", ".join(sorted(registry)) or "none"
-            problems.append(Problem(where((section, "name")), f"{section}.name",
-                                    f"unknown {plugins.singular(kind)} {name!r}{suggest(name, list(registry))}; "
-                                    f"installed {kind}: {installed}"))
+        reg = plugins.lookup(kind, name) if isinstance(name, str) else None
+        if reg is None:
+            registry = plugins.components(kind)
+            choices = plugins.clashing(kind, name) if isinstance(name, str) else []
+            if choices:
+                message = (f"{plugins.singular(kind)} {name!r} is registered by several plugins; choose one: "
+                           f"{', '.join(choices)} (or uninstall all but one)")
+            else:
+                installed = ", ".join(sorted(registry)) or "none"
+                message = (f"unknown {plugins.singular(kind)} {name!r}{suggest(name, list(registry))}; "
+                           f"installed {kind}: {installed}")
+            problems.append(Problem(where((section, "name")), f"{section}.name", message))
             continue
-        reg = registry[name]
         try:
             configs[section] = reg.obj.Config.model_validate({**raw, "name": name})
             found[section] = reg

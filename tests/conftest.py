@@ -106,6 +106,7 @@ def cli():
 def register_plugin():
     """``register_plugin(obj, name)`` registers a test plugin; all are unregistered afterwards."""
     names: list[str] = []
+    plugins._reported.clear()  # a clash is reported once per process; each test is its own "process"
 
     def register(plugin: object, name: str) -> object:
         plugins.pm.register(plugin, name=name)

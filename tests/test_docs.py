@@ -56,8 +56,61 @@ def test_changelog_has_an_unreleased_section():
     assert "## [Unreleased]" in (ROOT / "CHANGELOG.md").read_text()
 
 
+def _hook_sections(text: str) -> dict[str, str]:
+    parts = re.split(r"^### `(register_\w+)\(", text, flags=re.M)
+    return {name: body.split("\n## ", 1)[0].split("\n### ", 1)[0] for name, body in zip(parts[1::2], parts[2::2])}
+
+
+def test_every_hook_section_says_when_it_is_called_and_shows_an_example():
+    sections = _hook_sections((ROOT / "docs" / "plugins.md").read_text())
+    assert sorted(sections) == HOOKS
+    for name, body in sections.items():
+        assert "Called" in body, f"{name}: when is it called?"
+        examples = _code_blocks(body, "python")
+        assert any(f"def {name}(" in code for code in examples), f"{name}: no minimal example"
+
+
+def test_every_component_kind_has_a_section():
+    from sdsctl.components import KINDS
+
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    kinds_part = text.split("\n## Component kinds\n", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^### (\w+)$", kinds_part, flags=re.M)
+    expected = [plugins.singular(kind) for kind in KINDS] + ["command"]
+    assert sorted(documented) == sorted(expected)
+    assert "How a Config is validated" in kinds_part
+    for kind in expected[:-1]:
+        body = kinds_part.split(f"\n### {kind}\n", 1)[1].split("\n### ", 1)[0]
+        assert "`register_" in body, kind
+
+
+def test_the_docs_show_a_complete_pyproject():
+    import tomllib
+
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    full = [tomllib.loads(block) for block in _code_blocks(text, "toml") if "[project]" in block]
+    assert full, "no complete pyproject.toml"
+    (project,) = full
+    assert project["build-system"]["build-backend"] and project["project"]["name"]
+    assert "sdsctl" in project["project"]["entry-points"] and any(d.startswith("sdsctl") for d in project["project"]["dependencies"])
+
+
+def test_every_python_example_in_the_plugin_docs_registers(register_plugin, cli):
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    for i, code in enumerate(_code_blocks(text, "python")):
+        module = types.ModuleType(f"docs_example_{i}")
+        exec(compile(code, f"docs/plugins.md (example {i + 1})", "exec"), module.__dict__)
+        register_plugin(module, f"docs-example-{i}")
+    listing = __import__("json").loads(cli("plugins", "--json").stdout)
+    names = {(kind, e["name"]) for kind, entries in listing.items() for e in entries}
+    assert {("models", "my-shapes"), ("parameterizations", "zero-latents"), ("guidances", "no-guidance"),
+            ("guidances", "mine"), ("schedules", "fixed"), ("weightings", "snr"), ("metrics", "brightness"),
+            ("loggers", "loss-file"), ("commands", "hello")} <= names
+    assert cli("hello", "--name", "docs").stdout == "hello docs\n"
+
+
 def test_the_plugin_example_in_the_docs_works(register_plugin, recipe_file, tmp_path):
-    (code,) = _code_blocks((ROOT / "docs" / "plugins.md").read_text(), "python")
+    code = _code_blocks((ROOT / "docs" / "plugins.md").read_text(), "python")[0]
     module = types.ModuleType("docs_example_plugin")
     exec(compile(code, "docs/plugins.md", "exec"), module.__dict__)
     register_plugin(module, "docs-example")

@@ -13,7 +13,8 @@ import typer
 
 import sdsctl
 from sdsctl import hookspecs, plugins
-from sdsctl.components import (ComponentConfig, Guidance, Metric, Model, Parameterization, Schedule,
+from sdsctl.recipe import load_recipe
+from sdsctl.components import (ComponentConfig, Guidance, Logger, Metric, Model, Parameterization, Schedule,
                                StepTimes, Weighting)
 from sdsctl.errors import PluginError, SdsctlError
 from sdsctl_plugins.diffusers_model import DiffusersModel
@@ -81,6 +82,10 @@ class AllHooks:
         register("test-size", Size)
 
     @sdsctl.hookimpl
+    def register_loggers(self, register):
+        register("test-logger", type("TestLogger", (Logger,), {"Config": _config("test-logger")}))
+
+    @sdsctl.hookimpl
     def register_commands(self, app):
         @app.command("test-hello")
         def hello(name: str = "world"):
@@ -112,7 +117,7 @@ def test_first_party_plugins_come_from_entry_points():
 
 def test_every_component_hook_registers(all_hooks):
     expected = {"models": "test-model", "parameterizations": "test-param", "guidances": "test-guidance",
-                "schedules": "test-fixed", "weightings": "test-half", "metrics": "test-size"}
+                "schedules": "test-fixed", "weightings": "test-half", "metrics": "test-size", "loggers": "test-logger"}
     for kind, name in expected.items():
         reg = plugins.components(kind)[name]
         assert (reg.plugin, reg.distribution) == ("test-all-hooks", None)
@@ -150,7 +155,9 @@ def test_plugins_json_lists_every_kind(all_hooks, cli):
     result = cli("plugins", "--json")
     assert result.exit_code == 0
     listing = json.loads(result.stdout)
-    assert list(listing) == ["models", "parameterizations", "guidances", "schedules", "weightings", "metrics", "commands"]
+    assert list(listing) == ["models", "parameterizations", "guidances", "schedules", "weightings", "metrics", "loggers",
+                             "commands"]
+    assert {"tensorboard", "wandb"} <= {e["name"] for e in listing["loggers"]}
     for kind, names in FIRST_PARTY.items():
         assert names <= {e["name"] for e in listing[kind]}
     for entries in listing.values():
@@ -167,35 +174,80 @@ def test_plugins_text_listing(cli):
     assert "guidances:" in result.stdout and "sds" in result.stdout and "plugin sds (sdsctl)" in result.stdout
 
 
-def test_duplicate_component_names_fail_naming_both_plugins(register_plugin, cli, recipe_file):
-    class Again:
-        @sdsctl.hookimpl
-        def register_guidances(self, register):
-            register("sds", SDS)
+class Again:
+    """A second plugin registering 'sds' (taken by sdsctl's own) and a name of its own."""
 
+    @sdsctl.hookimpl
+    def register_guidances(self, register):
+        register("sds", type("OtherSDS", (SDS,), {}))
+        register("test-own", SDS)
+
+
+def test_a_name_clash_is_reported_once_and_the_rest_keeps_working(register_plugin, cli, recipe_file, tmp_path):
     register_plugin(Again(), "test-duplicate")
-    with pytest.raises(PluginError, match="'sds' is registered by two plugins: 'sds' and 'test-duplicate'"):
-        plugins.components("guidances")
-    result = cli("validate", recipe_file())
-    assert result.exit_code == 1 and "two plugins" in result.stderr and "Traceback" not in result.output
+    result = cli("validate", recipe_file({"guidance": {"name": "nfsd", "threshold": 1000}}))
+    assert result.exit_code == 0, result.output  # the other components work
+    warning = ("warning: guidance 'sds' is registered by 2 plugins: 'sds' (distribution sdsctl) and 'test-duplicate' "
+               "(distribution not installed). Neither takes the name 'sds'; choose one in a recipe with "
+               "`name: sds:sds` or `name: test-duplicate:sds`, or load one with SDSCTL_LOAD_PLUGINS")
+    assert result.stderr.count(warning) == 1  # once, though the registry was asked several times
+    found = plugins.components("guidances")
+    assert "sds" not in found  # neither takes the bare name...
+    assert found["sds:sds"].obj is SDS and found["test-duplicate:sds"].obj.__name__ == "OtherSDS"  # ...both stay usable
+    assert {"nfsd", "robust-nfsd", "vsd", "test-own"} <= set(found)
+    result = cli("validate", recipe_file())  # the default guidance is sds: ambiguous now
+    assert result.exit_code == 2
+    assert "guidance 'sds' is registered by several plugins; choose one: sds:sds, test-duplicate:sds" in result.stderr
+    out = tmp_path / "run"
+    result = cli("run", recipe_file({"guidance": "test-duplicate:sds", "steps": 2}), "--out", out, "--no-live")
+    assert result.exit_code == 0, result.output
+    assert "name: test-duplicate:sds" in (out / "recipe.yaml").read_text()
 
 
-def test_duplicate_command_names_fail(register_plugin):
-    from sdsctl.cli import create_app
+def test_a_clash_between_distributions_names_them(register_plugin, monkeypatch):
+    register_plugin(Again(), "test-duplicate")
+    real = plugins.distributions
 
+    def with_other(manager):
+        dists = real(manager)
+        dists[id(manager.get_plugin("test-duplicate"))] = "sdsctl-other"
+        return dists
+
+    monkeypatch.setattr(plugins, "distributions", with_other)
+    found = plugins.components("guidances")
+    assert {"sdsctl:sds", "sdsctl-other:sds"} <= set(found)
+    message = plugins.clash_message("guidances", "sds", [found["sdsctl:sds"], found["sdsctl-other:sds"]])
+    assert "`name: sdsctl:sds` or `name: sdsctl-other:sds`, or remove one (`pip uninstall sdsctl-other`)" in message
+
+
+def test_a_qualified_name_works_without_a_clash(recipe_file):
+    loaded = load_recipe(recipe_file({"guidance": "sdsctl:sds"}))
+    assert loaded.components["guidance"].obj is SDS and loaded.recipe.guidance.name == "sdsctl:sds"
+    assert plugins.lookup("guidances", "sds:sds").obj is SDS  # the plugin's name works too
+    assert plugins.lookup("guidances", "nope:sds") is None
+
+
+def test_a_clashing_command_is_ignored_with_a_warning(register_plugin, cli, capsys):
     class Clash:
         @sdsctl.hookimpl
         def register_commands(self, app):
             @app.command("run")
             def run_again():
-                pass
+                print("the plugin's run")
+
+            @app.command("test-other")
+            def other():
+                print("other")
 
     register_plugin(Clash(), "test-clash")
-    with pytest.raises(PluginError, match="command 'run' is registered by two plugins: 'sdsctl' and 'test-clash'"):
-        create_app()
+    result = cli("test-other")
+    assert result.exit_code == 0 and result.stdout == "other\n"  # the plugin's other command works
+    assert ("warning: command 'run' of plugin 'test-clash' (not installed) is ignored: the name is taken by "
+            "'sdsctl'; uninstall one of them") in result.stderr + capsys.readouterr().err
+    assert "the plugin's run" not in cli("run", "--help").output
 
 
-@pytest.mark.parametrize("bad", [("sds", object), ("", SDS), ("x", int)])
+@pytest.mark.parametrize("bad", [("sds", object), ("", SDS), ("x", int), ("a:b", SDS)])
 def test_registering_something_that_is_not_a_component_fails(register_plugin, bad):
     class Bad:
         @sdsctl.hookimpl
@@ -293,7 +345,7 @@ def test_hookimpl_is_importable_from_the_package_root():
 
 
 def test_base_classes_are_exported():
-    for cls in (Model, Parameterization, Guidance, Schedule, Weighting, Metric):
+    for cls in (Model, Parameterization, Guidance, Schedule, Weighting, Metric, Logger):
         assert issubclass(cls.Config, ComponentConfig)
     assert UniformSchedule.Config().t_min == 20
 

@@ -4,7 +4,7 @@ a logging step fetches them all at once (``sdsctl.records``).
 On the CPU nothing waits, so the test counts the calls that *would* wait on a GPU: reading a
 tensor's value on the host (``item``, ``tolist``, ``float``/``int``/``bool`` of a tensor) --
 except the reads of tensors that live on the host by design on every device: the host
-generator's draws (``RunContext.randint``), the weightings' ᾱ table (``Weighting``) and
+generator's draws (``RunContext.randint``, ``RunContext.rand``), the weightings' ᾱ table (``Weighting``) and
 torch.optim's step counters.
 """
 
@@ -32,7 +32,7 @@ def prior(tiny_prior):
 def _host_side(frame) -> bool:
     """Whether a read comes from a tensor that is on the host whatever the run's device."""
     code = frame.f_code
-    if code.co_name == "randint" and code.co_filename.endswith("sdsctl/components.py"):
+    if code.co_name in ("randint", "rand") and code.co_filename.endswith("sdsctl/components.py"):
         return True  # the host generator
     if "torch/optim/" in code.co_filename:
         return True  # optimizers keep their step counters on the CPU
@@ -79,7 +79,9 @@ def host_reads(monkeypatch):
     {"guidance": "sds", "parameterization": {"name": "latent-hashgrid", "init_steps": 2}},
     {"guidance": "sds", "parameterization": {"name": "rgb-hashgrid", "init_steps": 2},
      "optimizer": {"fit_space": "both"}},
-], ids=["sds", "nfsd", "robust-nfsd", "vsd", "ehl", "ehc-hifa"])
+    {"guidance": "ism"}, {"guidance": "csd"}, {"guidance": "sdi"}, {"guidance": "asd"},
+    {"guidance": "sds-bridge", "schedule": {"name": "warmup", "warmup_steps": 2}},
+], ids=["sds", "nfsd", "robust-nfsd", "vsd", "ehl", "ehc-hifa", "ism", "csd", "sdi", "asd", "sds-bridge"])
 def test_quiet_steps_read_nothing_back_from_the_device(recipe_file, prior, host_reads, content):
     opt = Optimization(load_recipe(recipe_file(content)), prior, torch.device("cpu"), torch.float32)
     opt.initialize()

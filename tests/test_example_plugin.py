@@ -1,0 +1,80 @@
+"""The example third-party package (``examples/sdsctl-example-plugin``) installs into a fresh
+virtual environment, offline, and its components run there.
+
+The fresh environment sees the test environment's packages (sdsctl, torch, ...) through a
+``.pth`` file -- "sdsctl installed beside it" -- and gets the example from its local folder
+with ``pip install --no-index --no-build-isolation``: nothing is downloaded. About 40 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from sdsctl import plugins
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "sdsctl-example-plugin"
+SDSCTL = "from sdsctl.cli import main; main()"
+
+
+def _call(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("SDSCTL_LOAD_PLUGINS", None)
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{args}\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def venv_python(tmp_path_factory) -> Path:
+    """A fresh venv that sees this one's packages, with the example package installed into it."""
+    tmp = tmp_path_factory.mktemp("example")
+    source = tmp / "sdsctl-example-plugin"  # a copy: building writes egg-info beside the sources
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
+    venv = tmp / "venv"
+    _call([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp)
+    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    site = Path(_call([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp).stdout.strip())
+    parent = sysconfig.get_paths()["purelib"]
+    (site / "sdsctl_parent_env.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
+    _call([str(python), "-m", "pip", "install", "--no-index", "--no-build-isolation", "--quiet", str(source)], tmp)
+    assert (site / "sdsctl_example_plugin").is_dir()  # installed into the fresh venv, not this one
+    return python
+
+
+def test_the_example_is_not_installed_in_the_test_environment():
+    assert "sds-rescaled" not in plugins.components("guidances")
+
+
+def test_plugins_json_lists_its_components_with_their_distribution(venv_python, tmp_path):
+    listing = json.loads(_call([str(venv_python), "-c", SDSCTL, "plugins", "--json"], tmp_path).stdout)
+    expected = {("guidances", "sds-rescaled"), ("schedules", "linear-decay"), ("metrics", "brightness-contrast")}
+    found = {(kind, e["name"]): e for kind, entries in listing.items() for e in entries}
+    for key in expected:
+        assert found[key]["distribution"] == "sdsctl-example-plugin" and found[key]["plugin"] == "example"
+    assert found[("guidances", "sds")]["distribution"] == "sdsctl"  # sdsctl's own, beside it
+
+
+def test_a_short_recipe_runs_with_its_components(venv_python, tmp_path):
+    recipe = EXAMPLE / "sdsctl_example_plugin" / "example.yaml"
+    out = tmp_path / "run"
+    _call([str(venv_python), "-c", SDSCTL, "run", str(recipe), "--steps", "3", "--device", "cpu",
+           "--out", str(out), "--no-live"], tmp_path)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["t"] for r in records] == [980, 500, 20]  # linear-decay over 3 steps
+    assert all("guided" in r["norms"] for r in records)  # sds-rescaled's norm
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and set(summary["metrics"]["brightness-contrast"]) == {"brightness", "contrast"}
+
+
+def test_the_plugins_own_tests_pass_there(venv_python, tmp_path):
+    shutil.copytree(EXAMPLE / "tests", tmp_path / "tests")
+    _call([str(venv_python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], tmp_path)
