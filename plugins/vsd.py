@@ -23,7 +23,7 @@ from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, StepTimes
-from sdsctl.diffusion import cfg, eps_to_x0
+from sdsctl.diffusion import cfg, eps_to_x0, true_cfg_note
 
 ADAPTER = "sdsctl_vsd"
 
@@ -39,6 +39,10 @@ class VSD(Guidance):
         lora_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the LoRA")
         lora_updates: int = Field(1, ge=0, description="LoRA updates per step")
         target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    @classmethod
+    def check(cls, config, recipe, model) -> list[str]:
+        return [n for n in [true_cfg_note("VSD", model)] if n]
 
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
