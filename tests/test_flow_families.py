@@ -232,10 +232,12 @@ def test_sds_on_flux_dev_is_one_row_with_the_scale_as_input(cli, tmp_path, tiny_
     assert calls == [(3, None)]  # true CFG rows: unconditional, conditional, negative
 
 
-def test_rfds_weighting_is_one_recipe_line(cli, tmp_path, tiny_flow):
-    summary, _ = _run(cli, tmp_path, "sds", tiny_flow["sd3"], "steps=2", "weighting.name=rfds",
+def test_rfds_weighting_is_one_recipe_line_and_vsd_adapts_the_transformer(cli, tmp_path, tiny_flow):
+    summary, _ = _run(cli, tmp_path / "rfds", "sds", tiny_flow["sd3"], "steps=2", "weighting.name=rfds",
                       "guidance.guidance_scale=7")
     assert summary["status"] == "completed"
+    summary, _ = _run(cli, tmp_path / "vsd", "vsd", tiny_flow["sd3"], "steps=1")
+    assert summary["status"] == "completed" and summary["model"]["prediction_type"] == "flow"
 
 
 @pytest.mark.parametrize("name", FLOW)
