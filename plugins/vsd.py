@@ -48,7 +48,7 @@ class VSD(Guidance):
         super().__init__(config, ctx)
         from peft import LoraConfig
 
-        self.unet = unet = ctx.prior.denoiser  # a UNet2DConditionModel in every family so far
+        self.unet = unet = ctx.prior.denoiser  # a UNet, or the SD3/FLUX transformer: peft adapts either
         if ADAPTER in getattr(unet, "peft_config", {}):
             unet.delete_adapters(ADAPTER)
         unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
