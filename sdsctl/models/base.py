@@ -154,7 +154,8 @@ class Prior:
     space: ClassVar[str] = "latent"
     denoiser_name: ClassVar[str] = "unet"  # the pipeline's component that denoises
     guidance_distilled: ClassVar[bool] = False
-    guidance_embedded: ClassVar[bool] = False
+    #: a class default: a family may say it per model (FLUX: the transformer's ``guidance_embeds``)
+    guidance_embedded: bool = False
     #: text encoders the family can do without (``model.without``), as diffusers allows
     optional_text_encoders: ClassVar[tuple[str, ...]] = ()
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
