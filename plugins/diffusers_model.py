@@ -2,11 +2,12 @@
 
 ``path: shapes`` (the default) is the small prior shipped in ``sdsctl/shapes/prior/``, trained
 on the procedural shapes world; a folder is a diffusers pipeline folder of a supported
-family (SD 1.x/2.x, SDXL, DeepFloyd IF stage I: ``docs/models.md``), detected from its
+family (SD 1.x/2.x, SDXL, DeepFloyd IF stage I, SD3/3.5, FLUX.1: ``docs/models.md``), detected from its
 ``model_index.json``; anything else of the form ``owner/name`` is a Hugging Face Hub id,
 taken from the local cache unless ``allow_download`` is set. ``variant`` picks the weight
 files (e.g. ``fp16`` for ``*.fp16.safetensors``); the recipe's ``dtype`` is the dtype the
-weights are loaded in.
+weights are loaded in. ``without`` leaves out text encoders the family can do without (SD3's
+T5, ``text_encoder_3``: its part of the prompt embedding is then zeros, as in diffusers).
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ class DiffusersModel(Model):
         path: str = "shapes"
         variant: str | None = Field(None, description="weight files' variant, e.g. fp16 (unet/*.fp16.safetensors)")
         allow_download: bool = Field(False, description="download a hub id missing from the local cache")
+        without: list[str] = Field(default_factory=list, description="text encoders to leave out where the family "
+                                   "allows it, e.g. [text_encoder_3]: SD3 without T5")
 
     def describe(self) -> ModelInfo:
         c = self.config
-        return Prior.describe(c.path, variant=c.variant, allow_download=c.allow_download)
+        return Prior.describe(c.path, variant=c.variant, allow_download=c.allow_download, without=tuple(c.without))
 
     def load(self, device: torch.device, dtype: torch.dtype) -> Prior:
         c = self.config
-        return Prior.load(c.path, device, dtype, variant=c.variant, allow_download=c.allow_download)
+        return Prior.load(c.path, device, dtype, variant=c.variant, allow_download=c.allow_download,
+                          without=tuple(c.without))
 
 
 @sdsctl.hookimpl

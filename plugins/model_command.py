@@ -27,13 +27,15 @@ def model(
     variant: Annotated[Optional[str], typer.Option(help="Weight files' variant to count, e.g. fp16.")] = None,
     allow_download: Annotated[bool, typer.Option(
         "--allow-download", help="Download the configuration files of a hub id missing from the local cache.")] = False,
+    without: Annotated[Optional[list[str]], typer.Option(
+        help="A text encoder to leave out, where the family allows it (SD3: text_encoder_3).")] = None,
 ) -> None:
     """Describe a model (family, space, resolution, text encoders, parameters) without loading it."""
     from sdsctl.errors import InvalidConfig, SdsctlError
     from sdsctl.models import Prior
 
     try:
-        info = Prior.describe(path, variant=variant, allow_download=allow_download)
+        info = Prior.describe(path, variant=variant, allow_download=allow_download, without=tuple(without or ()))
     except InvalidConfig as exc:
         raise SdsctlError(f"{path}: {exc}") from exc
     data = info.to_dict()
@@ -48,6 +50,10 @@ def model(
                                                f"{data['downscale_factor']}" if data["space"] == "latent" else ""),
         f"resolution       {data['default_resolution']} px (default)",
     ]
+    if data["guidance_distilled"]:
+        lines.append("guidance         distilled: " + ("the scale is an input of the model (guidance embedding)"
+                                                       if data["guidance_embedded"] else "no guidance input")
+                     + "; unconditional rows are true CFG")
     for enc in data["text_encoders"]:
         lines.append(f"text encoder     {enc['name']}: {enc['class']}, {enc['max_tokens']} tokens")
     for name, n in data["parameters"].items():

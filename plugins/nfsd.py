@@ -14,6 +14,10 @@ unconditional row); the bundled NFSD recipes set the paper's, :data:`NFSD_NEGATI
 All rows go through the UNet in one batched call: one model call per step (two rows below
 t = 200, three above). The study's first cuisine scales δ_D by 0.1. The denoised estimate
 handed to HiFA's image target is that of the CFG prediction ε(∅) + s·δ_C at t.
+
+On a guidance-distilled model (FLUX.1) the rows are the same, run as "true CFG" rows (no
+guidance input: FLUX.1-dev's embedding at 1): ``check`` says so, since they cost a model
+row each where the model alone needs one and are off its training distribution.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, InvalidConfig, StepTimes
-from sdsctl.diffusion import eps_to_x0
+from sdsctl.diffusion import eps_to_x0, true_cfg_note
 
 #: The negative prompt of the NFSD paper (the bundled NFSD recipes' ``negative_prompt``): its
 #: words are part of the shapes world's vocabulary.
@@ -44,7 +48,12 @@ class NFSD(Guidance):
     gives_denoised = True
 
     @classmethod
-    def check(cls, config, recipe, model) -> None:
+    def check(cls, config, recipe, model) -> list[str]:
+        cls.check_negative_prompt(config, recipe, model)
+        return [n for n in [true_cfg_note("NFSD", model)] if n]
+
+    @classmethod
+    def check_negative_prompt(cls, config, recipe, model) -> None:
         if not recipe.negative_prompt.strip() and config.threshold < model.num_train_timesteps:
             raise InvalidConfig(
                 f"the recipe's negative_prompt is empty, so NFSD's correction ε(∅) − ε(y_neg) is zero for "

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 import sdsctl
 from sdsctl.components import GuidanceOutput, InvalidConfig, StepTimes
-from sdsctl.diffusion import eps_to_x0
+from sdsctl.diffusion import eps_to_x0, true_cfg_note
 
 from .nfsd import NFSD, NFSDConfig
 
@@ -46,12 +46,13 @@ class RobustNFSD(NFSD):
     Config = RobustNFSDConfig
 
     @classmethod
-    def check(cls, config, recipe, model) -> None:
+    def check(cls, config, recipe, model) -> list[str]:
         if config.warmup_correction_scale > 0:
-            super().check(config, recipe, model)
+            cls.check_negative_prompt(config, recipe, model)
         if config.correction_t_max > model.num_train_timesteps:
             raise InvalidConfig(f"{config.correction_t_max} is outside the model's timesteps 0..{model.num_train_timesteps - 1}",
                                 field="correction_t_max")
+        return [n for n in [true_cfg_note("robust NFSD", model)] if n]
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         cfg = self.config

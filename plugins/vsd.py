@@ -23,7 +23,7 @@ from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, StepTimes
-from sdsctl.diffusion import cfg, eps_to_x0
+from sdsctl.diffusion import cfg, eps_to_x0, true_cfg_note
 
 ADAPTER = "sdsctl_vsd"
 
@@ -40,11 +40,15 @@ class VSD(Guidance):
         lora_updates: int = Field(1, ge=0, description="LoRA updates per step")
         target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
+    @classmethod
+    def check(cls, config, recipe, model) -> list[str]:
+        return [n for n in [true_cfg_note("VSD", model)] if n]
+
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
         from peft import LoraConfig
 
-        self.unet = unet = ctx.prior.denoiser  # a UNet2DConditionModel in every family so far
+        self.unet = unet = ctx.prior.denoiser  # a UNet, or the SD3/FLUX transformer: peft adapts either
         if ADAPTER in getattr(unet, "peft_config", {}):
             unet.delete_adapters(ADAPTER)
         unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,

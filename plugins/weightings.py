@@ -2,13 +2,19 @@
 
 * ``one-minus-alpha-bar`` (default): w = 1 − ᾱ_t = σ_t² (DreamFusion, Poole et al. 2022);
 * ``uniform``: w = 1;
-* ``fantasia3d``: w = √ᾱ_t · (1 − ᾱ_t) (Fantasia3D, Chen et al. 2023).
+* ``fantasia3d``: w = √ᾱ_t · (1 − ᾱ_t) (Fantasia3D, Chen et al. 2023);
+* ``rfds``: w = 1/(1 − σ_t), σ_t the flow σ of ᾱ_t (``sdsctl.diffusion.sigma_from_alpha_bar``).
+  On a flow-matching model SDS's ε residual is (1 − σ)·(v̂ − (ε − x₀)), so this weight makes
+  the step RFDS's velocity residual v̂ − (ε − x₀) (Yang et al. 2024, arXiv 2406.03293, with
+  its w = 1). On any other model it is the same function of ᾱ_t.
 """
 
 from __future__ import annotations
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Weighting
+from sdsctl.diffusion import sigma_from_alpha_bar
+from sdsctl.errors import SdsctlError
 
 
 class OneMinusAlphaBar(Weighting):
@@ -36,8 +42,25 @@ class Fantasia3D(Weighting):
         return float(a.sqrt() * (1 - a))
 
 
+class RFDSWeighting(Weighting):
+    class Config(ComponentConfig):
+        name: str = "rfds"
+
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        self.sigma = sigma_from_alpha_bar(self.alpha_bar)
+
+    def __call__(self, t: int) -> float:
+        sigma = float(self.sigma[t])
+        if sigma >= 1:
+            raise SdsctlError(f"weighting rfds: t={t} is pure noise on this model (σ = 1, ᾱ = 0), where the ε residual "
+                              "is zero and 1/(1 − σ) infinite; keep the schedule's t_max below it")
+        return 1 / (1 - sigma)
+
+
 @sdsctl.hookimpl
 def register_weightings(register):
     register("one-minus-alpha-bar", OneMinusAlphaBar)
     register("uniform", UniformWeighting)
     register("fantasia3d", Fantasia3D)
+    register("rfds", RFDSWeighting)

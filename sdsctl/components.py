@@ -109,11 +109,12 @@ class Component:
         self.ctx = ctx
 
     @classmethod
-    def check(cls, config: ComponentConfig, recipe: Recipe, model: ModelInfo) -> None:
+    def check(cls, config: ComponentConfig, recipe: Recipe, model: ModelInfo) -> list[str] | None:
         """Validate options against the model and the recipe, before any weights load.
 
-        Raise :class:`InvalidConfig` (with ``field``) for a bad option. The default accepts
-        everything.
+        Raise :class:`InvalidConfig` (with ``field``) for a bad option; return warnings (one
+        sentence each) for options that run but mean less than they say on this model (e.g. a
+        guidance scale on a guidance-distilled model). The default accepts everything.
         """
 
 

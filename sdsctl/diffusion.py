@@ -1,4 +1,5 @@
-"""The diffusion formulas sdsctl states once: classifier-free guidance, v -> ε, ε -> x̂₀.
+"""The diffusion formulas sdsctl states once: classifier-free guidance, v -> ε, ε -> x̂₀, and
+the flow-matching conversion (velocity and σ to ε and ᾱ, the timestep shift; below).
 
 Classifier-free guidance (Ho & Salimans 2022), in the form diffusers uses::
 
@@ -83,3 +84,103 @@ def even_path(start: int, end: int, steps: int) -> list[int]:
         raise ValueError(f"a path needs at least one step, got {steps}")
     path = [round(start + (end - start) * i / steps) for i in range(steps + 1)]
     return [t for i, t in enumerate(path) if i == 0 or t != path[i - 1]]
+
+
+# ----------------------------------------------------------------------------- flow matching
+#
+# A rectified-flow (flow-matching) model -- SD3/3.5, FLUX.1 -- is trained on
+#
+#     x_σ = (1 − σ)·x₀ + σ·ε,    σ ∈ (0, 1],    target v = ε − x₀,
+#
+# and predicts v̂(x_σ, σ). The guidance terms are written in the VP convention
+# z_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε with an ε-prediction. The two are the same sample up to a scale:
+# with s(σ) = √((1 − σ)² + σ²),
+#
+#     x_σ / s = √ᾱ·x₀ + √(1 − ᾱ)·ε    where    ᾱ(σ) = (1 − σ)² / ((1 − σ)² + σ²),
+#
+# so a flow prior exposes the VP-equivalent ᾱ table and keeps the VP interface: ``add_noise``
+# returns z_t = x_σ / s (the same ε), ``predict_noise`` feeds x_σ = s·z_t to the model at σ
+# and returns
+#
+#     ε̂ = x_σ + (1 − σ)·v̂        (and x̂₀ = x_σ − σ·v̂),
+#
+# exact when v̂ = ε − x₀. The ε-space SDS residual is then the velocity residual, weighted:
+#
+#     ε̂ − ε = (1 − σ)·(v̂ − (ε − x₀)),
+#
+# which is why RFDS (Yang et al. 2024, arXiv 2406.03293) is SDS with w(t) = 1/(1 − σ_t)
+# (the ``rfds`` weighting); CFG commutes with the conversion (its weights sum to one). The VP
+# x̂₀ = (z_t − √(1 − ᾱ)·ε̂)/√ᾱ of :func:`eps_to_x0` equals x_σ − σ·v̂.
+#
+# Timesteps: t ∈ {0, ..., N − 1} (N = ``num_train_timesteps``) is the model's own training
+# index, σ_u = (t + 1)/N -- the scheduler's training table read from the least noisy end --
+# shifted as the model was trained: a static ``shift`` (SD3: σ = shift·σ_u/(1 + (shift − 1)·σ_u),
+# already in the table the scheduler builds) or, with ``use_dynamic_shifting`` (FLUX.1-dev),
+# the scheduler's ``time_shift(μ, 1, σ_u)`` with μ from the image's sequence length (the
+# pipeline's ``calculate_shift``). :func:`flow_sigmas` is the one place this happens. The top
+# index t = N − 1 is σ = 1: pure noise, ᾱ = 0.
+
+
+def flow_sigmas(scheduler, mu: float | None = None) -> Tensor:
+    """σ_t for t = 0..N−1 (float32, ascending), from a ``FlowMatchEulerDiscreteScheduler``
+    freshly built from the model's config: its training sigmas, shifted as the scheduler shifts
+    them (static ``shift`` already applied in its table; ``use_dynamic_shifting``: ``mu`` needed)."""
+    sigmas = scheduler.sigmas.flip(0).to(torch.float32)  # built descending from 1 to 1/N
+    if scheduler.config.use_dynamic_shifting:
+        if mu is None:
+            raise ValueError("the scheduler shifts dynamically: mu (from the image's sequence length) is needed")
+        sigmas = scheduler.time_shift(mu, 1.0, sigmas).to(torch.float32)
+    return sigmas
+
+
+def flow_scale(sigma: Tensor) -> Tensor:
+    """s(σ) = √((1 − σ)² + σ²): x_σ = s · z_t."""
+    return ((1 - sigma) ** 2 + sigma**2).sqrt()
+
+
+def flow_alpha_bar(sigma: Tensor) -> Tensor:
+    """The VP-equivalent ᾱ(σ) = (1 − σ)² / ((1 − σ)² + σ²)."""
+    return (1 - sigma) ** 2 / flow_scale(sigma) ** 2
+
+
+def sigma_from_alpha_bar(alpha_bar: Tensor) -> Tensor:
+    """The inverse of :func:`flow_alpha_bar`: σ = √(1 − ᾱ) / (√ᾱ + √(1 − ᾱ))."""
+    return (1 - alpha_bar).sqrt() / (alpha_bar.sqrt() + (1 - alpha_bar).sqrt())
+
+
+def flow_noise(x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
+    """x_σ = (1 − σ)·x₀ + σ·ε (``sigma``: one value per row)."""
+    s = _per_row(sigma, x0)
+    return (1 - s) * x0 + s * eps
+
+
+def vp_to_flow(z_t: Tensor, sigma: Tensor) -> Tensor:
+    """x_σ = s(σ)·z_t: the guidance's VP sample as the flow model's input."""
+    return _per_row(flow_scale(sigma), z_t) * z_t
+
+
+def flow_to_vp(x: Tensor, sigma: Tensor) -> Tensor:
+    """z_t = x_σ / s(σ)."""
+    return x / _per_row(flow_scale(sigma), x)
+
+
+def velocity_to_eps(v: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+    """ε̂ = x_σ + (1 − σ)·v̂."""
+    return x + (1 - _per_row(sigma, x)) * v
+
+
+def velocity_to_x0(v: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+    """x̂₀ = x_σ − σ·v̂."""
+    return x - _per_row(sigma, x) * v
+
+
+def true_cfg_note(term: str, model) -> str | None:
+    """What a guidance term that needs unconditional or negative rows does on a
+    guidance-distilled model (``model.guidance_distilled``: FLUX.1-dev, FLUX.1-schnell), for
+    its ``check`` to return as a warning; None on a model trained with ordinary CFG."""
+    if not model.guidance_distilled:
+        return None
+    embedded = " (guidance embedding at 1)" if model.guidance_embedded else ""
+    return (f"{term} on {model.pipeline} ({model.family}), a guidance-distilled model: its unconditional and "
+            f"negative rows run as true classifier-free guidance{embedded} -- each a full model call where "
+            "the model alone needs one row, and off the distribution it was distilled on")

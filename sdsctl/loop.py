@@ -179,6 +179,10 @@ class Optimization:
         self.param = build("parameterization")
         with blame(self.regs["parameterization"], "starting"):
             self.param.to(device)
+            with torch.no_grad():  # the size it renders, for a noise schedule that depends on it (FLUX's shift)
+                shape = self.param().shape[-2:]
+        factor = prior.vae_scale_factor if self.param.space == "latent" else 1
+        prior.set_image_size(shape[0] * factor, shape[1] * factor)
         self.guidance = build("guidance")
         self.schedule = build("schedule")
         self.weighting = build("weighting")

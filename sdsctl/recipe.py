@@ -478,8 +478,10 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
     info = run_check("model", lambda: model_reg.obj(recipe.model).describe())
     if info is None:
         raise RecipeError(problems)
+    notes: list[str] = []  # a check may return warnings: options that mean nothing for this model, costs
     for section, reg in found.items():
-        run_check(section, lambda reg=reg, section=section: reg.obj.check(getattr(recipe, section), recipe, info))
+        said = run_check(section, lambda reg=reg, section=section: reg.obj.check(getattr(recipe, section), recipe, info))
+        notes += [f"{section}: {note}" for note in said or ()]
     if info.space == "pixel" and found["parameterization"].obj.space != "rgb":
         fits = sorted(n for n, r in plugins.components("parameterizations").items() if r.obj.space == "rgb")
         problems.append(Problem(where(("parameterization", "name")), "parameterization.name",
@@ -501,7 +503,7 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
                                 "or max_fit_steps"))
     if problems:
         raise RecipeError(sorted(problems, key=_order))
-    warnings = []
+    warnings = notes
     if opt.fit == "adam" and opt.score_scale != 1:
         warnings.append(f"optimizer.score_scale {opt.score_scale:g} has almost no effect with fit: adam (Adam "
                         "normalises the gradient's scale away); amplification needs fit: full")

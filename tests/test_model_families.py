@@ -196,14 +196,14 @@ def no_load(monkeypatch):
 
 
 def test_unknown_pipeline_class_names_it_and_the_families(cli, tmp_path, tiny_families, no_load):
-    folder = shutil.copytree(tiny_families["sd1"], tmp_path / "sd3")
+    folder = shutil.copytree(tiny_families["sd1"], tmp_path / "pixart")
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "PixArtAlphaPipeline"}))
     for args in (("model", folder), ("run", "sds", "--model", str(folder), "--no-live", "--out", tmp_path / "r")):
         result = cli(*args)
         assert result.exit_code == 2, result.stderr
-        assert "'StableDiffusion3Pipeline'" in result.stderr
-        assert all(f in result.stderr for f in ("stable-diffusion", "sdxl", "deepfloyd-if")), result.stderr
+        assert "'PixArtAlphaPipeline'" in result.stderr
+        assert all(f in result.stderr for f in ("stable-diffusion", "sdxl", "deepfloyd-if", "sd3", "flux")), result.stderr
         assert "Traceback" not in result.stderr
 
 

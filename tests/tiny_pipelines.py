@@ -5,7 +5,9 @@ scaled down (as diffusers' own pipeline tests build theirs) and random weights, 
 ``save_pretrained`` so that ``model_index.json`` detection is exercised. Tokenizers are
 offline: the shipped shapes CLIP tokenizer, and a small T5-style word-level tokenizer made
 with the ``tokenizers`` library. Geometry: 64 × 64 images for the latent families (VAE
-factor 8, 8 × 8 latents), 16 × 16 for IF (pixel space).
+factor 8, 8 × 8 latents), 16 × 16 for IF (pixel space). The flow-matching families (SD3,
+FLUX.1-dev, FLUX.1-schnell: ``FLOW_BUILDERS``) have the same geometry; their default
+resolution (1024) is their pipelines', so tests set 64.
 """
 
 from __future__ import annotations
@@ -133,6 +135,73 @@ def deepfloyd_if(out: Path) -> Path:
     return out
 
 
+def t5_encoder(tok, width: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=width, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
+                                   pad_token_id=0, eos_token_id=1))
+
+
+def flow_vae():
+    """The VAE of the flow families: as :func:`vae`, with a ``shift_factor`` (SD3 and FLUX have one)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4, sample_size=64, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=1.5, shift_factor=0.06, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def sd3(out: Path) -> Path:
+    """SD3: an MMDiT (patch 2), two CLIP encoders with projections and T5, shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=2 * CLIP_WIDTH, caption_projection_dim=16,
+        pooled_projection_dim=2 * CLIP_WIDTH, pos_embed_max_size=16,
+    )
+    tok, tok3 = clip_tokenizer(), t5_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=flow_vae(),
+        text_encoder=clip_text_encoder(tok, "CLIPTextModelWithProjection"), tokenizer=tok,
+        text_encoder_2=clip_text_encoder(tok, "CLIPTextModelWithProjection"), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5_encoder(tok3, 2 * CLIP_WIDTH), tokenizer_3=tok3,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def flux(out: Path, *, dev: bool = True) -> Path:
+    """FLUX.1: dev (guidance embedding, dynamic shift) or schnell (neither); CLIP pooled + T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * 4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=CLIP_WIDTH, pooled_projection_dim=CLIP_WIDTH,
+        guidance_embeds=dev, axes_dims_rope=(4, 4, 8),
+    )
+    # the published configurations: dev shifts with the resolution, schnell not at all
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096) if dev else \
+        FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    tok, tok2 = clip_tokenizer(), t5_tokenizer()
+    pipe = FluxPipeline(scheduler=scheduler, vae=flow_vae(), text_encoder=clip_text_encoder(tok), tokenizer=tok,
+                        text_encoder_2=t5_encoder(tok2), tokenizer_2=tok2, transformer=transformer)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+FLOW_BUILDERS = {
+    "sd3": sd3,
+    "flux-dev": flux,
+    "flux-schnell": lambda out: flux(out, dev=False),
+}
+
+
 BUILDERS = {
     "sd1": sd,
     "sd2": lambda out: sd(out, prediction_type="v_prediction"),
@@ -141,11 +210,11 @@ BUILDERS = {
 }
 
 
-def build_all(root: Path) -> dict[str, Path]:
+def build_all(root: Path, builders: dict | None = None) -> dict[str, Path]:
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     for log in (dlog, tlog):
         log.disable_progress_bar()
         log.set_verbosity_error()
-    return {name: build(root / name) for name, build in BUILDERS.items()}
+    return {name: build(root / name) for name, build in (builders or BUILDERS).items()}

@@ -10,9 +10,13 @@ and weightings see only the :class:`~sdsctl.models.base.Prior` interface, never 
 | ``stable_diffusion`` | SD 1.x / 2.x (and the shipped shapes prior) | ``StableDiffusionPipeline`` |
 | ``sdxl`` | SDXL base | ``StableDiffusionXLPipeline`` |
 | ``deepfloyd_if`` | DeepFloyd IF stage I (pixel space) | ``IFPipeline`` |
+| ``sd3`` | Stable Diffusion 3 / 3.5 (flow matching) | ``StableDiffusion3Pipeline`` |
+| ``flux`` | FLUX.1 dev and schnell (flow matching) | ``FluxPipeline`` |
+
+The flow-matching families share ``flow.FlowPrior``, which keeps the interface in VP terms.
 """
 
-from . import deepfloyd_if, sdxl, stable_diffusion  # noqa: F401 -- each registers its family
+from . import deepfloyd_if, flux, sd3, sdxl, stable_diffusion  # noqa: F401 -- each registers its family
 from .base import FAMILIES, ModelInfo, Prior, detect
 from .sources import SHAPES_PRIOR, resolve_source
 

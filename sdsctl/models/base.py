@@ -30,8 +30,15 @@ embeddings as opaque rows: concatenate, index, chunk -- never read positions or 
 
 Adding a family is one module: a subclass of :class:`Prior` with its ``pipeline_class``
 (the ``_class_name`` of ``model_index.json``), its ``_encode_prompts`` and ``_denoise``,
-imported by ``sdsctl/models/__init__.py``. A flow-matching family converts its velocity to
-ε inside its own ``_denoise``/``_to_eps`` and keeps this interface.
+imported by ``sdsctl/models/__init__.py``. A flow-matching family (SD3, FLUX) derives from
+:class:`~sdsctl.models.flow.FlowPrior`, which keeps this interface in VP terms (its ᾱ table,
+``add_noise`` and ε, by ``sdsctl.diffusion``'s conversion).
+
+**Guidance-distilled models.** ``prior.guidance_distilled`` says the model was distilled to
+give guided predictions from one conditional row (FLUX.1-dev and -schnell): unconditional
+rows are "true CFG", off its training distribution. ``prior.guidance_embedded`` says the
+guidance scale is an input of the model (FLUX.1-dev): ``predict_noise(..., guidance=s)``.
+Both are also in :class:`ModelInfo`, for the guidance terms' ``check``.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import torch
 from torch import Tensor
 
 from .. import diffusion
-from ..errors import SdsctlError
+from ..errors import InvalidConfig, SdsctlError
 from . import sources
 
 #: model_index.json ``_class_name`` -> the Prior subclass of that family (filled by subclassing)
@@ -70,6 +77,8 @@ class ModelInfo:
     #: whether the tokenizer holds whole words as ``word</w>`` tokens (CLIP's BPE), so that
     #: a word without one is one the model has never seen whole
     whole_word_vocab: bool = True
+    guidance_distilled: bool = False  # one conditional row gives a guided prediction (FLUX.1)
+    guidance_embedded: bool = False  # the guidance scale is an input of the model (FLUX.1-dev)
     text_encoders: tuple[dict[str, Any], ...] = ()  # {"name", "class", "max_tokens", "parameters", "dtype"}
     weights: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # component -> {"class", "parameters", "dtype"}
 
@@ -93,6 +102,7 @@ class ModelInfo:
             "prediction_type": self.prediction_type, "space": self.space,
             "latent_channels": self.latent_channels, "downscale_factor": self.vae_scale_factor,
             "default_resolution": self.image_size, "num_train_timesteps": self.num_train_timesteps,
+            "guidance_distilled": self.guidance_distilled, "guidance_embedded": self.guidance_embedded,
             "text_encoders": [dict(t) for t in self.text_encoders],
             "parameters": {name: w["parameters"] for name, w in self.weights.items()},
             "dtype_on_disk": {name: w["dtype"] for name, w in self.weights.items()},
@@ -142,12 +152,20 @@ class Prior:
     family: ClassVar[str] = ""
     pipeline_class: ClassVar[str] = ""  # model_index.json's _class_name
     space: ClassVar[str] = "latent"
+    denoiser_name: ClassVar[str] = "unet"  # the pipeline's component that denoises
+    guidance_distilled: ClassVar[bool] = False
+    #: a class default: a family may say it per model (FLUX: the transformer's ``guidance_embeds``)
+    guidance_embedded: bool = False
+    #: text encoders the family can do without (``model.without``), as diffusers allows
+    optional_text_encoders: ClassVar[tuple[str, ...]] = ()
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
     required: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     whole_word_vocab: ClassVar[bool] = True
     #: the pipeline's own prompt length where it does not take the tokenizer's
     prompt_tokens: ClassVar[int | None] = None
+    #: per text encoder, where the pipeline pads to its own length (a T5 ``max_sequence_length``)
+    encoder_tokens: ClassVar[dict[str, int]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -155,13 +173,10 @@ class Prior:
             FAMILIES[cls.pipeline_class] = cls
 
     def __init__(self, pipe, *, device: torch.device, dtype: torch.dtype, source: str):
-        from diffusers import DDPMScheduler
-
         self.pipe = pipe  # the family's diffusers pipeline: its own helpers encode prompts
-        self.denoiser = pipe.unet
+        self.denoiser = getattr(pipe, self.denoiser_name)
         self.vae = getattr(pipe, "vae", None)
         self.tokenizer = getattr(pipe, self.tokenizer_names[0])
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.device, self.dtype, self.source = torch.device(device), dtype, source
         for module in (self.denoiser, self.vae, *self.text_encoders):
             if module is not None:
@@ -173,9 +188,6 @@ class Prior:
                 self.vae.encoder.to(torch.float32)
                 if self.vae.quant_conv is not None:
                     self.vae.quant_conv.to(torch.float32)
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
-        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
-        self.prediction_type = self.scheduler.config.prediction_type
         if self.vae is not None:
             self.scaling_factor = float(self.vae.config.scaling_factor)
             self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
@@ -184,8 +196,34 @@ class Prior:
         else:
             self.scaling_factor, self.shift_factor, self.vae_scale_factor = 1.0, 0.0, 1
             self.latent_channels = int(self.denoiser.config.in_channels)
-        self.latent_size = int(self.denoiser.config.sample_size)
+        self.latent_size = self._latent_size(self.denoiser.config)
         self.image_size = self.latent_size * self.vae_scale_factor
+        self._noise_schedule(pipe.scheduler.config)
+
+    def _noise_schedule(self, config) -> None:
+        """``scheduler``, ``alphas_cumprod``, ``num_train_timesteps``, ``prediction_type``: the
+        model's training schedule, its scheduler's configuration read as a ``DDPMScheduler``."""
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(config)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.prediction_type = self.scheduler.config.prediction_type
+
+    @classmethod
+    def _latent_size(cls, denoiser_config) -> int:
+        """The native latent size (the family's default resolution over the VAE factor)."""
+        return int(denoiser_config["sample_size"] if isinstance(denoiser_config, dict) else denoiser_config.sample_size)
+
+    @classmethod
+    def _latent_multiple(cls, denoiser_config: dict) -> int:
+        """What the denoiser needs latent sizes divisible by (a UNet: 2 per downsampling)."""
+        return 2 ** (len(denoiser_config.get("block_out_channels", [0] * 4)) - 1)
+
+    def set_image_size(self, height: int, width: int) -> None:
+        """The size in pixels of the images a run optimizes, told before the guidance and the
+        weighting start. A family whose noise schedule depends on it (FLUX.1-dev's
+        resolution-dependent shift) rebuilds ``alphas_cumprod`` here; the default does nothing."""
 
     @property
     def unet(self):
@@ -199,15 +237,17 @@ class Prior:
     # -- where models come from
     @classmethod
     def load(cls, path: str, device: torch.device, dtype: torch.dtype, *, variant: str | None = None,
-             allow_download: bool = False) -> Prior:
-        """Load ``shapes``, a folder or a hub id, weights read directly in ``dtype`` (and ``variant``)."""
+             allow_download: bool = False, without: tuple[str, ...] = ()) -> Prior:
+        """Load ``shapes``, a folder or a hub id, weights read directly in ``dtype`` (and ``variant``);
+        ``without``: text encoders to leave out, where the family allows it (SD3's T5)."""
         kind, source = sources.resolve_source(path)
         family = detect(sources.config_folder(kind, source, allow_download))
+        family._check_without(without)
         _quiet_loading()
         try:
             pipe = family._pipeline_type().from_pretrained(
                 source, **{_dtype_keyword(): dtype}, variant=variant, local_files_only=not allow_download,
-                **family._load_kwargs())
+                **family._load_kwargs(), **family._without_kwargs(without))
         except (OSError, ValueError) as exc:
             hint = sources.hub_hint(source, allow_download) if kind == "hub" else f"cannot load the model in {source}"
             if variant:
@@ -216,16 +256,35 @@ class Prior:
         return family(pipe, device=device, dtype=dtype, source=source)
 
     @classmethod
-    def describe(cls, path: str, *, variant: str | None = None, allow_download: bool = False) -> ModelInfo:
+    def describe(cls, path: str, *, variant: str | None = None, allow_download: bool = False,
+                 without: tuple[str, ...] = ()) -> ModelInfo:
         """Read a model's configuration files (no weights) for validation and ``sdsctl model``."""
         kind, source = sources.resolve_source(path)
         folder = sources.config_folder(kind, source, allow_download)
         family = detect(folder)
+        family._check_without(without)
         missing = [s for s in family.required if not (folder / s).is_dir()]
         if missing:
             raise SdsctlError(f"{source} is not a complete {family.pipeline_class} folder: it has no "
                               f"{', '.join(missing)} subfolder(s)")
-        return family._describe(folder, source, variant)
+        return family._describe(folder, source, variant, tuple(without))
+
+    @classmethod
+    def _check_without(cls, without) -> None:
+        wrong = [name for name in without if name not in cls.optional_text_encoders]
+        if wrong:
+            allowed = ", ".join(cls.optional_text_encoders) or "none"
+            raise InvalidConfig(f"{cls.pipeline_class} ({cls.family}) cannot do without {', '.join(wrong)}; "
+                                f"the text encoders it can leave out: {allowed}", field="without")
+
+    @classmethod
+    def _without_kwargs(cls, without) -> dict[str, None]:
+        """``from_pretrained`` keywords leaving out text encoders (and their tokenizers)."""
+        out = {}
+        for name in without:
+            out[name] = None
+            out[cls.tokenizer_names[cls.text_encoder_names.index(name)]] = None
+        return out
 
     @classmethod
     def _pipeline_type(cls):
@@ -239,11 +298,13 @@ class Prior:
         return {}
 
     @classmethod
-    def _describe(cls, folder: Path, source: str, variant: str | None) -> ModelInfo:
+    def _describe(cls, folder: Path, source: str, variant: str | None, without: tuple[str, ...] = ()) -> ModelInfo:
         index = sources.read_json(folder / "model_index.json")
-        unet = sources.read_json(folder / "unet" / "config.json")
+        unet = sources.read_json(folder / cls.denoiser_name / "config.json")
         sched = sources.read_json(folder / "scheduler" / "scheduler_config.json")
-        tokenizers = {name: cls._load_tokenizer(folder, name, index) for name in cls.tokenizer_names}
+        present = [(enc, tok) for enc, tok in zip(cls.text_encoder_names, cls.tokenizer_names)
+                   if enc not in without and (index.get(enc) or [None, None])[1] is not None]
+        tokenizers = {tok: cls._load_tokenizer(folder, tok, index) for _, tok in present}
         if cls.space == "latent":
             vae = sources.read_json(folder / "vae" / "config.json")
             factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
@@ -254,32 +315,40 @@ class Prior:
         for name, entry in index.items():
             if name.startswith("_") or not isinstance(entry, list) or entry[1] is None or name.startswith("tokenizer"):
                 continue
+            if name in without:
+                continue
             if name == "scheduler" or not (folder / name).is_dir():
                 continue
             weights[name] = {"class": entry[1], **sources.weights_summary(folder / name, variant)}
         text_encoders = tuple(
             {"name": enc, "class": weights.get(enc, {}).get("class"),
-             "max_tokens": cls.prompt_tokens or int(tok.model_max_length),
+             "max_tokens": cls.encoder_tokens.get(enc) or cls.prompt_tokens or int(tok.model_max_length),
              "parameters": weights.get(enc, {}).get("parameters"), "dtype": weights.get(enc, {}).get("dtype")}
-            for enc, tok in zip(cls.text_encoder_names, tokenizers.values()))
+            for (enc, _), tok in zip(present, tokenizers.values()))
         first = tokenizers[cls.tokenizer_names[0]]
         return ModelInfo(
             source=source,
             num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
-            prediction_type=str(sched.get("prediction_type", "epsilon")),
+            prediction_type=cls._prediction_type(sched),
             vae_scale_factor=factor,
-            latent_multiple=2 ** (len(unet.get("block_out_channels", [0] * 4)) - 1),
+            latent_multiple=cls._latent_multiple(unet),
             latent_channels=channels,
-            latent_size=int(unet.get("sample_size", 64)),
+            latent_size=cls._latent_size({"sample_size": 64, **unet}),
             max_prompt_tokens=cls.prompt_tokens or int(first.model_max_length),
             tokenizer=first,
             family=cls.family,
             pipeline=cls.pipeline_class,
             space=cls.space,
             whole_word_vocab=cls.whole_word_vocab,
+            guidance_distilled=cls.guidance_distilled,
+            guidance_embedded=cls.guidance_embedded,
             text_encoders=text_encoders,
             weights=weights,
         )
+
+    @classmethod
+    def _prediction_type(cls, scheduler_config: dict) -> str:
+        return str(scheduler_config.get("prediction_type", "epsilon"))
 
     @staticmethod
     def _load_tokenizer(folder: Path, name: str, index: dict):
@@ -335,12 +404,15 @@ class Prior:
         """``z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε``, by the model's scheduler."""
         return self.scheduler.add_noise(z0, eps, self._timesteps(t, z0.shape[0]))
 
-    def predict_noise(self, z_t: Tensor, t: int | Tensor, embeddings: Tensor) -> Tensor:
+    def predict_noise(self, z_t: Tensor, t: int | Tensor, embeddings: Tensor, guidance: float | None = None) -> Tensor:
         """ε(z_t; y, t) for a batch in one denoiser call; float32 whatever the weights' dtype.
 
         ``t`` is one timestep for the whole batch or one per row; ``embeddings`` has one row
-        per row of ``z_t``.
+        per row of ``z_t``. ``guidance``: the guidance scale fed to a model that takes one
+        (``guidance_embedded``; None: its rows are plain conditional/unconditional ones).
         """
+        if guidance is not None:
+            raise ValueError(f"{self.pipeline_class} takes no guidance scale as an input (guidance_embedded is False)")
         t = self._timesteps(t, z_t.shape[0])
         out = self._denoise(z_t.to(self.dtype), t, embeddings.to(self.dtype)).float()
         if self.prediction_type == "v_prediction":
