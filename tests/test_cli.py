@@ -80,4 +80,4 @@ def test_console_script_main_exit_code(tmp_path):
     code = "import sys; sys.argv = ['sdsctl', 'validate', 'missing.yaml']; from sdsctl.cli import main; main()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.startswith("error: recipe missing.yaml not found") and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: recipe file missing.yaml not found") and "Traceback" not in out.stderr

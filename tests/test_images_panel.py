@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
@@ -32,10 +33,32 @@ def test_contact_sheet_grid(tmp_path):
         path = tmp_path / f"step_{i:06d}.png"
         Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(path)
         paths.append(path)
-    sheet = contact_sheet(paths, gap=2)
-    assert sheet.size == (3 * 64 + 2 * 2, 2 * 64 + 2)
-    assert sheet.getpixel((64 + 2 + 5, 5)) == (40, 0, 0)
+    sheet = contact_sheet(paths, gap=2)  # 64-pixel images enlarged twice, pixel for pixel, to 128
+    assert sheet.size == (3 * 128 + 2 * 2, 2 * 128 + 2)
+    assert sheet.getpixel((128 + 2 + 5, 5)) == (40, 0, 0)
     assert contact_sheet([]) is None
+
+
+def test_contact_sheet_labels_each_preview_with_its_step(tmp_path):
+    paths = []
+    for step in (10, 20):
+        path = tmp_path / f"step_{step:06d}.png"
+        Image.new("RGB", (64, 64), (255, 255, 255)).save(path)
+        paths.append(path)
+    plain, labelled = contact_sheet(paths), contact_sheet(paths, labels=True)
+    assert labelled.size == (plain.size[0], plain.size[1] + 16)
+    strip = np.asarray(labelled.crop((0, 128, 128, 144)))
+    assert (strip < 128).any()  # dark text under the image
+
+
+def test_view_copy_enlarges_small_images_pixel_for_pixel():
+    from sdsctl.images import view_copy
+
+    image = torch.rand(3, 64, 64)
+    big = view_copy(image, 512)
+    assert big.size == (512, 512)
+    small = np.asarray(to_pil(image))
+    assert (np.asarray(big)[::8, ::8] == small).all() and (np.asarray(big)[7::8, 7::8] == small).all()
 
 
 def test_half_blocks_use_upper_and_lower_pixel_colours():
