@@ -443,8 +443,8 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
 
     ``prior``: the recipe's model already loaded on its device and dtype (``sdsctl compare``
     shares one among runs); None loads it. The run directory is locked for the whole call
-    (:class:`~sdsctl.rundir.RunLock`): a second writer gets an error naming this one.
-    Raises :class:`StopNow` when a signal stopped it while the model loaded (nothing written)."""
+    (:class:`~sdsctl.rundir.RunLock`): a second writer gets an error naming this one. Raises
+    :class:`StopNow` when a signal stopped it while the model loaded (nothing is written then)."""
     recipe = loaded.recipe
     device = resolve_device(recipe.device)
     dtype, dtype_warning = resolve_dtype(recipe.dtype, device)
@@ -456,11 +456,7 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
     else:
         check_target(path, overwrite)
     created = not path.exists()
-    lock = RunLock(path).acquire(command)
-    try:
-        if lock.taken_over:
-            reporter.note(f"note: took over {path}'s lock from {RunLock.describe(lock.taken_over)}, which is no "
-                          "longer running (it ended without releasing it)")
+    with RunLock(path).held(command, reporter) as lock, StopRequest(reporter) as stop:
         if resume:
             previous = run.read_summary()
             if previous.get("status") == "completed" and previous.get("steps_done", 0) >= recipe.steps:
@@ -468,190 +464,178 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
                                   f"nothing to resume. To continue it: sdsctl resume {path} --set steps=N "
                                   f"(N > {previous.get('steps_done')})")
             state = run.load_state()
-        with StopRequest(reporter) as stop:
-            try:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                if prior is None:
-                    reporter.loading(f"loading model {loaded.model_info.source} on {device}")
-                    with blame(loaded.components["model"], "loading the model"):
-                        prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
-            except KeyboardInterrupt:  # Ctrl-C or SIGTERM while the model loads: nothing is written yet
-                reporter.close()
-                lock.release()
-                if created and path.is_dir() and not any(path.iterdir()):
-                    path.rmdir()
-                raise StopNow(stop.name or "SIGINT") from None
-            stop.phase = "starting"
-            return _optimize(loaded, path, reporter, stop, run if resume else None, state, prior, device, dtype,
-                             overwrite)
-    finally:
-        lock.release()
-
-
-def _optimize(loaded: LoadedRecipe, path: Path, reporter, stop: StopRequest, run: RunDir | None, state, prior,
-              device: torch.device, dtype: torch.dtype, overwrite: bool) -> RunResult:
-    """The run itself, once the model is loaded (see :func:`execute`)."""
-    recipe = loaded.recipe
-    resume = run is not None
-    if not resume:
-        run = RunDir.create(path, overwrite)
-        run.write_recipe(f"# resolved by sdsctl from {loaded.origin}\n" + to_yaml(recipe))
-    else:
-        _update_recipe(run, loaded)
-    start = state["step"] if state else 0
-    run.load_metrics(start)
-    run.drop_previews_after(start)
-    seconds_before = state["seconds"] if state else 0.0
-    started = time.perf_counter()
-    base_summary = {"steps": recipe.steps, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                    "model": prior.summary() if hasattr(prior, "summary") else {}, "recipe": "recipe.yaml", "versions": versions()}
-    if device.type == "cuda":
-        base_summary["device_name"] = torch.cuda.get_device_name(device)
-    opt: Optimization | None = None
-
-    def summary(status: str, done: int, **extra) -> dict[str, Any]:
-        session = time.perf_counter() - started
-        return {"status": status, "steps_done": done, **base_summary,
-                "seconds": round(seconds_before + session, 3),
-                "steps_per_second": round((done - start) / session, 3) if session > 0 and done > start else 0.0,
-                "peak_memory_mb": round(peak_memory_mb(device), 1), **extra}
-
-    def save(step: int) -> None:
-        run.save_state(opt.state(step, seconds_before + time.perf_counter() - started))
-        run.flush_metrics()
-
-    def finish(step: int) -> torch.Tensor:
-        image = opt.image()
-        save_image(image, run.file("final.png"))
-        if recipe.output.view_size:
-            save_view(image, run.file(f"final_{recipe.output.view_size}.png"), recipe.output.view_size)
-        sheet = contact_sheet(run.preview_paths(), labels=True)
-        if sheet is not None:
-            save_image(sheet, run.file("progress.png"))
-        save(step)
-        return image
-
-    pending = PendingRecords()
-
-    def log(step: int) -> None:
-        """Fetch the pending steps' numbers (one host sync), write and show them; θ at
-        ``step`` is then known good (raises NonFinite otherwise)."""
-        for record in pending.flush():
-            run.add_metrics(record)
-            reporter.step(record)
-        opt.checkpoint(step)
-
-    def settle(step: int) -> int:
-        """After a failure: log what is pending, or go back to the last checked step."""
-        try:
-            log(step)
-            return step
-        except NonFinite:
-            return opt.restore_checked()
-
-    def stopped(step: int, note: str | None = None) -> RunResult:
-        """Save everything for ``step`` (signals wait meanwhile) and report the stop."""
-        stop.phase = "saving"
-        stop.show_notes()
-        reporter.close()
-        if opt is None:
-            run.flush_metrics()
+        try:  # a signal while the model loads stops at once (StopNow): nothing is written yet
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if prior is None:
+                reporter.loading(f"loading model {loaded.model_info.source} on {device}")
+                with blame(loaded.components["model"], "loading the model"):
+                    prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
+        except KeyboardInterrupt:
+            reporter.close()
+            lock.release()
+            if created and path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+            raise StopNow(stop.name or "SIGINT") from None
+        stop.phase = "starting"
+        if not resume:
+            run = RunDir.create(path, overwrite)
+            run.write_recipe(f"# resolved by sdsctl from {loaded.origin}\n" + to_yaml(recipe))
         else:
-            finish(step)
-        extra = {"signal": stop.name} if stop.name else {}
-        run.write_summary(summary("interrupted", step, **extra, **({"note": note} if note else {})))
-        return RunResult("interrupted", step, recipe.steps, path, signal=stop.name, note=note)
+            _update_recipe(run, loaded)
+        start = state["step"] if state else 0
+        run.load_metrics(start)
+        run.drop_previews_after(start)
+        seconds_before = state["seconds"] if state else 0.0
+        started = time.perf_counter()
+        base_summary = {"steps": recipe.steps, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                        "model": prior.summary() if hasattr(prior, "summary") else {}, "recipe": "recipe.yaml", "versions": versions()}
+        if device.type == "cuda":
+            base_summary["device_name"] = torch.cuda.get_device_name(device)
+        opt: Optimization | None = None
 
-    out = recipe.output
-    every, ckpt, log_every = out.preview_every, out.checkpoint_every, out.log_every
-    done = start
-    try:
-        try:
-            opt = Optimization(loaded, prior, device, dtype)
-            prior.release_text_encoders()  # the components have encoded their prompts
-            if state:
-                opt.load_state(state)
-                if opt.device_note:
-                    reporter.note(f"note: {opt.device_note}")
-            else:
-                opt.initialize()
-            opt.checkpoint(start)
-            run.write_summary(summary("running", start))
-            reporter.start({"title": _title(loaded), "steps": recipe.steps, "start_step": start,
-                            "device": str(device), "run_dir": str(path), "preview_every": recipe.output.preview_every})
-            for k in range(start, recipe.steps):
-                stop.show_notes()
-                if stop.signal is not None:
-                    break
-                stop.phase = "stepping"  # a second signal may stop the step itself
-                record = opt.step(k)
-                stop.phase = "busy"
-                done = k + 1
-                record.host["seconds"] = round(seconds_before + time.perf_counter() - started, 4)
-                pending.add(record)
-                preview = done % every == 0 or done == recipe.steps
-                if preview or done % log_every == 0 or done % ckpt == 0:
-                    log(done)
-                if preview:
-                    image = opt.image()
-                    save_image(image, run.preview_path(done))
-                    reporter.preview(done, image)
-                if done % ckpt == 0:
-                    save(done)
-            stop.phase = "saving"
-            log(done)  # stopped between logging steps
-        except NonFinite as exc:
-            stop.phase = "saving"
-            done = opt.restore_checked()
-            kept = _keep_good(opt, run, done, finish)
-            message = (f"non-finite value at step {exc.step}: {exc.term} is {exc.value} "
-                       f"({_term_owner(exc.term, loaded)}). Stopped; {kept}. {_non_finite_advice(recipe)}")
-            run.write_summary(summary("failed", done, error=message, failed_step=exc.step, failed_term=exc.term))
-            raise RunFailed(message) from None
-        except PluginError as exc:
-            stop.phase = "saving"
-            run.write_error_log("".join(traceback.format_exception(exc.__cause__ or exc)))
-            failed_at = done + 1
-            if opt is not None:
-                done = settle(done)
-            kept = _keep_good(opt, run, done, finish)
-            message = f"{exc}. Stopped at step {failed_at}; {kept}; traceback in {run.file('error.log')}"
-            run.write_summary(summary("failed", done, error=message))
-            raise RunFailed(message) from None
-        except OOM:
-            stop.phase = "saving"
-            torch.cuda.empty_cache()
+        def summary(status: str, done: int, **extra) -> dict[str, Any]:
+            session = time.perf_counter() - started
+            return {"status": status, "steps_done": done, **base_summary,
+                    "seconds": round(seconds_before + session, 3),
+                    "steps_per_second": round((done - start) / session, 3) if session > 0 and done > start else 0.0,
+                    "peak_memory_mb": round(peak_memory_mb(device), 1), **extra}
+
+        def save(step: int) -> None:
+            run.save_state(opt.state(step, seconds_before + time.perf_counter() - started))
+            run.flush_metrics()
+
+        def finish(step: int) -> torch.Tensor:
+            image = opt.image()
+            save_image(image, run.file("final.png"))
+            if recipe.output.view_size:
+                save_view(image, run.file(f"final_{recipe.output.view_size}.png"), recipe.output.view_size)
+            sheet = contact_sheet(run.preview_paths(), labels=True)
+            if sheet is not None:
+                save_image(sheet, run.file("progress.png"))
+            save(step)
+            return image
+
+        pending = PendingRecords()
+
+        def log(step: int) -> None:
+            """Fetch the pending steps' numbers (one host sync), write and show them; θ at
+            ``step`` is then known good (raises NonFinite otherwise)."""
+            for record in pending.flush():
+                run.add_metrics(record)
+                reporter.step(record)
+            opt.checkpoint(step)
+
+        def settle(step: int) -> int:
+            """After a failure: log what is pending, or go back to the last checked step."""
             try:
+                log(step)
+                return step
+            except NonFinite:
+                return opt.restore_checked()
+
+        def stopped(step: int, note: str | None = None) -> RunResult:
+            """Save everything for ``step`` (signals wait meanwhile) and report the stop."""
+            stop.phase = "saving"
+            stop.show_notes()
+            reporter.close()
+            if opt is None:
+                run.flush_metrics()
+            else:
+                finish(step)
+            extra = {"signal": stop.name} if stop.name else {}
+            run.write_summary(summary("interrupted", step, **extra, **({"note": note} if note else {})))
+            return RunResult("interrupted", step, recipe.steps, path, signal=stop.name, note=note)
+
+        out = recipe.output
+        every, ckpt, log_every = out.preview_every, out.checkpoint_every, out.log_every
+        done = start
+        try:
+            try:
+                opt = Optimization(loaded, prior, device, dtype)
+                prior.release_text_encoders()  # the components have encoded their prompts
+                if state:
+                    opt.load_state(state)
+                    if opt.device_note:
+                        reporter.note(f"note: {opt.device_note}")
+                else:
+                    opt.initialize()
+                opt.checkpoint(start)
+                run.write_summary(summary("running", start))
+                reporter.start({"title": _title(loaded), "steps": recipe.steps, "start_step": start,
+                                "device": str(device), "run_dir": str(path), "preview_every": every})
+                for k in range(start, recipe.steps):
+                    stop.show_notes()
+                    if stop.signal is not None:
+                        break
+                    stop.phase = "stepping"  # a second signal may stop the step itself
+                    record = opt.step(k)
+                    stop.phase = "busy"
+                    done = k + 1
+                    record.host["seconds"] = round(seconds_before + time.perf_counter() - started, 4)
+                    pending.add(record)
+                    preview = done % every == 0 or done == recipe.steps
+                    if preview or done % log_every == 0 or done % ckpt == 0:
+                        log(done)
+                    if preview:
+                        image = opt.image()
+                        save_image(image, run.preview_path(done))
+                        reporter.preview(done, image)
+                    if done % ckpt == 0:
+                        save(done)
+                stop.phase = "saving"
+                log(done)  # stopped between logging steps
+            except NonFinite as exc:
+                stop.phase = "saving"
+                done = opt.restore_checked()
+                kept = _keep_good(opt, run, done, finish)
+                message = (f"non-finite value at step {exc.step}: {exc.term} is {exc.value} "
+                           f"({_term_owner(exc.term, loaded)}). Stopped; {kept}. {_non_finite_advice(recipe)}")
+                run.write_summary(summary("failed", done, error=message, failed_step=exc.step, failed_term=exc.term))
+                raise RunFailed(message) from None
+            except PluginError as exc:
+                stop.phase = "saving"
+                run.write_error_log("".join(traceback.format_exception(exc.__cause__ or exc)))
+                failed_at = done + 1
                 if opt is not None:
                     done = settle(done)
-                _keep_good(opt, run, done, finish)
-            except OOM:  # saving needs a little memory too; the last checkpoint stays
-                run.flush_metrics()
-            message = oom_message(done + 1, device)
-            run.write_summary(summary("failed", done, error=message))
-            raise RunFailed(message) from None
-    except StopNow:  # a second signal in the middle of a step: back to the last checked step
-        stop.phase = "saving"
-        if opt is None:
-            return stopped(start)
-        done = opt.restore_checked()
-        run.truncate_metrics(done)
-        return stopped(done, note=f"a second signal stopped the step in progress; the run went back to step "
-                                  f"{done}, the last checked step")
-    else:
-        if done < recipe.steps:
-            return stopped(done)
-        reporter.close()
-        image = finish(done)
-        metrics = _metrics(opt, image, reporter)
-        run.write_summary(summary("completed", done, metrics=metrics))
-        return RunResult("completed", done, recipe.steps, path)
-    finally:
-        stop.phase = "saving"
-        reporter.close()
-        if opt is not None:
-            opt.close()  # after the last save: VSD's LoRA leaves the shared UNet
+                kept = _keep_good(opt, run, done, finish)
+                message = f"{exc}. Stopped at step {failed_at}; {kept}; traceback in {run.file('error.log')}"
+                run.write_summary(summary("failed", done, error=message))
+                raise RunFailed(message) from None
+            except OOM:
+                stop.phase = "saving"
+                torch.cuda.empty_cache()
+                try:
+                    if opt is not None:
+                        done = settle(done)
+                    _keep_good(opt, run, done, finish)
+                except OOM:  # saving needs a little memory too; the last checkpoint stays
+                    run.flush_metrics()
+                message = oom_message(done + 1, device)
+                run.write_summary(summary("failed", done, error=message))
+                raise RunFailed(message) from None
+        except StopNow:  # a second signal in the middle of a step: back to the last checked step
+            stop.phase = "saving"
+            if opt is None:
+                return stopped(start)
+            done = opt.restore_checked()
+            run.truncate_metrics(done)
+            return stopped(done, note=f"a second signal stopped the step in progress; the run went back to step "
+                                      f"{done}, the last checked step")
+        else:
+            if done < recipe.steps:
+                return stopped(done)
+            reporter.close()
+            image = finish(done)
+            metrics = _metrics(opt, image, reporter)
+            run.write_summary(summary("completed", done, metrics=metrics))
+            return RunResult("completed", done, recipe.steps, path)
+        finally:
+            stop.phase = "saving"
+            reporter.close()
+            if opt is not None:
+                opt.close()  # after the last save: VSD's LoRA leaves the shared UNet
 
 
 def _update_recipe(run: RunDir, loaded: LoadedRecipe) -> None:

@@ -17,6 +17,7 @@ the target (:func:`atomic_write`), so a run directory never holds a truncated fi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -237,11 +238,17 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+    @contextlib.contextmanager
+    def held(self, command: str = "sdsctl", reporter=None):
+        """Hold the lock for a ``with`` block; a stale lock taken over is reported by ``reporter.note``."""
+        self.acquire(command)
+        try:
+            if self.taken_over and reporter is not None:
+                reporter.note(f"note: took over the lock of {self.path.parent} from {self.describe(self.taken_over)}, "
+                              "which is no longer running")
+            yield self
+        finally:
+            self.release()
 
 
 class RunDir:
