@@ -210,7 +210,7 @@ def _warn(warnings: list[str]) -> None:
 def _run(loaded, path: Path, reporter, overwrite: bool, resume: bool) -> None:
     from .loop import OOM, StopNow, execute, oom_message
 
-    command = f"sdsctl {'resume' if resume else 'run'} {' '.join(sys.argv[2:])}".strip()
+    command = f"sdsctl {'resume' if resume else 'run'}"
     try:
         result = execute(loaded, path, reporter, overwrite=overwrite, resume=resume, command=command)
     except OOM:
