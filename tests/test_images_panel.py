@@ -100,3 +100,41 @@ def test_plain_log_prints_every_n_steps_and_the_last():
     lines = buf.getvalue().splitlines()
     assert [line.split()[1] for line in lines[1:]] == ["5/12", "10/12", "12/12"]
     assert "t 612 t_correction 40" in lines[1] and "score 3.2" in lines[1]
+
+
+def _line_widths(console, renderable) -> set[int]:
+    from rich.segment import Segment
+
+    return {Segment.get_line_length(line) for line in console.render_lines(renderable, console.options, pad=False)}
+
+
+def test_live_panel_says_what_loads_from_the_first_moment_and_keeps_its_width():
+    console = Console(file=io.StringIO(), force_terminal=True, width=150, color_system=None)
+    panel = LivePanel(console=console)
+    try:
+        panel.loading("loading model shapes on cpu")
+        text = io.StringIO()
+        Console(file=text, width=150, color_system=None).print(panel.render())
+        assert "loading model shapes on cpu" in text.getvalue()
+        widths = _line_widths(console, panel.render())
+        panel.start({"title": "sds on latent-pixels · 'a red circle'", "steps": 1000, "start_step": 0,
+                     "device": "cpu", "run_dir": "runs/x"})
+        for loss, score in ((1.0, 2.0), (123456.789, 1e-9), (0.5, 98765.4321)):
+            panel.step({"step": 7, "phase": "main", "t": 500, "timesteps": {"t": 500}, "loss": loss,
+                        "norms": {"score": score, "classifier": score / 3}, "lr": 0.01})
+            widths |= _line_widths(console, panel.render())
+        panel.preview(7, torch.rand(3, 64, 64))
+        widths |= _line_widths(console, panel.render())
+        assert widths == {panel.width}
+    finally:
+        panel.close()
+
+
+def test_without_a_terminal_the_reporter_is_plain_lines():
+    from sdsctl.panel import make_reporter
+
+    assert isinstance(make_reporter(True), PlainLog)  # pytest captures stdout: not a terminal
+    out = io.StringIO()
+    log = PlainLog(5, stream=out)
+    log.loading("loading model shapes on cpu")
+    assert out.getvalue() == "sdsctl: loading model shapes on cpu ...\n"
