@@ -58,8 +58,10 @@ class Speed:
     def __init__(self, window: int = 20):
         self.times: deque[float] = deque(maxlen=window)
 
-    def tick(self) -> None:
-        self.times.append(time.perf_counter())
+    def tick(self, seconds: float | None = None) -> None:
+        """One step done, ``seconds`` into the run (the record's own time: records reach the
+        reporter in bursts, on logging steps), or now."""
+        self.times.append(time.perf_counter() if seconds is None else seconds)
 
     @property
     def steps_per_second(self) -> float:
@@ -104,7 +106,7 @@ class PlainLog:
         self._print(f"sdsctl: {info['title']} -- {info['steps']} steps{start} on {info['device']} -> {info['run_dir']}")
 
     def step(self, record: dict[str, Any]) -> None:
-        self.speed.tick()
+        self.speed.tick(record.get("seconds"))
         step = record["step"]
         if step % self.every and step != self.total:
             return
@@ -163,7 +165,7 @@ class LivePanel:
         self._live()
 
     def step(self, record: dict[str, Any]) -> None:
-        self.speed.tick()
+        self.speed.tick(record.get("seconds"))
         self.record = record
 
     def preview(self, step: int, image: torch.Tensor) -> None:
