@@ -149,7 +149,9 @@ def _describe_commands(app: typer.Typer) -> None:
 def _quiet_libraries(verbose: bool) -> None:
     """transformers' and diffusers' own warnings and progress bars: shown with -v only."""
     if verbose:
+        os.environ["SDSCTL_VERBOSE"] = "1"  # the models layer leaves the libraries' output alone
         return
+    os.environ.pop("SDSCTL_VERBOSE", None)
     for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(var, "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
