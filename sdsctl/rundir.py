@@ -170,8 +170,8 @@ class RunLock:
     def _busy(self, holder: dict[str, Any]) -> SdsctlError:
         return SdsctlError(
             f"{self.path.parent} is in use by another sdsctl ({self.describe(holder)}, `{holder.get('command', 'sdsctl')}`); "
-            "one run writes a run directory at a time: wait for it to end, stop it (Ctrl-C, or "
-            f"kill {holder.get('pid', 'PID')}), or choose another --out")
+            "one run writes a run directory at a time: wait for it to end, or stop it (Ctrl-C in its "
+            f"terminal, or kill {holder.get('pid', 'PID')})")
 
     def check(self) -> None:
         """Raise if another holder has the lock (nothing is taken)."""
