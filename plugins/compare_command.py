@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 import sdsctl
+from sdsctl.devices import ACCEPTED
 from sdsctl.errors import SdsctlError
 
 
@@ -37,12 +38,13 @@ def compare(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: runs/compare-<timestamp>); "
                                                 "the same folder again reuses its finished runs.")] = None,
     pairs: Annotated[Optional[int], typer.Option(help="Number of prompts from the shapes world (default 8).")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="Use these prompts instead of shapes-world ones.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", metavar="TEXT", help="Use this prompt instead of shapes-world ones. Repeatable.")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Seeds 0..N-1 for every prompt (alone: the first recipe's prompt).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe value in every recipe.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model for every recipe (shortcut for --set model=...).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Steps for every recipe.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
+                                                      help="Override a recipe value in every recipe. Repeatable.")] = None,
+    model: Annotated[Optional[str], typer.Option(metavar="MODEL", help="Model for every recipe (shortcut for --set model=...).")] = None,
+    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help=f"{ACCEPTED}, for every recipe (shortcut for --set device=...).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Steps for every recipe (shortcut for --set steps=...).")] = None,
     clip: Annotated[Optional[Path], typer.Option(metavar="DIR", help="A local CLIP folder (transformers CLIPModel): adds a CLIP score.")] = None,
     no_live: Annotated[bool, typer.Option("--no-live", help="One line per run instead of the live panel.")] = False,
 ) -> None:

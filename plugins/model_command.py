@@ -36,8 +36,8 @@ def model(
 
     try:
         info = Prior.describe(path, variant=variant, allow_download=allow_download, without=tuple(without or ()))
-    except InvalidConfig as exc:
-        raise SdsctlError(f"{path}: {exc}") from exc
+    except InvalidConfig as exc:  # its message names the model already
+        raise SdsctlError(str(exc)) from exc
     data = info.to_dict()
     if as_json:
         typer.echo(json.dumps(data, indent=2))

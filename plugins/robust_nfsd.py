@@ -1,4 +1,4 @@
-"""Guidance ``robust-nfsd``: the study's robust NFSD (``shared/seed/single-view-sds.md``).
+"""Guidance ``robust-nfsd``: the study's robust NFSD (``docs/study.md``, claim 8).
 
 "For each iteration, I sample a large timestep to compute the classifier term and
 additionally, a small timestep to compute the correction term. I scale the correction

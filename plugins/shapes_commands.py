@@ -16,7 +16,8 @@ from typing import Annotated, Optional
 import typer
 
 import sdsctl
-from sdsctl.errors import SdsctlError
+from sdsctl.devices import ACCEPTED
+from sdsctl.errors import SdsctlError, summarize
 
 
 def _model_folder(model: str) -> tuple[str, str]:
@@ -38,28 +39,36 @@ def _pipeline(model: str, device: str):
         return sampling.load_pipeline(source, device=device, local_files_only=kind == "folder")
     except (OSError, ValueError) as exc:
         if kind == "hub":
-            raise SdsctlError(f"{hub_hint(source)}\n  ({type(exc).__name__}: {exc})") from exc
-        raise SdsctlError(f"cannot load the model in {source}: {type(exc).__name__}: {exc}") from exc
+            raise SdsctlError(f"{hub_hint(source)} ({summarize(exc)})") from exc
+        raise SdsctlError(f"cannot load the model in {source} ({summarize(exc)}); `sdsctl model {source}` "
+                          "says what sdsctl reads there") from exc
 
 
 def _device(device: str) -> str:
-    import torch
+    """``--device`` as a torch device name; one that is not here is exit 2 naming those that are."""
+    from sdsctl.devices import resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return str(resolve(device))
+
+
+DeviceOption = Annotated[str, typer.Option("--device", metavar="DEVICE", help=f"{ACCEPTED}")]
 
 
 def train_shapes(
-    out: Annotated[Path, typer.Option("--out", help="work folder: checkpoint, tokenizer and the exported prior/")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="work folder: checkpoint, tokenizer and the exported prior/")],
     seed: Annotated[int, typer.Option(help="seed of the world and of the training")] = 0,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps")] = 2000,
     decoder_steps: Annotated[int, typer.Option(help="decoder fine-tuning steps")] = 600,
     prior_steps: Annotated[int, typer.Option(help="UNet + text encoder training steps")] = 10000,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    device: DeviceOption = "auto",
     smoke: Annotated[bool, typer.Option("--smoke", help="a few steps of every stage (to check the set-up)")] = False,
 ) -> None:
-    """Train the shapes prior as shipped (resumes from OUT/checkpoint.pt); the result is OUT/prior/."""
+    """Train the shapes prior as shipped (about 85 min on 2 CPU cores; resumable); writes OUT/prior/.
+
+    The defaults are the shipped prior's recipe (docs/shapes-prior.md): about 85 minutes on a
+    2-core CPU, a few minutes on a GPU. Interrupted, the same command resumes from
+    OUT/checkpoint.pt. --smoke trains a few steps of every stage in seconds, to check the set-up.
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from sdsctl.shapes.train import Trainer, TrainConfig
@@ -85,13 +94,13 @@ def train_shapes(
 
 def sample(
     prompt: Annotated[str, typer.Option(help="the text prompt ('' for an unconditional sample)")],
-    out: Annotated[Path, typer.Option("--out", help="PNG file to write")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="PNG file to write")],
     seed: Annotated[int, typer.Option(help="seed of the initial noise")] = 0,
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
     guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 7.5,
     negative_prompt: Annotated[str, typer.Option(help="prompt of the unconditional branch")] = "",
-    model: Annotated[str, typer.Option(help="shapes, a diffusers folder or a hub id")] = "shapes",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    model: Annotated[str, typer.Option(metavar="MODEL", help="shapes, a diffusers folder or a hub id")] = "shapes",
+    device: DeviceOption = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
 ) -> None:
     """Draw one image from a prior with DDIM."""
@@ -119,8 +128,8 @@ def sample(
 
 
 def evaluate_prior(
-    model: Annotated[str, typer.Option(help="shapes or a folder holding a shapes prior")] = "shapes",
-    out: Annotated[Optional[Path], typer.Option("--out", help="folder for report.json and sample grids")] = None,
+    model: Annotated[str, typer.Option(metavar="MODEL", help="shapes or a folder holding a shapes prior")] = "shapes",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="folder for report.json and sample grids")] = None,
     quick: Annotated[bool, typer.Option(help="fewer samples (a smoke check)")] = False,
 ) -> None:
     """Measure a shapes prior: prompt fidelity, unconditional samples, quality words, encoder robustness, VAE round trip."""
@@ -135,8 +144,28 @@ def evaluate_prior(
     typer.echo(json.dumps(report, indent=2))
 
 
+def vocabulary() -> None:
+    """List the words the shapes prior knows (its prompts use only these)."""
+    from sdsctl.shapes import world
+
+    degradations = [w for words in world.DEGRADATION_WORDS.values() for w in words]
+    lines = [
+        f"colours       {', '.join(world.COLORS)}",
+        f"shapes        {', '.join(world.SHAPES)}",
+        f"caption       {world.CAPTION_TEMPLATE.format(color='<colour>', shape='<shape>', background='<colour>')}",
+        f"degradations  {', '.join(degradations)}",
+        f"negative      {', '.join(world.GENERIC_NEGATIVE_WORDS)}",
+        f"positive      {', '.join(world.POSITIVE_WORDS)}",
+        "",
+        'e.g. "a red circle on a blue background", negative_prompt "blurry, low quality". Other words',
+        "reach the model as pieces it never saw: sdsctl warns about them (docs/shapes-prior.md).",
+    ]
+    typer.echo("\n".join(lines))
+
+
 @sdsctl.hookimpl
 def register_commands(app):
     app.command("train-shapes")(train_shapes)
     app.command("sample")(sample)
     app.command("evaluate-prior")(evaluate_prior)
+    app.command("vocabulary")(vocabulary)

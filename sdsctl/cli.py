@@ -11,17 +11,22 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 import sdsctl
 
 from . import plugins
+from .devices import ACCEPTED
 from .errors import PluginError, RunFailed, SdsctlError
 
 CORE_COMMANDS = ("run", "resume", "validate", "recipes", "plugins")
+#: what `resume --set` may change besides output.*: the rest of a run's recipe is its identity
+RESUMABLE_KEYS = ("steps", "device", "dtype")
 KIND_ORDER = ("models", "parameterizations", "guidances", "schedules", "weightings", "metrics", "loggers", "commands")
 
 
@@ -74,6 +79,90 @@ def _first_line(cls) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+# ----------------------------------------------------------------------------- help
+
+_TYPE_METAVARS = {"Path": "PATH", "int": "N", "float": "NUMBER", "str": "TEXT"}
+
+
+def _metavar(param) -> str | None:
+    """A readable metavar for an option that names none: PATH, N, NUMBER, TEXT."""
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    args = getattr(annotation, "__args__", None)
+    if args and getattr(annotation, "__origin__", None) is list:
+        annotation = args[0]
+    return _TYPE_METAVARS.get(getattr(annotation, "__name__", ""), None)
+
+
+class SdsctlCommand(TyperCommand):
+    """Help as people read it: ``RECIPE`` / ``RECIPE...`` / ``[RUN_DIR]`` in the usage line and
+    ``--out PATH``, ``--seed N`` in the options, instead of Typer's ``{RECIPE}`` and
+    ``<list[str]>``."""
+
+    def _readable(self) -> None:
+        for param in self.params:
+            if param.param_type_name == "option" and not param.is_flag and param.metavar is None:
+                param.metavar = _metavar(param)
+            if param.param_type_name == "argument" and param.metavar is None:
+                param.metavar = param.name.upper()
+
+    @staticmethod
+    def _usage_name(param) -> str:
+        name = param.metavar
+        if param.nargs != 1 and not name.endswith("..."):
+            name += "..."
+        return name if param.required else f"[{name}]"
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        self._readable()
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [self._usage_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+
+    def format_options(self, ctx, formatter) -> None:
+        self._readable()
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                extra = "" if param.required else "  [optional]"
+                args.append((param.metavar, (param.help or "") + extra))
+            else:
+                record = param.get_help_record(ctx)
+                if record is not None:
+                    opts.append(record)
+        if args:
+            with formatter.section("Arguments"):
+                formatter.write_dl(args)
+        if opts:
+            with formatter.section("Options"):
+                formatter.write_dl(opts)
+
+
+def _describe_commands(app: typer.Typer) -> None:
+    """Every command (plugins' too) with readable help and its whole first line in `sdsctl --help`."""
+    for info in app.registered_commands:
+        if info.cls in (None, TyperCommand):
+            info.cls = SdsctlCommand
+        doc = info.help or (info.callback.__doc__ if info.callback else "") or ""
+        if info.short_help is None and doc.strip():
+            info.short_help = doc.strip().splitlines()[0]
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """transformers' and diffusers' own warnings and progress bars: shown with -v only."""
+    if verbose:
+        os.environ["SDSCTL_VERBOSE"] = "1"  # the models layer leaves the libraries' output alone
+        return
+    os.environ.pop("SDSCTL_VERBOSE", None)
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", module=r"(transformers|diffusers|huggingface_hub|accelerate)(\.|$)")
+    for name in ("transformers", "diffusers"):  # already imported (in-process tests): set directly
+        module = sys.modules.get(f"{name}.utils.logging")
+        if module is not None:
+            module.set_verbosity_error()
+
+
 # ----------------------------------------------------------------------------- completion
 
 def _complete_recipe(incomplete: str) -> list[str]:
@@ -96,13 +185,15 @@ PromptOption = Annotated[str | None, typer.Option(help="Shortcut for --set promp
 SeedOption = Annotated[int | None, typer.Option(help="Shortcut for --set seed=...")]
 StepsOption = Annotated[int | None, typer.Option(help="Shortcut for --set steps=...")]
 ModelOption = Annotated[str | None, typer.Option(
-    help="Model: 'shapes', a diffusers folder or a hub id (shortcut for --set model=...)")]
-DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (shortcut for --set device=...)")]
+    metavar="MODEL", help="Model: 'shapes', a diffusers folder or a hub id (shortcut for --set model=...)")]
+DeviceOption = Annotated[str | None, typer.Option(
+    metavar="DEVICE", help=f"{ACCEPTED} (shortcut for --set device=...); auto picks CUDA when there is a GPU")]
 AllowDownloadOption = Annotated[bool, typer.Option(
     "--allow-download", help="Download a hub model missing from the local cache (shortcut for --set model.allow_download=true).")]
 LogOption = Annotated[list[str], typer.Option(
     "--log", metavar="LOGGER",
     help="Also send the run to a logger: tensorboard, wandb (offline), or a plugin's (see `sdsctl plugins`). Repeatable.")]
+NoLiveOption = Annotated[bool, typer.Option("--no-live", help="Plain log lines instead of the live panel.")]
 RecipeArgument = Annotated[str, typer.Argument(
     metavar="RECIPE", help="A recipe file, or the name of a bundled recipe (see `sdsctl recipes`).",
     autocompletion=_complete_recipe)]
@@ -121,28 +212,42 @@ def _warn(warnings: list[str]) -> None:
         print(f"warning: {w}", file=sys.stderr)
 
 
-def _run(loaded, path: Path, live: bool, overwrite: bool, resume: bool, log: list[str] = ()) -> None:
+def _run(loaded, path: Path, reporter, overwrite: bool, resume: bool, log: list[str] = ()) -> None:
     from .loggers import RunLoggers, build
-    from .loop import OOM, execute, oom_message
-    from .panel import make_reporter
+    from .loop import OOM, StopNow, execute, oom_message
 
+    command = f"sdsctl {'resume' if resume else 'run'}"
     loggers, skipped = build(list(log), path, loaded.recipe)
     _warn(skipped)
-    reporter = RunLoggers(make_reporter(live, loaded.recipe.output.preview_every), loggers)
+    reporter = RunLoggers(reporter, loggers)
     try:
-        result = execute(loaded, path, reporter, overwrite=overwrite, resume=resume)
+        result = execute(loaded, path, reporter, overwrite=overwrite, resume=resume, command=command)
     except OOM:
         raise RunFailed(oom_message(None, loaded.recipe.device)) from None
-    except KeyboardInterrupt:  # while the model loaded: nothing was written
-        print("interrupted before the first step; nothing written", file=sys.stderr)
+    except StopNow as stop:  # while the model loaded
+        print(f"{stop or 'interrupted'} while the model loaded; nothing written", file=sys.stderr)
         raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # a signal after the run had saved and let go of the signal handlers
+        result = _result_from_summary(path)
     finally:
         reporter.finish(path)
     if result.status == "interrupted":
-        print(f"interrupted at step {result.steps_done}/{result.steps}; state saved in {path}. "
-              f"Continue with: sdsctl resume {path}", file=sys.stderr)
+        how = f"{result.signal}: " if result.signal else ""
+        why = f" ({result.note})" if result.note else ""
+        print(f"{how}interrupted at step {result.steps_done}/{result.steps}{why}; state.pt, final.png and "
+              f"progress.png in {path} hold step {result.steps_done}. Continue with: sdsctl resume {path}",
+              file=sys.stderr)
         raise typer.Exit(130)
     print(f"done: {result.steps_done} steps -> {path / 'final.png'}")
+
+
+def _result_from_summary(path: Path):
+    from .loop import RunResult
+    from .rundir import RunDir
+
+    summary = RunDir(path).read_summary()
+    return RunResult(summary.get("status", "interrupted"), summary.get("steps_done", 0), summary.get("steps", 0),
+                     path, signal=summary.get("signal", ""), note=summary.get("note"))
 
 
 def _version_callback(value: bool) -> None:
@@ -167,16 +272,20 @@ def create_app() -> typer.Typer:
     def root(
         version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
                                               help="Show the version and exit.")] = False,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                              help="Show the libraries' own warnings (transformers, diffusers).")] = False,
     ) -> None:
         """Score distillation from the command line."""
+        _quiet_libraries(verbose)
 
     @app.command()
     def run(
         recipe: RecipeArgument,
         set_: SetOption = [],  # noqa: B006 - typer reads the default
-        out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: <output.dir>/<recipe>-<timestamp>).")] = None,
+        out: Annotated[Path | None, typer.Option("--out", "-o", metavar="PATH",
+                                                 help="Run directory (default: <output.dir>/<recipe>-<timestamp>).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run files in an existing --out directory.")] = False,
-        no_live: Annotated[bool, typer.Option("--no-live", help="Plain log lines instead of the live panel.")] = False,
+        no_live: NoLiveOption = False,
         prompt: PromptOption = None,
         seed: SeedOption = None,
         steps: StepsOption = None,
@@ -186,29 +295,56 @@ def create_app() -> typer.Typer:
         log: LogOption = [],  # noqa: B006
     ) -> None:
         """Run a recipe: optimize an image and write a run directory."""
+        from .panel import LivePanel, make_reporter
         from .recipe import load_recipe
         from .rundir import check_target, default_path
 
-        loaded = load_recipe(recipe, _sets(set_, allow_download), _overrides(prompt, seed, steps, model, device))
+        reporter = make_reporter(not no_live)
+        try:
+            if isinstance(reporter, LivePanel):  # from the first moment; plain logs start with the model
+                reporter.loading(f"reading recipe {recipe}")
+            loaded = load_recipe(recipe, _sets(set_, allow_download), _overrides(prompt, seed, steps, model, device))
+            path = out if out is not None else default_path(loaded.recipe.output.dir, loaded.name)
+            check_target(path, overwrite)
+        except BaseException:
+            reporter.close()
+            raise
         _warn(loaded.warnings)
-        path = out if out is not None else default_path(loaded.recipe.output.dir, loaded.name)
-        check_target(path, overwrite)
-        _run(loaded, path, live=not no_live, overwrite=overwrite, resume=False, log=log)
+        _run(loaded, path, reporter, overwrite=overwrite, resume=False, log=log)
 
     @app.command()
     def resume(
-        run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The directory of an interrupted or failed run.")],
-        no_live: Annotated[bool, typer.Option("--no-live", help="Plain log lines instead of the live panel.")] = False,
+        run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The directory of an interrupted, failed or completed run.")],
+        set_: Annotated[list[str], typer.Option(
+            "--set", "-s", metavar="KEY=VALUE",
+            help="Change steps (to continue a completed run) or output.*, e.g. --set steps=1000. Repeatable.")] = [],  # noqa: B006
+        steps: StepsOption = None,
+        device: DeviceOption = None,
+        no_live: NoLiveOption = False,
         log: LogOption = [],  # noqa: B006
     ) -> None:
-        """Continue an interrupted run to its end (on the CPU: bit-identical to an uninterrupted run)."""
+        """Continue a run from its state.pt: interrupted, failed, or completed with more --steps."""
+        from .panel import LivePanel, make_reporter
         from .recipe import load_recipe
         from .rundir import RunDir
 
         RunDir.open(run_dir)
-        loaded = load_recipe(run_dir / "recipe.yaml")
+        for expr in set_:
+            key = expr.split("=", 1)[0].strip()
+            if key not in RESUMABLE_KEYS and not key.startswith("output."):
+                raise SdsctlError(f"--set {expr}: a resumed run keeps its recipe; only {', '.join(RESUMABLE_KEYS)} "
+                                  "and output.* can change (for anything else start a new run: sdsctl run "
+                                  f"{run_dir / 'recipe.yaml'} --set {expr} --out NEW_DIR)")
+        reporter = make_reporter(not no_live)
+        try:
+            if isinstance(reporter, LivePanel):
+                reporter.loading(f"reading {run_dir / 'recipe.yaml'}")
+            loaded = load_recipe(run_dir / "recipe.yaml", list(set_), {"steps": steps, "device": device})
+        except BaseException:
+            reporter.close()
+            raise
         _warn(loaded.warnings)
-        _run(loaded, run_dir, live=not no_live, overwrite=False, resume=True, log=log)
+        _run(loaded, run_dir, reporter, overwrite=False, resume=True, log=log)
 
     @app.command()
     def validate(
@@ -222,7 +358,7 @@ def create_app() -> typer.Typer:
         show: Annotated[bool, typer.Option("--show", help="Print the fully resolved recipe.")] = False,
         allow_download: AllowDownloadOption = False,
     ) -> None:
-        """Check a recipe without running it (no model weights are loaded)."""
+        """Check a recipe and the device without running it (no model weights are loaded)."""
         from .recipe import load_recipe, to_yaml
 
         loaded = load_recipe(recipe, _sets(set_, allow_download), _overrides(prompt, seed, steps, model, device))
@@ -294,6 +430,7 @@ def create_app() -> typer.Typer:
             owners[name] = plugin
             plugin_commands.append(plugins.Registered("commands", name, None, plugin, dist))
     _guard_all(app)
+    _describe_commands(app)
     return app
 
 

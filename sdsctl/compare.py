@@ -41,6 +41,7 @@ from .rundir import atomic_write_json, atomic_write_text
 class _Quiet:
     """A reporter that shows nothing: without the live panel a comparison prints one line per run."""
 
+    def loading(self, text): ...
     def start(self, info): ...
     def step(self, record): ...
     def preview(self, step, image): ...
@@ -392,12 +393,9 @@ def compare(recipes: list[str], pairs: list[tuple[str, int]], out: Path, sets: l
 
 
 def _font(size: int):
-    from PIL import ImageFont
+    from .images import font
 
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
+    return font(size)
 
 
 def _wrap(draw, text: str, font, width: int) -> list[str]:

@@ -74,10 +74,30 @@ class Problem:
 
     def __str__(self) -> str:
         parts = [str(self.location)] if self.location else []
-        if self.key:
+        if self.key and not self._named_by_option():
             parts.append(self.key)
         parts.append(self.message)
         return ": ".join(parts)
+
+    def _named_by_option(self) -> bool:
+        """Whether the location, a command-line option, already names the key: "--device: ..."
+        and "--set seed=-1: ..." rather than "--device: device: ..."."""
+        loc = self.location
+        if loc is None or loc.line is not None or not loc.source.startswith("--"):
+            return False
+        option, _, value = loc.source[2:].partition(" ")
+        if option == "set":
+            return value.split("=", 1)[0] == self.key
+        return option.replace("-", "_") == self.key.split(".")[0]
+
+
+def summarize(exc: BaseException, limit: int = 160) -> str:
+    """A library's exception as one short line (its type and first line), to follow our own
+    message instead of nesting the library's full text in it (``SDSCTL_DEBUG=1`` shows all)."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class RecipeError(SdsctlError):

@@ -36,19 +36,64 @@ def save_image(image: torch.Tensor | Image.Image, path: Path) -> None:
     atomic_write(Path(path), png_bytes(pil))
 
 
-def contact_sheet(paths: list[Path], thumb: int = 128, gap: int = 2) -> Image.Image | None:
-    """The images at ``paths`` in a near-square grid, in order (None if there are none)."""
+def view_copy(image: torch.Tensor | Image.Image, size: int) -> Image.Image:
+    """``image`` scaled so that its longer side is ``size``, for looking at: by whole-number
+    factors with nearest-neighbour (a 64×64 image becomes 8×8 blocks per pixel; nothing is
+    invented between pixels), by Lanczos otherwise."""
+    pil = image if isinstance(image, Image.Image) else to_pil(image)
+    scale = size / max(pil.size)
+    new = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+    whole = scale >= 1 and float(scale).is_integer()
+    return pil.resize(new, Image.Resampling.NEAREST if whole else Image.Resampling.LANCZOS)
+
+
+def save_view(image: torch.Tensor | Image.Image, path: Path, size: int) -> None:
+    """Write :func:`view_copy` of ``image`` as PNG, atomically (``final_512.png``)."""
+    save_image(view_copy(image, size), path)
+
+
+def font(size: int):
+    """PIL's default font at ``size`` px (one bitmap size on Pillow < 10.1)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _step_label(path: Path) -> str:
+    stem = path.stem
+    return f"step {int(stem.split('_')[1])}" if stem.startswith("step_") and stem.split("_")[1].isdigit() else stem
+
+
+def contact_sheet(paths: list[Path], thumb: int = 128, gap: int = 2, labels: bool = False) -> Image.Image | None:
+    """The images at ``paths`` in a near-square grid, in order (None if there are none).
+
+    Small images are enlarged to ``thumb`` by whole-number factors (nearest-neighbour), larger
+    ones reduced; with ``labels`` each is captioned with its step (``step_000020.png`` → step 20)."""
     if not paths:
         return None
+    from PIL import ImageDraw
+
     images = [Image.open(p).convert("RGB") for p in paths]
-    size = min(thumb, max(max(im.size) for im in images))
+    native = max(max(im.size) for im in images)
+    size = native * max(1, thumb // native) if native < thumb else min(thumb, native)
+    label_h = 16 if labels else 0
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    sheet = Image.new("RGB", (cols * size + (cols - 1) * gap, rows * size + (rows - 1) * gap), (255, 255, 255))
-    for i, im in enumerate(images):
+    cell_h = size + label_h
+    sheet = Image.new("RGB", (cols * size + (cols - 1) * gap, rows * cell_h + (rows - 1) * gap), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet) if labels else None
+    small = font(12) if labels else None
+    for i, (im, path) in enumerate(zip(images, paths)):
         if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BOX)
-        sheet.paste(im, ((i % cols) * (size + gap), (i // cols) * (size + gap)))
+            enlarge = size > max(im.size) and size % max(im.size) == 0
+            im = im.resize((size, size), Image.Resampling.NEAREST if enlarge else Image.Resampling.BOX)
+        x, y = (i % cols) * (size + gap), (i // cols) * (cell_h + gap)
+        sheet.paste(im, (x, y))
+        if draw is not None:
+            draw.text((x + 2, y + size + 2), _step_label(path), fill=(0, 0, 0), font=small)
     return sheet
 
 

@@ -57,6 +57,10 @@ class RunLoggers:
                 except Exception:  # noqa: BLE001
                     pass
 
+    def __getattr__(self, name: str):
+        """Anything else a reporter offers (e.g. the live panel's ``loading`` line) is the reporter's."""
+        return getattr(self.reporter, name)
+
     def start(self, info: dict[str, Any]) -> None:
         self.reporter.start(info)
         self._each("start", info)

@@ -40,15 +40,15 @@ from typing import Any
 
 import torch
 
-from . import plugins
+from . import devices, plugins
 from .components import RunContext
 from .errors import PluginError, RunFailed, SdsctlError
-from .images import contact_sheet, save_image
+from .images import contact_sheet, save_image, save_view
 from .panel import peak_memory_mb
 from .plugins import Registered
 from .recipe import LoadedRecipe, to_yaml
 from .records import NonFinite, PendingRecords, StepRecord
-from .rundir import RunDir, check_target
+from .rundir import RunDir, RunLock, check_target
 
 #: CUDA out-of-memory (torch.cuda.OutOfMemoryError before torch 2.5)
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -59,9 +59,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclasses.dataclass
 class RunResult:
     status: str  # "completed" or "interrupted" (failures raise RunFailed)
-    steps_done: int
+    steps_done: int  # the step state.pt, final.png and summary.json hold
     steps: int
     run_dir: Path
+    signal: str = ""  # SIGINT or SIGTERM, for an interrupted run
+    note: str | None = None  # how it stopped, when not simply after a step
 
 
 @dataclasses.dataclass
@@ -74,19 +76,9 @@ class FitTarget:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; an unavailable device is an input error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SdsctlError(f"device: {name} requested, but torch sees no CUDA device "
-                              "(a CPU build of torch, or no GPU); use --device cpu or --device auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SdsctlError(f"device: {name} requested, but there are {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SdsctlError(f"device: {name} requested, but MPS is not available; use --device cpu")
-    return device
+    """``auto`` is CUDA when available, else the CPU; an unavailable device is an input error
+    naming the devices that are there (:mod:`sdsctl.devices`)."""
+    return devices.resolve(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | None]:
@@ -112,20 +104,56 @@ def blame(reg: Registered, action: str):
         raise PluginError(f"{reg.describe()} failed while {action}: {type(exc).__name__}: {exc}") from exc
 
 
+class StopNow(KeyboardInterrupt):
+    """A signal that stops the run at once: while the model loads (nothing is written yet), or
+    a second signal in the middle of a step (θ then goes back to the last checked step)."""
+
+
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT aborts."""
+    """What SIGINT (Ctrl-C) and SIGTERM do, by phase of the run:
+
+    * ``loading`` (the model loads): stop at once (:class:`StopNow`); nothing is written yet.
+    * after that, the first signal asks the loop to stop after the current step and save it;
+    * a second signal while a step computes stops that step (:class:`StopNow`): θ goes back
+      to the last checked step, which is then saved;
+    * while files are being written (``busy``, ``saving``) further signals wait: the files
+      a stop writes (state.pt, final.png, progress.png, metrics.jsonl, summary.json) always
+      describe one and the same step.
+
+    The handler only sets flags and raises; what it has to say is queued in :attr:`notes`
+    and shown by the loop (printing inside a signal handler can interrupt another print).
+    """
 
     def __init__(self, reporter):
         self.reporter = reporter
         self.signal: int | None = None
+        self.aborted = False
+        self.phase = "loading"
+        self.notes: list[str] = []
         self._previous: dict[int, Any] = {}
 
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else ""
+
     def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-        self.reporter.note(f"{signal.Signals(signum).name} received: finishing the step, then saving "
-                           "(press Ctrl-C again to abort without saving)")
+        name = signal.Signals(signum).name
+        if self.phase == "loading":
+            self.signal = signum
+            raise StopNow(name)
+        if self.signal is None:
+            self.signal = signum
+            again = " (Ctrl-C again stops the step at once, back to the last checked step)" if signum == signal.SIGINT else ""
+            self.notes.append(f"{name} received: finishing the current step, then saving{again}")
+            return
+        if self.phase == "stepping":
+            self.aborted = True
+            raise StopNow(name)
+        self.notes.append(f"{name} received again: already stopping, the files are being saved")
+
+    def show_notes(self) -> None:
+        while self.notes:
+            self.reporter.note(self.notes.pop(0))
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -204,6 +232,9 @@ class Optimization:
             "param": self.param.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            "generator_device": self.generator.device.type,
+            # the host generator (timesteps) is the generator itself on the CPU, its own CPU stream elsewhere
+            "host_generator": self.ctx.host_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "guidance": self.guidance.state_dict(),
         }
@@ -214,8 +245,33 @@ class Optimization:
             self.optimizer.load_state_dict(state["optimizer"])
         with blame(self.regs["guidance"], "loading its state"):
             self.guidance.load_state_dict(state["guidance"])
-        self.generator.set_state(state["generator"])
+        self.device_note = self._load_generators(state)
         torch.set_rng_state(state["torch_rng"])
+
+    def _load_generators(self, state: dict[str, Any]) -> str | None:
+        """Restore the random streams; on another device than the one that wrote ``state``,
+        say what carries over (None: everything did).
+
+        A generator's state is specific to its device (the CPU's Mersenne Twister, CUDA's
+        Philox seed and offset) and cannot be converted; the host stream (timesteps) is a CPU
+        generator everywhere and always carries over."""
+        mine = self.generator.device.type
+        saved = state.get("generator_device", mine)
+        host = state.get("host_generator")
+        if saved == mine:
+            self.generator.set_state(state["generator"])
+            if host is not None and self.ctx.host_generator is not self.generator:
+                self.ctx.host_generator.set_state(host)
+            return None
+        step = int(state["step"])
+        self.generator.manual_seed((self.recipe.seed + 1_000_003 * step) % 2**63)
+        cpu_stream = state["generator"] if saved == "cpu" else host
+        if cpu_stream is not None:
+            self.ctx.host_generator.set_state(cpu_stream)
+        return (f"state.pt was written on {saved}, this run continues on {mine}: θ, Adam's moments, the "
+                f"guidance's state and the step carry over, and so do the timesteps; the {saved} generator's "
+                f"state cannot move to {mine}, so the noise is drawn from seed {self.recipe.seed} and step {step} "
+                "from here on (the result will not match an uninterrupted run bit for bit)")
 
     def theta_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.param.parameters())
@@ -388,11 +444,13 @@ def _metrics(opt: Optimization, image: torch.Tensor, reporter) -> dict[str, Any]
 
 
 def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = False, resume: bool = False,
-            prior=None) -> RunResult:
+            prior=None, command: str = "sdsctl run") -> RunResult:
     """Run (or resume) a validated recipe into the run directory ``path``.
 
     ``prior``: the recipe's model already loaded on its device and dtype (``sdsctl compare``
-    shares one among runs); None loads it."""
+    shares one among runs); None loads it. The run directory is locked for the whole call
+    (:class:`~sdsctl.rundir.RunLock`): a second writer gets an error naming this one. Raises
+    :class:`StopNow` when a signal stopped it while the model loaded (nothing is written then)."""
     recipe = loaded.recipe
     device = resolve_device(recipe.device)
     dtype, dtype_warning = resolve_dtype(recipe.dtype, device)
@@ -401,24 +459,36 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
     state = None
     if resume:
         run = RunDir.open(path)
-        previous = run.read_summary()
-        if previous.get("status") == "completed" and previous.get("steps_done", 0) >= recipe.steps:
-            raise SdsctlError(f"{path} is a completed run ({previous.get('steps_done')}/{recipe.steps} steps); "
-                              "nothing to resume (raise `steps` in its recipe.yaml to continue it)")
-        state = run.load_state()
     else:
         check_target(path, overwrite)
-
-    # Ctrl-C while the model loads raises KeyboardInterrupt: nothing has been written yet.
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if prior is None:
-        with blame(loaded.components["model"], "loading the model"):
-            prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
-    with StopRequest(reporter) as stop:
+    created = not path.exists()
+    with RunLock(path).held(command, reporter) as lock, StopRequest(reporter) as stop:
+        if resume:
+            previous = run.read_summary()
+            if previous.get("status") == "completed" and previous.get("steps_done", 0) >= recipe.steps:
+                raise SdsctlError(f"{path} is a completed run ({previous.get('steps_done')}/{recipe.steps} steps); "
+                                  f"nothing to resume. To continue it: sdsctl resume {path} --set steps=N "
+                                  f"(N > {previous.get('steps_done')})")
+            state = run.load_state()
+        try:  # a signal while the model loads stops at once (StopNow): nothing is written yet
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if prior is None:
+                reporter.loading(f"loading model {loaded.model_info.source} on {device}")
+                with blame(loaded.components["model"], "loading the model"):
+                    prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
+        except KeyboardInterrupt:
+            reporter.close()
+            lock.release()
+            if created and path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+            raise StopNow(stop.name or "SIGINT") from None
+        stop.phase = "starting"
         if not resume:
             run = RunDir.create(path, overwrite)
             run.write_recipe(f"# resolved by sdsctl from {loaded.origin}\n" + to_yaml(recipe))
+        else:
+            _update_recipe(run, loaded)
         start = state["step"] if state else 0
         run.load_metrics(start)
         run.drop_previews_after(start)
@@ -444,7 +514,9 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
         def finish(step: int) -> torch.Tensor:
             image = opt.image()
             save_image(image, run.file("final.png"))
-            sheet = contact_sheet(run.preview_paths())
+            if recipe.output.view_size:
+                save_view(image, run.file(f"final_{recipe.output.view_size}.png"), recipe.output.view_size)
+            sheet = contact_sheet(run.preview_paths(), labels=True)
             if sheet is not None:
                 save_image(sheet, run.file("progress.png"))
             save(step)
@@ -468,6 +540,19 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
             except NonFinite:
                 return opt.restore_checked()
 
+        def stopped(step: int, note: str | None = None) -> RunResult:
+            """Save everything for ``step`` (signals wait meanwhile) and report the stop."""
+            stop.phase = "saving"
+            stop.show_notes()
+            reporter.close()
+            if opt is None:
+                run.flush_metrics()
+            else:
+                finish(step)
+            extra = {"signal": stop.name} if stop.name else {}
+            run.write_summary(summary("interrupted", step, **extra, **({"note": note} if note else {})))
+            return RunResult("interrupted", step, recipe.steps, path, signal=stop.name, note=note)
+
         out = recipe.output
         every, ckpt, log_every = out.preview_every, out.checkpoint_every, out.log_every
         done = start
@@ -477,16 +562,21 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
                 prior.release_text_encoders()  # the components have encoded their prompts
                 if state:
                     opt.load_state(state)
+                    if opt.device_note:
+                        reporter.note(f"note: {opt.device_note}")
                 else:
                     opt.initialize()
                 opt.checkpoint(start)
                 run.write_summary(summary("running", start))
                 reporter.start({"title": _title(loaded), "steps": recipe.steps, "start_step": start,
-                                "device": str(device), "run_dir": str(path)})
+                                "device": str(device), "run_dir": str(path), "preview_every": every})
                 for k in range(start, recipe.steps):
+                    stop.show_notes()
                     if stop.signal is not None:
                         break
+                    stop.phase = "stepping"  # a second signal may stop the step itself
                     record = opt.step(k)
+                    stop.phase = "busy"
                     done = k + 1
                     record.host["seconds"] = round(seconds_before + time.perf_counter() - started, 4)
                     pending.add(record)
@@ -499,8 +589,10 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
                         reporter.preview(done, image)
                     if done % ckpt == 0:
                         save(done)
+                stop.phase = "saving"
                 log(done)  # stopped between logging steps
             except NonFinite as exc:
+                stop.phase = "saving"
                 done = opt.restore_checked()
                 kept = _keep_good(opt, run, done, finish)
                 message = (f"non-finite value at step {exc.step}: {exc.term} is {exc.value} "
@@ -508,6 +600,7 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
                 run.write_summary(summary("failed", done, error=message, failed_step=exc.step, failed_term=exc.term))
                 raise RunFailed(message) from None
             except PluginError as exc:
+                stop.phase = "saving"
                 run.write_error_log("".join(traceback.format_exception(exc.__cause__ or exc)))
                 failed_at = done + 1
                 if opt is not None:
@@ -517,6 +610,7 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
                 run.write_summary(summary("failed", done, error=message))
                 raise RunFailed(message) from None
             except OOM:
+                stop.phase = "saving"
                 torch.cuda.empty_cache()
                 try:
                     if opt is not None:
@@ -527,23 +621,38 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
                 message = oom_message(done + 1, device)
                 run.write_summary(summary("failed", done, error=message))
                 raise RunFailed(message) from None
-        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint
-            run.flush_metrics()
-            run.write_summary(summary("interrupted", done, note="aborted mid-step; state.pt is the last checkpoint"))
-            return RunResult("interrupted", done, recipe.steps, path)
+        except StopNow:  # a second signal in the middle of a step: back to the last checked step
+            stop.phase = "saving"
+            if opt is None:
+                return stopped(start)
+            done = opt.restore_checked()
+            run.truncate_metrics(done)
+            return stopped(done, note=f"a second signal stopped the step in progress; the run went back to step "
+                                      f"{done}, the last checked step")
         else:
+            if done < recipe.steps:
+                return stopped(done)
             reporter.close()
             image = finish(done)
-            if done < recipe.steps:
-                run.write_summary(summary("interrupted", done))
-                return RunResult("interrupted", done, recipe.steps, path)
             metrics = _metrics(opt, image, reporter)
             run.write_summary(summary("completed", done, metrics=metrics))
             return RunResult("completed", done, recipe.steps, path)
         finally:
+            stop.phase = "saving"
             reporter.close()
             if opt is not None:
                 opt.close()  # after the last save: VSD's LoRA leaves the shared UNet
+
+
+def _update_recipe(run: RunDir, loaded: LoadedRecipe) -> None:
+    """A run resumed with ``--set`` (e.g. more steps) goes on with the changed recipe: write it."""
+    text = run.file("recipe.yaml").read_text()
+    body = to_yaml(loaded.recipe)
+    if text.endswith(body):
+        return
+    lines = text.splitlines(keepends=True)
+    header = "".join(line for line in lines[: next((i for i, x in enumerate(lines) if not x.startswith("#")), len(lines))])
+    run.write_recipe(f"{header}# resumed with {loaded.origin}\n{body}")
 
 
 def _keep_good(opt: Optimization | None, run: RunDir, done: int, finish) -> str:

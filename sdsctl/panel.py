@@ -1,17 +1,20 @@
 """What a run shows while it optimizes: a rich live panel, or plain log lines.
 
-The loop talks to a *reporter* (:class:`LivePanel` or :class:`PlainLog`) through five calls:
-``start(info)``, ``step(record)`` after every step, ``preview(step, image)`` every
-``output.preview_every`` steps, ``note(text)`` and ``close()``. The live panel shows a
+The loop talks to a *reporter* (:class:`LivePanel` or :class:`PlainLog`) through six calls:
+``loading(text)`` while the recipe is read and the model loads (what is loading), ``start(info)``,
+``step(record)`` after every step, ``preview(step, image)`` every ``output.preview_every``
+steps, ``note(text)`` and ``close()``. The live panel shows a
 progress bar with ETA, steps/s, the timestep(s) and phase, loss and score norms, the
 learning rate, device and memory, and the current image drawn with half blocks. When stdout
 is not a terminal (or with ``--no-live``) :class:`PlainLog` prints one line every
-``preview_every`` steps instead.
+``preview_every`` steps instead. The panel shows a loading line from the first moment and keeps
+one width (:attr:`LivePanel.width`) whatever the numbers in it.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import resource
 import sys
 import time
@@ -55,8 +58,10 @@ class Speed:
     def __init__(self, window: int = 20):
         self.times: deque[float] = deque(maxlen=window)
 
-    def tick(self) -> None:
-        self.times.append(time.perf_counter())
+    def tick(self, seconds: float | None = None) -> None:
+        """One step done, ``seconds`` into the run (the record's own time: records reach the
+        reporter in bursts, on logging steps), or now."""
+        self.times.append(time.perf_counter() if seconds is None else seconds)
 
     @property
     def steps_per_second(self) -> float:
@@ -80,7 +85,7 @@ def _norms(record: dict[str, Any]) -> str:
 class PlainLog:
     """Periodic log lines, for logs and pipes."""
 
-    def __init__(self, every: int, stream=None):
+    def __init__(self, every: int = 10, stream=None):
         self.every = max(1, every)
         self.stream = stream
         self.speed = Speed()
@@ -90,14 +95,18 @@ class PlainLog:
         stream = self.stream or sys.stdout
         print(text, file=stream, flush=True)
 
+    def loading(self, text: str) -> None:
+        self._print(f"sdsctl: {text} ...")
+
     def start(self, info: dict[str, Any]) -> None:
+        self.every = max(1, info.get("preview_every", self.every))
         self.total = info["steps"]
         self.device = info["device"]
         start = f" from step {info['start_step']}" if info["start_step"] else ""
         self._print(f"sdsctl: {info['title']} -- {info['steps']} steps{start} on {info['device']} -> {info['run_dir']}")
 
     def step(self, record: dict[str, Any]) -> None:
-        self.speed.tick()
+        self.speed.tick(record.get("seconds"))
         step = record["step"]
         if step % self.every and step != self.total:
             return
@@ -124,25 +133,39 @@ class LivePanel:
         from rich.console import Console
 
         self.console = console or Console()
+        #: the panel's width, fixed for the run: the figures never make it jump
+        self.width = min(self.console.width, 112)
         # 32 columns (16 lines) beside the ~70 columns of figures, less on a narrow terminal
-        self.preview_width = preview_width or max(12, min(32, self.console.width - 74))
+        self.preview_width = preview_width or max(12, min(32, self.width - 78))
         self.speed = Speed()
         self.record: dict[str, Any] = {}
         self.image = None
         self.notes: list[str] = []
         self.live = None
+        self.info: dict[str, Any] | None = None
+        self.loading_text = "starting"
+        self.started = time.perf_counter()
 
-    def start(self, info: dict[str, Any]) -> None:
+    def _live(self) -> None:
         from rich.live import Live
 
+        if self.live is None:
+            self.live = Live(console=self.console, get_renderable=self.render, refresh_per_second=4,
+                             transient=False, redirect_stdout=False, redirect_stderr=False)
+            self.live.start()
+
+    def loading(self, text: str) -> None:
+        self.loading_text = text
+        self.loading_since = time.perf_counter()
+        self._live()
+
+    def start(self, info: dict[str, Any]) -> None:
         self.info = info
         self.started = time.perf_counter()
-        self.live = Live(console=self.console, get_renderable=self.render, refresh_per_second=4,
-                         transient=False, redirect_stdout=False, redirect_stderr=False)
-        self.live.start()
+        self._live()
 
     def step(self, record: dict[str, Any]) -> None:
-        self.speed.tick()
+        self.speed.tick(record.get("seconds"))
         self.record = record
 
     def preview(self, step: int, image: torch.Tensor) -> None:
@@ -153,6 +176,8 @@ class LivePanel:
 
     def close(self) -> None:
         if self.live is not None:
+            if self.info is None:  # closed while loading (an error, a stop): leave no panel behind
+                self.live.transient = True
             self.live.refresh()
             self.live.stop()
             self.live = None
@@ -167,6 +192,8 @@ class LivePanel:
         from rich.table import Table
         from rich.text import Text
 
+        if self.info is None:
+            return self._render_loading()
         info, rec = self.info, self.record
         total = info["steps"]
         step = rec.get("step", info["start_step"])
@@ -190,11 +217,24 @@ class LivePanel:
             body.add_row(Group(*lines), self.image)
         else:
             body.add_row(Group(*lines))
-        return Panel(body, title=f"sdsctl · {info['title']}", title_align="left", expand=False)
+        for line in lines:
+            if isinstance(line, Text):
+                line.no_wrap, line.overflow = True, "ellipsis"
+        return Panel(body, title=f"sdsctl · {info['title']}", title_align="left", width=self.width)
+
+    def _render_loading(self):
+        from rich.panel import Panel
+        from rich.spinner import Spinner
+        from rich.text import Text
+
+        seconds = time.perf_counter() - getattr(self, "loading_since", self.started)
+        line = Text(f"{self.loading_text} ...  {seconds:.0f} s", no_wrap=True, overflow="ellipsis")
+        return Panel(Spinner("dots", text=line), title="sdsctl · loading", title_align="left", width=self.width)
 
 
-def make_reporter(live: bool, every: int):
-    """The live panel when ``live`` and stdout is a terminal, else plain log lines."""
-    if live and sys.stdout.isatty():
+def make_reporter(live: bool, every: int = 10):
+    """The live panel when ``live`` and stdout is a terminal (a dumb one excepted), else plain
+    log lines (every ``every`` steps; ``start`` takes the recipe's ``preview_every``)."""
+    if live and sys.stdout.isatty() and os.environ.get("TERM") != "dumb":
         return LivePanel()
     return PlainLog(every)

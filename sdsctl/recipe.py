@@ -106,6 +106,7 @@ class OutputConfig(BaseModel):
     preview_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1, description="fetch the steps' numbers from the device every N steps")
+    view_size: int = Field(512, ge=0, description="final_<N>.png: the final image enlarged for viewing (0: none)")
 
 
 class Recipe(BaseModel):
@@ -139,8 +140,10 @@ class Recipe(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
-            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+        from .devices import ACCEPTED, PATTERN
+
+        if not PATTERN.fullmatch(v):
+            raise ValueError(f"expected {ACCEPTED}, got {v!r}")
         return v
 
 
@@ -214,8 +217,23 @@ def find_recipe(ref: str) -> Path:
     found = _bundled(ref)
     if found is not None:
         return found
-    names = ", ".join(n for n, _, _ in bundled_recipes()) or "none"
-    raise SdsctlError(f"recipe {ref} not found (neither a file nor a bundled recipe; bundled: {names})")
+    bundled = [n for n, _, _ in bundled_recipes()]
+    as_file = path.suffix.lower() in (".yaml", ".yml") or "/" in ref or "\\" in ref
+    folder = path.parent if as_file else None
+    names = [p.stem for p in folder.glob("*.y*ml")] if folder is not None and folder.is_dir() else []
+    if not as_file or folder == Path("."):
+        names += bundled
+    key = path.stem.lower().replace("-", "_")
+    close = [n for n in names if n.lower().replace("-", "_") == key] or difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+    what = "recipe file" if as_file else "recipe"
+    if close:
+        hint = close[0] if not as_file or close[0] in bundled and not (folder / f"{close[0]}{path.suffix}").is_file() \
+            else str(folder / f"{close[0]}{path.suffix}")
+        raise SdsctlError(f"{what} {ref} not found; did you mean {hint}? (`sdsctl recipes` lists the bundled ones)")
+    if as_file:
+        raise SdsctlError(f"recipe file {ref} not found")
+    raise SdsctlError(f"recipe {ref} not found: neither a file nor a bundled recipe "
+                      f"(bundled: {', '.join(bundled) or 'none'})")
 
 
 def _mark(source: str, mark) -> Location:
@@ -475,6 +493,11 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
             reg = found[section]
             raise PluginError(f"{reg.describe()} failed while checking the recipe: {type(exc).__name__}: {exc}") from exc
 
+    from .devices import problem as device_problem
+
+    why = device_problem(recipe.device)
+    if why is not None:
+        problems.append(Problem(where(("device",)), "device", why))
     info = run_check("model", lambda: model_reg.obj(recipe.model).describe())
     if info is None:
         raise RecipeError(problems)

@@ -17,9 +17,12 @@ the target (:func:`atomic_write`), so a run directory never holds a truncated fi
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,12 @@ import torch
 
 from .errors import SdsctlError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+LOCK_FILE = ".lock"
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "final.png", "progress.png", "state.pt", "summary.json", "error.log")
 STATE_FORMAT = 1
 
@@ -55,13 +64,33 @@ def atomic_write(path: Path, data: bytes) -> None:
         _temp_path(path).unlink(missing_ok=True)
 
 
+#: errors of os.link on a filesystem without hard links (FAT, exFAT, some network and FUSE mounts)
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EACCES, errno.EMLINK}
+
+
 def atomic_create(path: Path, data: bytes) -> None:
-    """Like :func:`atomic_write`, but raise FileExistsError instead of replacing ``path``."""
+    """Like :func:`atomic_write`, but raise FileExistsError instead of replacing ``path``.
+
+    A hard link publishes the complete file atomically and fails if ``path`` exists; where
+    the filesystem has no hard links, ``O_CREAT | O_EXCL`` creates ``path`` exclusively and
+    the data is written into it (a reader may then briefly see it shorter)."""
     path = Path(path)
     try:
-        os.link(_written_temp(path, data), path)  # atomic, and fails if path exists
+        try:
+            os.link(_written_temp(path, data), path)  # atomic, and fails if path exists
+            return
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
     finally:
         _temp_path(path).unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -90,12 +119,136 @@ def check_target(path: Path, overwrite: bool) -> None:
     """Refuse to write a run into a non-empty folder unless ``overwrite``."""
     if path.exists() and not path.is_dir():
         raise SdsctlError(f"--out {path} is a file, not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        what = "holds a run" if is_run_dir(path) else "is not empty"
-        raise SdsctlError(
-            f"{path} {what}; pass --overwrite to replace its run files, choose another --out, "
-            f"or continue an interrupted run with `sdsctl resume {path}`"
-        )
+    if path.is_dir():
+        RunLock(path).check()  # a live run there: name it, whatever --overwrite says
+    if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()) and not overwrite:
+        if is_run_dir(path):
+            raise SdsctlError(f"--out {path} holds a run; continue it with `sdsctl resume {path}`, "
+                              "choose another --out, or pass --overwrite to replace its run files")
+        raise SdsctlError(f"--out {path} is not empty; choose another --out (or an empty or new folder)")
+
+
+#: the locks this process holds (its own run may check its folder again)
+_HELD: set[Path] = set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class RunLock:
+    """One writer per run directory: ``.lock`` names the process that holds it (pid, host,
+    start time), and an OS lock on it (``fcntl.flock``) is what holds it -- the kernel lets go
+    when the process ends, however it ends, so a lock left by a killed run is recognised as
+    stale and taken over. Without ``fcntl`` (Windows) a lock is stale when its pid is gone."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path) / LOCK_FILE
+        self.fd: int | None = None
+        self.taken_over: dict[str, Any] | None = None  # the stale holder, after acquire()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def describe(holder: dict[str, Any]) -> str:
+        since = holder.get("since")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "an unknown time"
+        host = holder.get("host")
+        where = f" on {host}" if host and host != socket.gethostname() else ""
+        return f"pid {holder.get('pid', '?')}{where}, since {when}"
+
+    def _busy(self, holder: dict[str, Any]) -> SdsctlError:
+        return SdsctlError(
+            f"{self.path.parent} is in use by another sdsctl ({self.describe(holder)}, `{holder.get('command', 'sdsctl')}`); "
+            "one run writes a run directory at a time: wait for it to end, or stop it (Ctrl-C in its "
+            f"terminal, or kill {holder.get('pid', 'PID')})")
+
+    def check(self) -> None:
+        """Raise if another holder has the lock (nothing is taken)."""
+        if not self.path.is_file() or self.path.resolve() in _HELD:
+            return
+        holder = self._read()
+        if self._held_elsewhere(holder):
+            raise self._busy(holder)
+
+    def _held_elsewhere(self, holder: dict[str, Any]) -> bool:
+        if fcntl is None:
+            return bool(holder) and _alive(int(holder.get("pid", 0)))
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the probe's shared lock
+
+    def acquire(self, command: str = "sdsctl") -> RunLock:
+        """Take the lock, or raise :class:`SdsctlError` naming the holder (exit 2)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise self._busy(self._read()) from None
+                try:  # the holder before us may have removed the file while we opened it
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    continue
+            previous = self._read()
+            if previous and int(previous.get("pid", -1)) != os.getpid() and fcntl is None and _alive(int(previous["pid"])):
+                os.close(fd)
+                raise self._busy(previous)
+            if previous:
+                self.taken_over = previous
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": command}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+            self.fd = fd
+            _HELD.add(self.path.resolve())
+            return self
+        raise SdsctlError(f"could not lock {self.path.parent}: its lock file keeps changing")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        _HELD.discard(self.path.resolve())
+        try:
+            self.path.unlink(missing_ok=True)  # still holding it: nobody can be mid-acquire on this file
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    @contextlib.contextmanager
+    def held(self, command: str = "sdsctl", reporter=None):
+        """Hold the lock for a ``with`` block; a stale lock taken over is reported by ``reporter.note``."""
+        self.acquire(command)
+        try:
+            if self.taken_over and reporter is not None:
+                reporter.note(f"note: took over the lock of {self.path.parent} from {self.describe(self.taken_over)}, "
+                              "which is no longer running")
+            yield self
+        finally:
+            self.release()
 
 
 class RunDir:
@@ -180,6 +333,10 @@ class RunDir:
             for line in path.read_text().splitlines():
                 if line.strip() and json.loads(line).get("step", 0) <= up_to_step:
                     self.metrics.append(line)
+
+    def truncate_metrics(self, up_to_step: int) -> None:
+        """Forget the lines of steps after ``up_to_step`` (a stop went back to it)."""
+        self.metrics = [line for line in self.metrics if json.loads(line).get("step", 0) <= up_to_step]
 
     def drop_previews_after(self, step: int) -> None:
         for path in self.preview_paths():

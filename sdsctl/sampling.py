@@ -15,17 +15,14 @@ import torch
 def load_pipeline(folder: str | Path, device: str | torch.device = "cpu", *, local_files_only: bool = True):
     """A ``StableDiffusionPipeline`` with a DDIM scheduler (offline from a local folder by default)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from diffusers.utils import logging as dlogging
 
-    verbosity = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            local_files_only=local_files_only,
-        )
-    finally:
-        dlogging.set_verbosity(verbosity)
+    from .models.base import _quiet_loading
+
+    _quiet_loading()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        local_files_only=local_files_only,
+    )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

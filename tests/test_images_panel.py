@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
@@ -32,10 +33,32 @@ def test_contact_sheet_grid(tmp_path):
         path = tmp_path / f"step_{i:06d}.png"
         Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(path)
         paths.append(path)
-    sheet = contact_sheet(paths, gap=2)
-    assert sheet.size == (3 * 64 + 2 * 2, 2 * 64 + 2)
-    assert sheet.getpixel((64 + 2 + 5, 5)) == (40, 0, 0)
+    sheet = contact_sheet(paths, gap=2)  # 64-pixel images enlarged twice, pixel for pixel, to 128
+    assert sheet.size == (3 * 128 + 2 * 2, 2 * 128 + 2)
+    assert sheet.getpixel((128 + 2 + 5, 5)) == (40, 0, 0)
     assert contact_sheet([]) is None
+
+
+def test_contact_sheet_labels_each_preview_with_its_step(tmp_path):
+    paths = []
+    for step in (10, 20):
+        path = tmp_path / f"step_{step:06d}.png"
+        Image.new("RGB", (64, 64), (255, 255, 255)).save(path)
+        paths.append(path)
+    plain, labelled = contact_sheet(paths), contact_sheet(paths, labels=True)
+    assert labelled.size == (plain.size[0], plain.size[1] + 16)
+    strip = np.asarray(labelled.crop((0, 128, 128, 144)))
+    assert (strip < 128).any()  # dark text under the image
+
+
+def test_view_copy_enlarges_small_images_pixel_for_pixel():
+    from sdsctl.images import view_copy
+
+    image = torch.rand(3, 64, 64)
+    big = view_copy(image, 512)
+    assert big.size == (512, 512)
+    small = np.asarray(to_pil(image))
+    assert (np.asarray(big)[::8, ::8] == small).all() and (np.asarray(big)[7::8, 7::8] == small).all()
 
 
 def test_half_blocks_use_upper_and_lower_pixel_colours():
@@ -77,3 +100,41 @@ def test_plain_log_prints_every_n_steps_and_the_last():
     lines = buf.getvalue().splitlines()
     assert [line.split()[1] for line in lines[1:]] == ["5/12", "10/12", "12/12"]
     assert "t 612 t_correction 40" in lines[1] and "score 3.2" in lines[1]
+
+
+def _line_widths(console, renderable) -> set[int]:
+    from rich.segment import Segment
+
+    return {Segment.get_line_length(line) for line in console.render_lines(renderable, console.options, pad=False)}
+
+
+def test_live_panel_says_what_loads_from_the_first_moment_and_keeps_its_width():
+    console = Console(file=io.StringIO(), force_terminal=True, width=150, color_system=None)
+    panel = LivePanel(console=console)
+    try:
+        panel.loading("loading model shapes on cpu")
+        text = io.StringIO()
+        Console(file=text, width=150, color_system=None).print(panel.render())
+        assert "loading model shapes on cpu" in text.getvalue()
+        widths = _line_widths(console, panel.render())
+        panel.start({"title": "sds on latent-pixels · 'a red circle'", "steps": 1000, "start_step": 0,
+                     "device": "cpu", "run_dir": "runs/x"})
+        for loss, score in ((1.0, 2.0), (123456.789, 1e-9), (0.5, 98765.4321)):
+            panel.step({"step": 7, "phase": "main", "t": 500, "timesteps": {"t": 500}, "loss": loss,
+                        "norms": {"score": score, "classifier": score / 3}, "lr": 0.01})
+            widths |= _line_widths(console, panel.render())
+        panel.preview(7, torch.rand(3, 64, 64))
+        widths |= _line_widths(console, panel.render())
+        assert widths == {panel.width}
+    finally:
+        panel.close()
+
+
+def test_without_a_terminal_the_reporter_is_plain_lines():
+    from sdsctl.panel import make_reporter
+
+    assert isinstance(make_reporter(True), PlainLog)  # pytest captures stdout: not a terminal
+    out = io.StringIO()
+    log = PlainLog(5, stream=out)
+    log.loading("loading model shapes on cpu")
+    assert out.getvalue() == "sdsctl: loading model shapes on cpu ...\n"

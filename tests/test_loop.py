@@ -451,3 +451,90 @@ def test_refits_encode_only_when_the_latent_loss_needs_it(recipe_file, tiny_prio
     opt.prior.encode_images = counting
     opt.step(0)
     assert len(calls) == encodes
+
+
+def test_a_second_signal_mid_step_goes_back_to_the_last_checked_step(cli, recipe_file, tmp_path, monkeypatch):
+    """Two signals inside step 7 (logging every 4 steps): the step is abandoned, θ goes back to
+    step 4, and state.pt, final.png, metrics.jsonl and summary.json all describe step 4."""
+    path = recipe_file({"steps": 12, "output": {"preview_every": 4, "log_every": 4, "checkpoint_every": 100}})
+    assert cli("run", path, "--out", tmp_path / "full", "--no-live").exit_code == 0
+    original = Optimization.step
+
+    def two_signals_in_step_7(self, k):
+        if k == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, then save
+            os.kill(os.getpid(), signal.SIGTERM)  # the second, mid-step: stop it now
+        return original(self, k)
+
+    monkeypatch.setattr(Optimization, "step", two_signals_in_step_7)
+    result = execute(load_recipe(path), tmp_path / "part", PlainLog(100))
+    monkeypatch.undo()
+    assert (result.status, result.steps_done, result.signal) == ("interrupted", 4, "SIGINT")
+    assert "went back to step 4" in result.note
+    part = tmp_path / "part"
+    summary = json.loads((part / "summary.json").read_text())
+    assert (summary["status"], summary["steps_done"]) == ("interrupted", 4)
+    assert torch.load(part / "state.pt", weights_only=True)["step"] == 4
+    assert [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert (part / "final.png").read_bytes() == (part / "previews" / "step_000004.png").read_bytes()
+    assert cli("resume", part, "--no-live").exit_code == 0
+    assert (part / "final.png").read_bytes() == (tmp_path / "full" / "final.png").read_bytes()
+
+
+def test_resume_set_steps_extends_a_completed_run(cli, recipe_file, tmp_path):
+    out, longer = tmp_path / "run", tmp_path / "longer"
+    path = recipe_file({"steps": 3})
+    assert cli("run", path, "--out", out, "--no-live").exit_code == 0
+    refused = cli("resume", out, "--no-live")
+    assert refused.exit_code == 2 and f"sdsctl resume {out} --set steps=N" in refused.stderr
+    assert cli("run", path, "--out", longer, "--no-live", "--steps", "6").exit_code == 0
+    result = cli("resume", out, "--no-live", "-s", "steps=6")
+    assert result.exit_code == 0, result.output
+    assert (out / "final.png").read_bytes() == (longer / "final.png").read_bytes()
+    recipe = (out / "recipe.yaml").read_text()
+    assert "steps: 6" in recipe and "# resumed with" in recipe and recipe.startswith("# resolved by sdsctl from")
+    other = cli("resume", out, "--set", "prompt=a blue square on a red background")
+    assert other.exit_code == 2 and "keeps its recipe" in other.stderr
+
+
+def test_resume_on_another_device_continues_and_says_what_carried_over(cli, recipe_file, tmp_path):
+    """A state written on CUDA (its generator state is CUDA's seed and offset) resumed on the CPU."""
+    out = tmp_path / "run"
+    path = recipe_file({"steps": 6, "output": {"preview_every": 2, "checkpoint_every": 3}})
+    assert cli("run", path, "--out", out, "--no-live", "--steps", "3").exit_code == 0
+    state = torch.load(out / "state.pt", weights_only=True)
+    state["host_generator"] = state["generator"]  # on CUDA the timesteps come from a CPU stream of their own
+    state["generator"], state["generator_device"] = torch.zeros(16, dtype=torch.uint8), "cuda"
+    torch.save(state, out / "state.pt")
+    result = cli("resume", out, "--no-live", "--set", "steps=6")
+    assert result.exit_code == 0, result.output
+    assert "written on cuda, this run continues on cpu" in result.output and "Traceback" not in result.output
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_run_directories_work_without_hard_links(cli, recipe_file, tmp_path, monkeypatch):
+    import errno
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "run"
+    result = cli("run", recipe_file(), "--out", out, "--no-live")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert cli("run", recipe_file(), "--out", out, "--no-live").exit_code == 2
+
+
+def test_final_image_has_an_enlarged_copy_and_progress_is_labelled(cli, recipe_file, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    assert cli("run", recipe_file(), "--out", out, "--no-live").exit_code == 0
+    native, view = Image.open(out / "final.png"), Image.open(out / "final_512.png")
+    assert native.size == (64, 64) and view.size == (512, 512)
+    assert view.resize((64, 64), Image.Resampling.NEAREST).tobytes() == native.convert("RGB").tobytes()
+    assert Image.open(out / "progress.png").size[1] > 128  # a row of 128-pixel previews and their step labels
+    assert cli("run", recipe_file(), "--out", tmp_path / "none", "--no-live", "--set", "output.view_size=0").exit_code == 0
+    assert not list((tmp_path / "none").glob("final_*.png"))

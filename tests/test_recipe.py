@@ -57,12 +57,14 @@ BAD = [
     ("empty-prompt", "prompt: ''\n", [], ["prompt", "the prompt is empty"]),
     ("blank-prompt", "prompt: '   '\n", [], ["the prompt is empty"]),
     ("missing-prompt", "steps: 3\n", [], ["prompt: missing"]),
-    ("bad-device", "prompt: x\ndevice: gpu\n", [], ["device", "expected auto, cpu, cuda or cuda:N"]),
+    ("bad-device", "prompt: x\ndevice: gpu\n", [], ["device", "expected auto, cpu, cuda, cuda:N or mps"]),
+    ("absent-device", "prompt: x\ndevice: 'cuda:99'\n", [], ["recipe.yaml:2:9: device: cuda:99 is not available", "devices here: cpu"]),
+    ("absent-device-option", None, ["--device", "cuda:99"], ["--device: cuda:99 is not available", "devices here: "]),
     ("bad-dtype", "prompt: x\ndtype: float64\n", [], ["dtype", "float32"]),
     ("negative-seed", "prompt: x\nseed: -1\n", [], ["seed", "greater than or equal to 0"]),
     ("missing-extends", "extends: nowhere.yaml\nprompt: x\n", [], ["extends", "nowhere.yaml not found", "recipe.yaml:1:1"]),
     ("extends-cycle", "extends: recipe.yaml\nprompt: x\n", [], ["extends cycle"]),
-    ("missing-model-folder", None, ["--model", "/nonexistent/sd"], ["model.path", "/nonexistent/sd not found", "--model"]),
+    ("missing-model-folder", None, ["--model", "/nonexistent/sd"], ["--model: model folder /nonexistent/sd not found"]),
     ("bad-set-expression", None, ["--set", "steps"], ["bad --set expression", "KEY=VALUE"]),
     ("bad-set-key", None, ["--set", "=3"], ["bad --set expression"]),
     ("set-extends", None, ["--set", "extends=other.yaml"], ["--set extends=other.yaml", "only a recipe file can extend"]),
@@ -71,7 +73,7 @@ BAD = [
     ("set-wrong-type", None, ["--set", "steps=lots"], ["--set steps=lots", "steps", "valid integer"]),
     ("shortcut-out-of-range", None, ["--steps", "0"], ["--steps", "greater than 0"]),
     ("cli-option-type", None, ["--seed", "abc"], ["Invalid value for '--seed'"]),
-    ("missing-recipe-file", "__missing__", [], ["not found", "bundled"]),
+    ("missing-recipe-file", "__missing__", [], ["recipe file", "missing.yaml not found"]),
 ]
 
 

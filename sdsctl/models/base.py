@@ -121,7 +121,12 @@ def detect(folder: Path) -> type[Prior]:
 
 
 def _quiet_loading() -> None:
-    """diffusers/transformers print progress bars and notices while loading; not ours to show."""
+    """diffusers/transformers print progress bars and notices while loading; not ours to show
+    (``sdsctl -v`` sets ``SDSCTL_VERBOSE`` and shows them)."""
+    import os
+
+    if os.environ.get("SDSCTL_VERBOSE"):
+        return
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
