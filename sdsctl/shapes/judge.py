@@ -68,17 +68,12 @@ def outside_world(prompt: str) -> str | None:
 
 
 def to_array(image) -> np.ndarray:
-    """A 64x64x3 float32 array in [0, 1] from a PIL image, an HxWx3 array or a [3,H,W] tensor."""
+    """A 64x64x3 float32 array in [0, 1] from anything ``sdsctl.imagestats.as_array`` reads."""
     from PIL import Image
 
-    if hasattr(image, "detach"):  # torch tensor [3, H, W] or [1, 3, H, W]
-        t = image.detach().float().cpu()
-        if t.dim() == 4:
-            t = t[0]
-        image = t.permute(1, 2, 0).numpy()
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    arr = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+    from ..imagestats import as_array
+
+    arr = as_array(image)
     if arr.shape[:2] != (world.IMAGE_SIZE, world.IMAGE_SIZE):
         pil = Image.fromarray((arr * 255 + 0.5).astype(np.uint8))
         pil = pil.resize((world.IMAGE_SIZE, world.IMAGE_SIZE), Image.Resampling.BOX)
