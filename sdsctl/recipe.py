@@ -231,6 +231,9 @@ def find_recipe(ref: str) -> Path:
             else str(folder / f"{close[0]}{path.suffix}")
         raise SdsctlError(f"{what} {ref} not found; did you mean {hint}? (`sdsctl recipes` lists the bundled ones)")
     if as_file:
+        if path.stem in bundled:  # e.g. ``recipes/sds.yaml`` typed outside the repository
+            raise SdsctlError(f"recipe file {ref} not found here ({Path.cwd()}); a bundled recipe has that name: "
+                              f"give it as {path.stem} (no folder, no .yaml) to use it from any folder")
         raise SdsctlError(f"recipe file {ref} not found")
     raise SdsctlError(f"recipe {ref} not found: neither a file nor a bundled recipe "
                       f"(bundled: {', '.join(bundled) or 'none'})")

@@ -272,3 +272,12 @@ def test_cuisine_recipes_encode_the_studys_settings(tiny_prior):
     assert (fast.steps, fast.optimizer.score_scale) == (250, 4.0)
     for name in ("nfsd", "nfsd_hifa", "robust_nfsd"):
         assert load(name).negative_prompt.startswith("unrealistic, blurry")
+
+
+def test_missing_recipe_path_outside_the_repository_points_to_the_bundled_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SdsctlError) as info:
+        find_recipe("recipes/sds.yaml")
+    message = str(info.value)
+    assert "not found here" in message and "give it as sds" in message
+    assert find_recipe("sds").name == "sds.yaml"
