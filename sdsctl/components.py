@@ -21,26 +21,17 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from .errors import InvalidConfig  # noqa: F401 -- re-exported: components raise it
-from .models.base import ModelInfo  # noqa: F401 -- re-exported: components' checks read it
+from .modelinfo import ModelInfo  # noqa: F401 -- re-exported: components' checks read it
+from .schema import ComponentConfig
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from .models.base import Prior
-    from .recipe import Recipe
-
-
-class ComponentConfig(BaseModel):
-    """Options of one component; subclasses add fields with their defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-
+    from .schema import Recipe
 
 @dataclasses.dataclass
 class StepTimes:

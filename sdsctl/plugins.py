@@ -140,7 +140,8 @@ def each_plugin(hook_name: str) -> Iterator[tuple[str, str | None, Callable[...,
 
 def registrations(kind: str) -> list[Registered]:
     """Every component of ``kind`` as registered, clashing names included, in hook order."""
-    from .components import KINDS, ComponentConfig
+    from .components import KINDS
+    from .schema import ComponentConfig
 
     hook_name, base = KINDS[kind]
     found: list[Registered] = []

@@ -43,7 +43,6 @@ Both are also in :class:`ModelInfo`, for the guidance terms' ``check``.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,66 +51,16 @@ from torch import Tensor
 
 from .. import diffusion
 from ..errors import InvalidConfig, SdsctlError
-from . import sources
+from ..modelinfo import ModelInfo, unknown_words
+from .sources import config_folder, hub_hint, read_json, resolve_source, weights_summary
 
 #: model_index.json ``_class_name`` -> the Prior subclass of that family (filled by subclassing)
 FAMILIES: dict[str, type[Prior]] = {}
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """What validation (and ``sdsctl model``) knows about a model, read without loading weights."""
-
-    source: str  # the folder or hub id
-    num_train_timesteps: int
-    prediction_type: str
-    vae_scale_factor: int  # pixels per latent pixel (1 in pixel space)
-    latent_multiple: int  # the denoiser needs latent sizes divisible by this
-    latent_channels: int  # from the VAE's config (the image's 3 in pixel space)
-    latent_size: int  # native latent size
-    max_prompt_tokens: int
-    tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)
-    family: str = "stable-diffusion"
-    pipeline: str = "StableDiffusionPipeline"
-    space: str = "latent"  # "latent" or "pixel"
-    #: whether the tokenizer holds whole words as ``word</w>`` tokens (CLIP's BPE), so that
-    #: a word without one is one the model has never seen whole
-    whole_word_vocab: bool = True
-    guidance_distilled: bool = False  # one conditional row gives a guided prediction (FLUX.1)
-    guidance_embedded: bool = False  # the guidance scale is an input of the model (FLUX.1-dev)
-    text_encoders: tuple[dict[str, Any], ...] = ()  # {"name", "class", "max_tokens", "parameters", "dtype"}
-    weights: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # component -> {"class", "parameters", "dtype"}
-
-    @property
-    def image_size(self) -> int:
-        """The native image resolution in pixels (the family's default resolution)."""
-        return self.latent_size * self.vae_scale_factor
-
-    def unknown_words(self, prompt: str) -> list[str]:
-        """Words of ``prompt`` the tokenizer holds no whole-word token for."""
-        if self.tokenizer is None or not self.whole_word_vocab:
-            return []
-        from ..shapes.tokenizer import unknown_words
-
-        return unknown_words(self.tokenizer, prompt)
-
-    def to_dict(self) -> dict[str, Any]:
-        """What ``sdsctl model --json`` prints."""
-        return {
-            "source": self.source, "family": self.family, "pipeline": self.pipeline,
-            "prediction_type": self.prediction_type, "space": self.space,
-            "latent_channels": self.latent_channels, "downscale_factor": self.vae_scale_factor,
-            "default_resolution": self.image_size, "num_train_timesteps": self.num_train_timesteps,
-            "guidance_distilled": self.guidance_distilled, "guidance_embedded": self.guidance_embedded,
-            "text_encoders": [dict(t) for t in self.text_encoders],
-            "parameters": {name: w["parameters"] for name, w in self.weights.items()},
-            "dtype_on_disk": {name: w["dtype"] for name, w in self.weights.items()},
-        }
-
-
 def detect(folder: Path) -> type[Prior]:
     """The family of the pipeline folder ``folder``, from its ``model_index.json``."""
-    index = sources.read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     name = index.get("_class_name")
     if name not in FAMILIES:
         supported = ", ".join(f"{cls.family} ({cls.pipeline_class})" for cls in FAMILIES.values())
@@ -245,8 +194,8 @@ class Prior:
              allow_download: bool = False, without: tuple[str, ...] = ()) -> Prior:
         """Load ``shapes``, a folder or a hub id, weights read directly in ``dtype`` (and ``variant``);
         ``without``: text encoders to leave out, where the family allows it (SD3's T5)."""
-        kind, source = sources.resolve_source(path)
-        family = detect(sources.config_folder(kind, source, allow_download))
+        kind, source = resolve_source(path)
+        family = detect(config_folder(kind, source, allow_download))
         family._check_without(without)
         _quiet_loading()
         try:
@@ -254,7 +203,7 @@ class Prior:
                 source, **{_dtype_keyword(): dtype}, variant=variant, local_files_only=not allow_download,
                 **family._load_kwargs(), **family._without_kwargs(without))
         except (OSError, ValueError) as exc:
-            hint = sources.hub_hint(source, allow_download) if kind == "hub" else f"cannot load the model in {source}"
+            hint = hub_hint(source, allow_download) if kind == "hub" else f"cannot load the model in {source}"
             if variant:
                 hint += f" (variant {variant!r}: are its files, e.g. unet/*.{variant}.safetensors, there?)"
             raise SdsctlError(f"{hint}\n  ({type(exc).__name__}: {exc})") from exc
@@ -264,8 +213,8 @@ class Prior:
     def describe(cls, path: str, *, variant: str | None = None, allow_download: bool = False,
                  without: tuple[str, ...] = ()) -> ModelInfo:
         """Read a model's configuration files (no weights) for validation and ``sdsctl model``."""
-        kind, source = sources.resolve_source(path)
-        folder = sources.config_folder(kind, source, allow_download)
+        kind, source = resolve_source(path)
+        folder = config_folder(kind, source, allow_download)
         family = detect(folder)
         family._check_without(without)
         missing = [s for s in family.required if not (folder / s).is_dir()]
@@ -304,14 +253,14 @@ class Prior:
 
     @classmethod
     def _describe(cls, folder: Path, source: str, variant: str | None, without: tuple[str, ...] = ()) -> ModelInfo:
-        index = sources.read_json(folder / "model_index.json")
-        unet = sources.read_json(folder / cls.denoiser_name / "config.json")
-        sched = sources.read_json(folder / "scheduler" / "scheduler_config.json")
+        index = read_json(folder / "model_index.json")
+        unet = read_json(folder / cls.denoiser_name / "config.json")
+        sched = read_json(folder / "scheduler" / "scheduler_config.json")
         present = [(enc, tok) for enc, tok in zip(cls.text_encoder_names, cls.tokenizer_names)
                    if enc not in without and (index.get(enc) or [None, None])[1] is not None]
         tokenizers = {tok: cls._load_tokenizer(folder, tok, index) for _, tok in present}
         if cls.space == "latent":
-            vae = sources.read_json(folder / "vae" / "config.json")
+            vae = read_json(folder / "vae" / "config.json")
             factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
             channels = int(vae.get("latent_channels", 4))
         else:
@@ -324,7 +273,7 @@ class Prior:
                 continue
             if name == "scheduler" or not (folder / name).is_dir():
                 continue
-            weights[name] = {"class": entry[1], **sources.weights_summary(folder / name, variant)}
+            weights[name] = {"class": entry[1], **weights_summary(folder / name, variant)}
         text_encoders = tuple(
             {"name": enc, "class": weights.get(enc, {}).get("class"),
              "max_tokens": cls.encoder_tokens.get(enc) or cls.prompt_tokens or int(tok.model_max_length),
@@ -396,8 +345,6 @@ class Prior:
     def unknown_words(self, prompt: str) -> list[str]:
         if not self.whole_word_vocab:
             return []
-        from ..shapes.tokenizer import unknown_words
-
         return unknown_words(self.tokenizer, prompt)
 
     # -- noise

@@ -55,10 +55,10 @@ class FluxPrior(FlowPrior):
     def _describe(cls, folder, source, variant, without=()):
         import dataclasses
 
-        from . import sources
+        from .sources import read_json
 
         info = super()._describe(folder, source, variant, without)
-        embedded = bool(sources.read_json(folder / "transformer" / "config.json").get("guidance_embeds", False))
+        embedded = bool(read_json(folder / "transformer" / "config.json").get("guidance_embeds", False))
         encoders = tuple({**e, "max_tokens": 512 if embedded else 256} if e["name"] == "text_encoder_2" else e
                          for e in info.text_encoders)
         return dataclasses.replace(info, guidance_embedded=embedded, text_encoders=encoders)

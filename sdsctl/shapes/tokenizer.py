@@ -3,8 +3,8 @@
 Stable Diffusion's tokenizer is a ``CLIPTokenizer`` read from ``vocab.json`` and
 ``merges.txt``; writing the same two files keeps the shipped prior a standard pipeline
 folder that old and new ``transformers`` both load. Words outside the world fall back to
-byte-level pieces (they never crash), and :func:`unknown_words` names them so sdsctl can
-warn that the prior has never seen them.
+byte-level pieces (they never crash), and :func:`unknown_words` (``sdsctl.modelinfo``'s, for any
+CLIP vocabulary) names them so sdsctl can warn that the prior has never seen them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+from ..modelinfo import unknown_words  # noqa: F401 -- the shapes world's checks use it from here
 from . import world
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -79,18 +80,3 @@ def write_tokenizer_files(folder: Path) -> None:
         "errors": "replace",
         "clean_up_tokenization_spaces": True,
     }, indent=2) + "\n")
-
-
-def unknown_words(tokenizer, prompt: str) -> list[str]:
-    """Words of ``prompt`` that the tokenizer does not hold as a whole-word token.
-
-    A word the prior was trained on is a single ``word</w>`` token; anything else is split
-    into pieces the model has never seen in that combination.
-    """
-    vocab = tokenizer.get_vocab()
-    found = []
-    for word in re.findall(r"[^\W\d_]+|\d", prompt.lower()):
-        if word + "</w>" not in vocab or len(word) == 1 and word != "a":
-            if word not in found:
-                found.append(word)
-    return found

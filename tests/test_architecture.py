@@ -1,0 +1,129 @@
+"""The architecture stays as ``docs/architecture.md`` draws it (issue 30).
+
+The import graph is read from the source (every ``import`` / ``from ... import`` of every
+module of ``sdsctl/`` and ``plugins/``, at any depth: in functions and under
+``TYPE_CHECKING`` too; a package's ``__init__`` is a module of its own), not from what
+happens to be imported at run time, so a cycle hidden in a function fails here as well.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+#: edges left out of the cycle check, each with the reason and when it goes
+ALLOWED_EDGES = {
+    ("sdsctl.compare", "sdsctl.report"), ("sdsctl.report", "sdsctl.compare"),  # compare↔report: fixed with the sweep split
+}
+
+
+def module_files() -> dict[str, Path]:
+    """Import name -> file, for every module of sdsctl/ and plugins/ (installed as ``sdsctl_plugins``)."""
+    files = sorted(ROOT.glob("sdsctl/**/*.py")) + sorted(ROOT.glob("plugins/**/*.py"))
+    out = {}
+    for path in files:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[0] == "plugins":
+            parts[0] = "sdsctl_plugins"
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _project_name(name: str) -> str:
+    return "sdsctl_plugins" + name[len("plugins"):] if name == "plugins" or name.startswith("plugins.") else name
+
+
+def imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """The project's modules that ``module`` imports anywhere in its file.
+
+    ``import a.b`` counts ``a.b``; ``from P import n`` counts ``P`` and, where ``P.n`` is a
+    module, ``P.n`` too. Relative imports are resolved against the module's package.
+    """
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names = [_project_name(alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = _project_name(node.module or "")
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in known:  # ``import a.b.c`` of a non-module: its closest module
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = module_files()
+    return {module: imports(module, path, set(files)) for module, path in files.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _describe(component: list[str], graph: dict[str, set[str]]) -> str:
+    members = set(component)
+    return "; ".join(f"{m} -> {', '.join(sorted(graph[m] & members))}" for m in component)
+
+
+def test_the_graph_sees_imports_in_functions_and_under_type_checking():
+    graph = import_graph()
+    assert "sdsctl.components" in graph["sdsctl.plugins"]  # imported inside registrations()
+    assert "sdsctl.models.base" in graph["sdsctl.components"]  # imported under TYPE_CHECKING
+    assert "sdsctl.models.base" in graph["sdsctl.models"] and "sdsctl.models.sources" in graph["sdsctl.models.base"]
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    graph = import_graph()
+    graph = {m: {t for t in targets if (m, t) not in ALLOWED_EDGES} for m, targets in graph.items()}
+    found = cycles(graph)
+    assert not found, "import cycles: " + " | ".join(_describe(c, graph) for c in found)
+
+
+def test_the_cycle_check_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert "a -> b" in _describe(["a", "b", "c"], graph)
