@@ -9,7 +9,8 @@ brightness).
 
 For a prompt outside the shapes world (``judge.outside_world``: "a photo of a dog") the
 judge has nothing to compare with: the result is ``{"applies": false, "note": "n/a: ..."}``
-and no ``match`` key, so comparisons show n/a instead of a match.
+and no ``match`` key, so comparisons show n/a instead of a match. ``reading`` puts the judgement
+in words for ``sdsctl doctor`` ("the shapes judge sees a red circle (shape IoU 0.93)").
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ class ShapesJudge(Metric):
         if reason is not None:
             return {"applies": False, "note": f"n/a: {reason}"}
         return judge.judge(image, prompt).to_dict(prompt)
+
+    @classmethod
+    def reading(cls, image, prompt: str) -> str | None:
+        if judge.outside_world(prompt):
+            return None
+        j = judge.judge(image, prompt)
+        if j.shape is None:
+            return "the shapes judge sees no shape"
+        return f"the shapes judge sees a {j.color} {j.shape} (shape IoU {j.shape_iou:.2f})"
 
 
 @sdsctl.hookimpl

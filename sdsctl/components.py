@@ -215,6 +215,15 @@ class Metric(Component):
         """``image``: float RGB ``[3, H, W]`` in [0, 1]."""
         raise NotImplementedError
 
+    @classmethod
+    def reading(cls, image: Any, prompt: str) -> str | None:
+        """What this metric sees in ``image`` for ``prompt``, in a few words, for a report on a
+        run's intermediate images (``sdsctl doctor`` quotes it at the warm-up's end), or None
+        when it has nothing to say -- the default. No model and no run context are at hand:
+        ``image`` is a path, a PIL image, an ``[H, W, 3]`` array or a ``[3, H, W]`` tensor
+        (``sdsctl.imagestats.as_array`` reads any of them)."""
+        return None
+
 
 class Logger(Component):
     """Receives a run as it happens -- each step's record, the preview images, the final

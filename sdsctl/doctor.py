@@ -34,7 +34,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from . import imagestats
+from . import imagestats, plugins
 from .runread import RunData
 
 OVERSATURATED_CLIPPED = 0.25
@@ -163,15 +163,14 @@ def diagnose(path: Path) -> dict[str, Any]:
 
 
 def _judged(image: Path, prompt: str) -> str:
-    """The shapes judge's reading, for prompts of its world."""
-    from .shapes import judge
-
-    if judge.outside_world(prompt):
-        return ""
-    j = judge.judge(imagestats.as_array(image), prompt)
-    if j.shape is None:
-        return "; the shapes judge sees no shape"
-    return f"; the shapes judge sees a {j.color} {j.shape} (shape IoU {j.shape_iou:.2f})"
+    """What the installed metrics read in ``image`` (``Metric.reading``: the shapes judge's
+    colour and shape, for prompts of its world)."""
+    readings = []
+    for reg in plugins.components("metrics").values():
+        said = reg.obj.reading(image, prompt)
+        if said:
+            readings.append(said)
+    return "".join(f"; {r}" for r in readings)
 
 
 def text(report: dict[str, Any]) -> str:

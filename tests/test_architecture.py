@@ -127,3 +127,18 @@ def test_the_cycle_check_finds_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
     assert "a -> b" in _describe(["a", "b", "c"], graph)
+
+
+#: core modules that still import the shapes world, each with the reason and when it goes
+SHAPES_IMPORTERS_ALLOWED = {"sdsctl.compare"}  # compare→shapes.evaluate (default prompt pairs): moved with the sweep split
+
+
+def test_the_core_does_not_import_the_shapes_world():
+    """The shapes world (``sdsctl/shapes``) sits on the core, not under it: the core reaches the
+    judge through the plugin manager (a metric) and vocabulary checks through the model."""
+    graph = import_graph()
+    wrong = {m: sorted(t for t in targets if t == "sdsctl.shapes" or t.startswith("sdsctl.shapes."))
+             for m, targets in graph.items()
+             if m.startswith("sdsctl") and not m.startswith(("sdsctl.shapes", "sdsctl_plugins"))}
+    wrong = {m: t for m, t in wrong.items() if t and m not in SHAPES_IMPORTERS_ALLOWED}
+    assert not wrong, f"core modules importing the shapes world: {wrong}"
