@@ -19,8 +19,6 @@ import sdsctl
 from sdsctl.components import ComponentConfig, Parameterization
 from sdsctl.hashgrid import HashGridConfig, HashGridField, fit_to
 
-from .latent_pixels import check_resolution
-
 
 class HashGridOptions(ComponentConfig):
     init: Literal["gaussian", "zeros"] = "gaussian"
@@ -37,7 +35,7 @@ class HashGridOptions(ComponentConfig):
 class _HashGridParameterization(Parameterization):
     @classmethod
     def check(cls, config, recipe, model) -> None:
-        check_resolution(config.resolution, model)
+        model.check_resolution(config.resolution)
 
 
     def _field(self, size: int, channels: int) -> HashGridField:
@@ -46,9 +44,8 @@ class _HashGridParameterization(Parameterization):
                              output_activation=c.output_activation, device=self.ctx.device, generator=self.ctx.generator)
 
     def _gaussian_latent(self) -> torch.Tensor:
-        prior, g = self.ctx.prior, self.ctx.generator
-        size = (self.config.resolution or prior.image_size) // prior.vae_scale_factor
-        return torch.randn((1, prior.latent_channels, size, size), generator=g, device=g.device)
+        g = self.ctx.generator
+        return torch.randn(self.ctx.prior.latent_shape(self.config.resolution), generator=g, device=g.device)
 
     def initial_target(self) -> torch.Tensor:
         raise NotImplementedError
@@ -71,8 +68,8 @@ class LatentHashGrid(_HashGridParameterization):
 
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
-        prior = ctx.prior
-        self.field = self._field((config.resolution or prior.image_size) // prior.vae_scale_factor, prior.latent_channels)
+        _, channels, size, _ = ctx.prior.latent_shape(config.resolution)
+        self.field = self._field(size, channels)
 
     def initial_target(self) -> torch.Tensor:
         return self._gaussian_latent()

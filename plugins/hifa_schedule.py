@@ -11,14 +11,16 @@ from __future__ import annotations
 import math
 
 import sdsctl
-from sdsctl.components import StepTimes
-
-from .uniform_schedule import UniformSchedule
+from sdsctl.components import Schedule, StepTimes, TimestepRange
 
 
-class HiFASchedule(UniformSchedule):
-    class Config(UniformSchedule.Config):
+class HiFASchedule(Schedule):
+    class Config(TimestepRange):
         name: str = "hifa"
+
+    @classmethod
+    def check(cls, config, recipe, model) -> None:
+        model.check_timestep(config.t_max, "t_max")
 
     def __call__(self, step: int) -> StepTimes:
         r = step / self.ctx.steps

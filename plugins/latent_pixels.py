@@ -13,25 +13,7 @@ import torch
 from pydantic import Field
 
 import sdsctl
-from sdsctl.components import ComponentConfig, InvalidConfig, ModelInfo, Parameterization
-
-
-def check_resolution(res: int | None, model: ModelInfo) -> None:
-    """An image size the VAE factor and the UNet's downsampling both divide (shared by the
-    parameterizations that take a ``resolution``)."""
-    if res is None:
-        return
-    if res % model.vae_scale_factor:
-        raise InvalidConfig(
-            f"{res} is not divisible by the VAE's factor {model.vae_scale_factor}; "
-            f"use a multiple of {model.vae_scale_factor * model.latent_multiple} "
-            f"(the model's native size is {model.image_size})", field="resolution")
-    if (res // model.vae_scale_factor) % model.latent_multiple:
-        step = model.vae_scale_factor * model.latent_multiple
-        raise InvalidConfig(
-            f"{res} gives latents of {res // model.vae_scale_factor} pixels, which the UNet cannot "
-            f"halve {model.latent_multiple.bit_length() - 1} times; use a multiple of {step}",
-            field="resolution")
+from sdsctl.components import ComponentConfig, ModelInfo, Parameterization
 
 
 class LatentPixels(Parameterization):
@@ -44,13 +26,11 @@ class LatentPixels(Parameterization):
 
     @classmethod
     def check(cls, config, recipe, model: ModelInfo) -> None:
-        check_resolution(config.resolution, model)
+        model.check_resolution(config.resolution)
 
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
-        prior = ctx.prior
-        size = (config.resolution or prior.image_size) // prior.vae_scale_factor
-        self.latents = torch.nn.Parameter(torch.zeros(1, prior.latent_channels, size, size, device=ctx.device))
+        self.latents = torch.nn.Parameter(torch.zeros(ctx.prior.latent_shape(config.resolution), device=ctx.device))
 
     def initialize(self) -> None:
         if self.config.init == "gaussian":

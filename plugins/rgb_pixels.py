@@ -16,8 +16,6 @@ from pydantic import Field
 import sdsctl
 from sdsctl.components import ComponentConfig, Parameterization
 
-from .latent_pixels import check_resolution
-
 
 #: images are kept this far inside (0, 1) when turned into logits (a finite θ for black/white)
 EDGE = 1e-3
@@ -32,7 +30,7 @@ class RGBPixels(Parameterization):
 
     @classmethod
     def check(cls, config, recipe, model) -> None:
-        check_resolution(config.resolution, model)
+        model.check_resolution(config.resolution)
 
     class Config(ComponentConfig):
         name: str = "rgb-pixels"
@@ -48,8 +46,7 @@ class RGBPixels(Parameterization):
     def initialize(self) -> None:
         if self.config.init == "gaussian":
             prior, g = self.ctx.prior, self.ctx.generator
-            size = self.logits.shape[-1] // prior.vae_scale_factor
-            z = torch.randn((1, prior.latent_channels, size, size), generator=g, device=g.device)
+            z = torch.randn(prior.latent_shape(self.logits.shape[-1]), generator=g, device=g.device)
             with torch.no_grad():
                 self.logits.copy_(logit(prior.decode_latents(z).float()))
 

@@ -25,7 +25,7 @@ import sdsctl
 from sdsctl.components import GuidanceOutput, InvalidConfig, StepTimes
 from sdsctl.diffusion import eps_to_x0, true_cfg_note
 
-from .nfsd import NFSD, NFSDConfig
+from .nfsd_terms import NFSDConfig, NFSDTerms
 
 
 class RobustNFSDConfig(NFSDConfig):
@@ -42,7 +42,7 @@ class RobustNFSDConfig(NFSDConfig):
         return self
 
 
-class RobustNFSD(NFSD):
+class RobustNFSD(NFSDTerms):
     Config = RobustNFSDConfig
 
     @classmethod

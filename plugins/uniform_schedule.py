@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationInfo, field_validator
-
 import sdsctl
-from sdsctl.components import ComponentConfig, InvalidConfig, Schedule, StepTimes
+from sdsctl.components import Schedule, StepTimes, TimestepRange
 
 
 class UniformSchedule(Schedule):
-    class Config(ComponentConfig):
+    class Config(TimestepRange):
         name: str = "uniform"
-        t_min: int = Field(20, ge=0, description="smallest timestep (inclusive)")
-        t_max: int = Field(980, ge=0, description="largest timestep (inclusive)")
-
-        @field_validator("t_max")
-        @classmethod
-        def _order(cls, v: int, info: ValidationInfo) -> int:
-            t_min = info.data.get("t_min")
-            if t_min is not None and v <= t_min:
-                raise ValueError(f"t_max ({v}) must be greater than t_min ({t_min})")
-            return v
 
     @classmethod
     def check(cls, config, recipe, model) -> None:
-        last = model.num_train_timesteps - 1
-        if config.t_max > last:
-            raise InvalidConfig(f"{config.t_max} is outside the model's timesteps 0..{last}", field="t_max")
+        model.check_timestep(config.t_max, "t_max")
 
     def __call__(self, step: int) -> StepTimes:
         return StepTimes(t=self.ctx.randint(self.config.t_min, self.config.t_max + 1))

@@ -12,13 +12,11 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 import sdsctl
-from sdsctl.components import InvalidConfig, StepTimes
-
-from .uniform_schedule import UniformSchedule
+from sdsctl.components import Schedule, StepTimes, TimestepRange
 
 
-class WarmupSchedule(UniformSchedule):
-    class Config(UniformSchedule.Config):
+class WarmupSchedule(Schedule):
+    class Config(TimestepRange):
         name: str = "warmup"
         warmup_steps: int = Field(300, ge=0, description="number of warm-up steps")
         warmup_t_min: int = Field(200, ge=0, description="smallest warm-up timestep (inclusive)")
@@ -33,10 +31,8 @@ class WarmupSchedule(UniformSchedule):
 
     @classmethod
     def check(cls, config, recipe, model) -> None:
-        super().check(config, recipe, model)
-        last = model.num_train_timesteps - 1
-        if config.warmup_t_max > last:
-            raise InvalidConfig(f"{config.warmup_t_max} is outside the model's timesteps 0..{last}", field="warmup_t_max")
+        model.check_timestep(config.t_max, "t_max")
+        model.check_timestep(config.warmup_t_max, "warmup_t_max")
 
     def __call__(self, step: int) -> StepTimes:
         cfg = self.config

@@ -21,6 +21,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor
 
 from .errors import InvalidConfig  # noqa: F401 -- re-exported: components raise it
@@ -183,6 +184,23 @@ class Schedule(Component):
     """Gives step ``step`` (0-based) its timestep and phase."""
 
     kind = "schedule"
+
+
+class TimestepRange(ComponentConfig):
+    """Options of a schedule that takes its timesteps from ``t_min``..``t_max`` (inclusive);
+    its ``check`` asks the model whether ``t_max`` is one of its timesteps
+    (``model.check_timestep(config.t_max, "t_max")``)."""
+
+    t_min: int = Field(20, ge=0, description="smallest timestep (inclusive)")
+    t_max: int = Field(980, ge=0, description="largest timestep (inclusive)")
+
+    @field_validator("t_max")
+    @classmethod
+    def _order(cls, v: int, info: ValidationInfo) -> int:
+        t_min = info.data.get("t_min")
+        if t_min is not None and v <= t_min:
+            raise ValueError(f"t_max ({v}) must be greater than t_min ({t_min})")
+        return v
 
     def __call__(self, step: int) -> StepTimes:
         raise NotImplementedError

@@ -142,3 +142,32 @@ def test_the_core_does_not_import_the_shapes_world():
              if m.startswith("sdsctl") and not m.startswith(("sdsctl.shapes", "sdsctl_plugins"))}
     wrong = {m: t for m, t in wrong.items() if t and m not in SHAPES_IMPORTERS_ALLOWED}
     assert not wrong, f"core modules importing the shapes world: {wrong}"
+
+
+def entry_point_modules() -> set[str]:
+    """The modules the ``sdsctl`` entry-point group names (the first-party plugins)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {value.split(":")[0] for value in project["entry-points"]["sdsctl"].values()}
+
+
+def test_plugins_do_not_import_each_other():
+    """A first-party plugin uses sdsctl's public API (and, at most, a helper module of
+    ``plugins/`` that is no plugin itself), never another plugin's module."""
+    graph = import_graph()
+    plugins = entry_point_modules()
+    assert plugins <= set(graph), sorted(plugins - set(graph))
+    wrong = {m: sorted(graph[m] & (plugins - {m})) for m in sorted(plugins) if graph[m] & (plugins - {m})}
+    assert not wrong, f"plugins importing other plugins: {wrong}"
+
+
+def test_plugins_use_no_private_names_of_sdsctl():
+    for module, path in module_files().items():
+        if not module.startswith("sdsctl_plugins"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sdsctl"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{module} imports private names of {node.module}: {private}"
+                assert not any(part.startswith("_") for part in (node.module or "").split(".")), module

@@ -174,6 +174,12 @@ class Prior:
         """What the denoiser needs latent sizes divisible by (a UNet: 2 per downsampling)."""
         return 2 ** (len(denoiser_config.get("block_out_channels", [0] * 4)) - 1)
 
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int, int]:
+        """``(1, C, h, w)``: the shape of what the model denoises for a square image of
+        ``resolution`` pixels (None: the native size); in pixel space, the image's."""
+        size = (resolution or self.image_size) // self.vae_scale_factor
+        return (1, self.latent_channels, size, size)
+
     def set_image_size(self, height: int, width: int) -> None:
         """The size in pixels of the images a run optimizes, told before the guidance and the
         weighting start. A family whose noise schedule depends on it (FLUX.1-dev's
