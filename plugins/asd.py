@@ -16,12 +16,16 @@ estimate is the CFG prediction's at t.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, StepTimes
 from sdsctl.diffusion import cfg, eps_to_x0
+
+if TYPE_CHECKING:  # torch is imported where it is used: loading the plugin stays light
+    import torch
 
 
 class ASD(Guidance):
@@ -35,6 +39,8 @@ class ASD(Guidance):
         shift_t_min: int = Field(20, ge=0, description="the timestep at which Δt is 0 (the schedule's t_min)")
 
     def __init__(self, config, ctx):
+        import torch
+
         super().__init__(config, ctx)
         cond = ctx.embeddings(ctx.recipe.prompt)
         self.rows = torch.cat([ctx.embeddings(ctx.recipe.negative_prompt), cond, cond])
@@ -48,6 +54,8 @@ class ASD(Guidance):
         return min(max(t + int(delta), 1), last)
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
+        import torch
+
         prior, g, t = self.ctx.prior, self.ctx.generator, times.t
         t2 = self.shifted(t)
         eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)

@@ -19,12 +19,16 @@ know where the ramps are.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, StepTimes
 from sdsctl.diffusion import eps_to_x0
+
+if TYPE_CHECKING:  # torch is imported where it is used: loading the plugin stays light
+    import torch
 
 
 class Ramp(BaseModel):
@@ -56,6 +60,8 @@ class CSD(Guidance):
         normalize: bool = Field(False, description="divide the score by its norm (the authors' code)")
 
     def __init__(self, config, ctx):
+        import torch
+
         super().__init__(config, ctx)
         self.with_negative = bool(ctx.recipe.negative_prompt)
         rows = [ctx.embeddings(""), ctx.embeddings(ctx.recipe.prompt)]
@@ -70,6 +76,8 @@ class CSD(Guidance):
         return self.config.u.at(fraction), self.config.n.at(fraction)
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
+        import torch
+
         prior, g, w = self.ctx.prior, self.ctx.generator, self.config.guidance_scale
         u, n = self.weights()
         self.steps_done += 1

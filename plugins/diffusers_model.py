@@ -12,12 +12,17 @@ T5, ``text_encoder_3``: its part of the prompt embedding is then zeros, as in di
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Model, ModelInfo
-from sdsctl.models import Prior
+
+if TYPE_CHECKING:  # the models layer (torch, diffusers) is imported where it is used: loading the plugin stays light
+    import torch
+
+    from sdsctl.models import Prior
 
 
 class DiffusersModel(Model):
@@ -30,10 +35,14 @@ class DiffusersModel(Model):
                                    "allows it, e.g. [text_encoder_3]: SD3 without T5")
 
     def describe(self) -> ModelInfo:
+        from sdsctl.models import Prior
+
         c = self.config
         return Prior.describe(c.path, variant=c.variant, allow_download=c.allow_download, without=tuple(c.without))
 
     def load(self, device: torch.device, dtype: torch.dtype) -> Prior:
+        from sdsctl.models import Prior
+
         c = self.config
         return Prior.load(c.path, device, dtype, variant=c.variant, allow_download=c.allow_download,
                           without=tuple(c.without))

@@ -9,12 +9,13 @@ about a Stable Diffusion run too.
 from __future__ import annotations
 
 import sdsctl
-from sdsctl import imagestats
 from sdsctl.components import Metric
 
 
 class ImageStats(Metric):
     def __call__(self, image, prompt: str) -> dict:
+        from sdsctl import imagestats  # numpy: imported when used, not when the plugin loads
+
         return imagestats.stats(image)
 
 

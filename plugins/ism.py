@@ -24,12 +24,16 @@ denoised estimate is the CFG prediction's at t.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, StepTimes
 from sdsctl.diffusion import cfg, ddim_invert, ddim_step, eps_to_x0, even_path
+
+if TYPE_CHECKING:  # torch is imported where it is used: loading the plugin stays light
+    import torch
 
 
 class ISM(Guidance):
@@ -42,6 +46,8 @@ class ISM(Guidance):
         inversion_steps: int = Field(3, ge=0, description="DDIM inversion steps from x_0 to x_s (0: x_s = x_0, s = 0)")
 
     def __init__(self, config, ctx):
+        import torch
+
         super().__init__(config, ctx)
         self.null = ctx.embeddings("")
         self.pair = torch.cat([ctx.embeddings(ctx.recipe.negative_prompt), ctx.embeddings(ctx.recipe.prompt)])
@@ -50,6 +56,8 @@ class ISM(Guidance):
         return self.ctx.prior.predict_noise(z, t, self.null)
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
+        import torch
+
         prior, cfg_ = self.ctx.prior, self.config
         t = times.t
         s = max(t - cfg_.interval, 0) if cfg_.inversion_steps > 0 else 0

@@ -22,13 +22,17 @@ row each where the model alone needs one and are off its training distribution.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 
 import sdsctl
 from sdsctl.components import GuidanceOutput, StepTimes
 from sdsctl.diffusion import true_cfg_note
 
 from .nfsd_terms import NFSD_NEGATIVE_PROMPT, NFSDConfig, NFSDTerms
+
+if TYPE_CHECKING:  # torch is imported where it is used: loading the plugin stays light
+    import torch
 
 __all__ = ["NFSD", "NFSD_NEGATIVE_PROMPT", "NFSDConfig"]
 

@@ -13,11 +13,15 @@ All rows of a step go through the UNet in one batched call.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, InvalidConfig
 from sdsctl.diffusion import eps_to_x0
+
+if TYPE_CHECKING:  # torch is imported where it is used: loading the plugin stays light
+    import torch
 
 #: The negative prompt of the NFSD paper (the bundled NFSD recipes' ``negative_prompt``): its
 #: words are part of the shapes world's vocabulary.
@@ -54,12 +58,16 @@ class NFSDTerms(Guidance):
         self.negative = ctx.embeddings(ctx.recipe.negative_prompt)
 
     def noised(self, z: torch.Tensor, t: int) -> torch.Tensor:
+        import torch
+
         g = self.ctx.generator
         eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
         return self.ctx.prior.add_noise(z, eps, t)
 
     def terms(self, z_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ε(z_t; ∅), δ_C, δ_D) at one timestep, from one batched UNet call."""
+        import torch
+
         large = t >= self.config.threshold
         rows = [self.uncond, self.cond] + ([self.negative] if large else [])
         preds = self.ctx.prior.predict_noise(torch.cat([z_t] * len(rows)), t, torch.cat(rows)).chunk(len(rows))

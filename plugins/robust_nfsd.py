@@ -18,7 +18,8 @@ rows). The denoised estimate (HiFA's image target) is the CFG prediction's at th
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field, model_validator
 
 import sdsctl
@@ -26,6 +27,9 @@ from sdsctl.components import GuidanceOutput, InvalidConfig, StepTimes
 from sdsctl.diffusion import eps_to_x0, true_cfg_note
 
 from .nfsd_terms import NFSDConfig, NFSDTerms
+
+if TYPE_CHECKING:  # torch is imported where it is used: loading the plugin stays light
+    import torch
 
 
 class RobustNFSDConfig(NFSDConfig):
@@ -55,6 +59,8 @@ class RobustNFSD(NFSDTerms):
         return [n for n in [true_cfg_note("robust NFSD", model)] if n]
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
+        import torch
+
         cfg = self.config
         if times.phase == "warmup":
             return self.nfsd(z, times.t, cfg.warmup_correction_scale)

@@ -17,12 +17,16 @@ another (two rows each). The denoised estimate is the CFG prediction's at t.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, StepTimes
 from sdsctl.diffusion import cfg, ddim_invert, eps_to_x0, even_path
+
+if TYPE_CHECKING:  # torch is imported where it is used: loading the plugin stays light
+    import torch
 
 
 class SDI(Guidance):
@@ -35,11 +39,15 @@ class SDI(Guidance):
         inversion_guidance_scale: float = Field(-7.5, description="CFG scale of the inversion's predictions (threestudio: -7.5)")
 
     def __init__(self, config, ctx):
+        import torch
+
         super().__init__(config, ctx)
         self.pair = torch.cat([ctx.embeddings(ctx.recipe.negative_prompt), ctx.embeddings(ctx.recipe.prompt)])
 
     def cfg_eps(self, z: torch.Tensor, t: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(CFG prediction, ε(∅), ε(y)) at (z, t): one call of two rows."""
+        import torch
+
         e_uncond, e_cond = self.ctx.prior.predict_noise(torch.cat([z, z]), t, self.pair).chunk(2)
         return cfg(e_uncond, e_cond, scale), e_uncond, e_cond
 

@@ -20,12 +20,16 @@ On a flow-matching model ε̂_φ − ε = (1 − σ)(v̂ − (ε − x₀)) (``s
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, StepTimes
 from sdsctl.diffusion import cfg, eps_to_x0
+
+if TYPE_CHECKING:  # torch is imported where it is used: loading the plugin stays light
+    import torch
 
 
 class SDS(Guidance):
@@ -53,6 +57,8 @@ class SDS(Guidance):
         return notes
 
     def __init__(self, config, ctx):
+        import torch
+
         super().__init__(config, ctx)
         cond = ctx.embeddings(ctx.recipe.prompt)
         self.distilled = ctx.prior.guidance_distilled
@@ -63,6 +69,8 @@ class SDS(Guidance):
             self.embeddings = torch.cat([ctx.embeddings(ctx.recipe.negative_prompt), cond])
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
+        import torch
+
         prior, g = self.ctx.prior, self.ctx.generator
         eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
         z_t = prior.add_noise(z, eps, times.t)

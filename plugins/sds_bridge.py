@@ -23,12 +23,16 @@ denoised estimate is that of the stage's guided prediction (stage 2: Îµ_src + sÂ
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, StepTimes
 from sdsctl.diffusion import cfg, eps_to_x0
+
+if TYPE_CHECKING:  # torch is imported where it is used: loading the plugin stays light
+    import torch
 
 SOURCE_TEXT = "oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, malformed"
 TARGET_TEXT = "detailed high resolution, high quality, sharp"
@@ -44,12 +48,16 @@ class SDSBridge(Guidance):
         target: str = Field(TARGET_TEXT, description="what they should be instead, appended to the prompt")
 
     def __init__(self, config, ctx):
+        import torch
+
         super().__init__(config, ctx)
         prompt = ctx.recipe.prompt
         self.sds_rows = torch.cat([ctx.embeddings(ctx.recipe.negative_prompt), ctx.embeddings(prompt)])
         self.bridge_rows = torch.cat([ctx.embeddings(f"{prompt}, {config.source}"), ctx.embeddings(f"{prompt}, {config.target}")])
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
+        import torch
+
         prior, g, s = self.ctx.prior, self.ctx.generator, self.config.guidance_scale
         eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
         z_t = prior.add_noise(z, eps, times.t)

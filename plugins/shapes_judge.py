@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import sdsctl
 from sdsctl.components import Metric
-from sdsctl.shapes import judge, world
 
 
 class ShapesJudge(Metric):
     @classmethod
     def applies_to(cls, prior) -> bool:
+        from sdsctl.shapes import world  # numpy: imported when used, not when the plugin loads
+
         vocab = prior.tokenizer.get_vocab()
         words = [w for w in world.vocabulary() if w.isalpha()]
         return prior.image_size == world.IMAGE_SIZE and all(w + "</w>" in vocab for w in words)
 
     def __call__(self, image, prompt: str) -> dict:
+        from sdsctl.shapes import judge
+
         reason = judge.outside_world(prompt)
         if reason is not None:
             return {"applies": False, "note": f"n/a: {reason}"}
@@ -35,6 +38,8 @@ class ShapesJudge(Metric):
 
     @classmethod
     def reading(cls, image, prompt: str) -> str | None:
+        from sdsctl.shapes import judge
+
         if judge.outside_world(prompt):
             return None
         j = judge.judge(image, prompt)

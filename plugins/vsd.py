@@ -17,13 +17,16 @@ LoRA update a third (with gradients) — they cannot share a call since the weig
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, StepTimes
 from sdsctl.diffusion import cfg, eps_to_x0, true_cfg_note
+
+if TYPE_CHECKING:  # torch is imported where it is used: loading the plugin stays light
+    import torch
 
 ADAPTER = "sdsctl_vsd"
 
@@ -45,6 +48,8 @@ class VSD(Guidance):
         return [n for n in [true_cfg_note("VSD", model)] if n]
 
     def __init__(self, config, ctx):
+        import torch
+
         super().__init__(config, ctx)
         from peft import LoraConfig
 
@@ -70,6 +75,8 @@ class VSD(Guidance):
         self.cond = ctx.embeddings(ctx.recipe.prompt)
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
+        import torch
+
         prior, g = self.ctx.prior, self.ctx.generator
         eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
         z_t = prior.add_noise(z, eps, times.t)
@@ -90,6 +97,9 @@ class VSD(Guidance):
     def update_lora(self, z: torch.Tensor) -> torch.Tensor:
         """The LoRA's diffusion loss on the current image, ``lora_updates`` Adam steps (a 0-dim
         tensor: the loop fetches it with the step's other numbers, no sync here)."""
+        import torch.nn.functional as F
+        import torch
+
         prior, g = self.ctx.prior, self.ctx.generator
         loss = torch.zeros((), device=z.device)
         with torch.enable_grad():
@@ -111,6 +121,8 @@ class VSD(Guidance):
         return {"lora": {n: p.detach().clone() for n, p in self.lora.items()}, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state):
+        import torch
+
         with torch.no_grad():
             for n, p in self.lora.items():
                 p.copy_(state["lora"][n])

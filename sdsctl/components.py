@@ -18,11 +18,10 @@ The step these components take part in (``docs/architecture.md``)::
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from pydantic import Field, ValidationInfo, field_validator
-from torch import Tensor
 
 from .errors import InvalidConfig  # noqa: F401 -- re-exported: components raise it
 from .modelinfo import ModelInfo  # noqa: F401 -- re-exported: components' checks read it
@@ -30,6 +29,9 @@ from .schema import ComponentConfig
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    import torch
+    from torch import Tensor
 
     from .models.base import Prior
     from .schema import Recipe
@@ -71,16 +73,22 @@ class RunContext:
     _embeddings: dict[str, Tensor] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        import torch
+
         if self.host_generator is None:
             self.host_generator = self.generator if self.generator.device.type == "cpu" else \
                 torch.Generator().manual_seed(self.generator.initial_seed())
 
     def randint(self, low: int, high: int) -> int:
         """An integer in [low, high) from the host generator: no device synchronisation."""
+        import torch  # here, not at the top: plugins import this module without torch (cheap once loaded)
+
         return int(torch.randint(low, high, (1,), generator=self.host_generator))
 
     def rand(self) -> float:
         """A float in [0, 1) from the host generator: no device synchronisation."""
+        import torch
+
         return float(torch.rand((), generator=self.host_generator))
 
     def embeddings(self, prompt: str) -> Tensor:
@@ -126,32 +134,39 @@ class Model(Component):
         raise NotImplementedError
 
 
-class Parameterization(torch.nn.Module, Component):
-    """Holds θ and renders it: latents ``[1, C, h, w]`` or RGB in [0, 1] ``[1, 3, H, W]``."""
+def _define_parameterization() -> type:
+    """Make :class:`Parameterization`; see ``__getattr__`` below for why on first use."""
+    import torch
 
-    kind = "parameterization"
-    space: ClassVar[str] = "latent"  # "latent" or "rgb"
+    class Parameterization(torch.nn.Module, Component):
+        """Holds θ and renders it: latents ``[1, C, h, w]`` or RGB in [0, 1] ``[1, 3, H, W]``."""
 
-    def __init__(self, config: ComponentConfig, ctx: RunContext):
-        torch.nn.Module.__init__(self)
-        Component.__init__(self, config, ctx)
+        kind = "parameterization"
+        space: ClassVar[str] = "latent"  # "latent" or "rgb"
 
-    def initialize(self) -> None:
-        """Set θ's starting value (a fresh run only; a resumed run loads its state)."""
+        def __init__(self, config: ComponentConfig, ctx: RunContext):
+            torch.nn.Module.__init__(self)
+            Component.__init__(self, config, ctx)
 
-    def assign(self, target: Tensor) -> bool:
-        """Set θ so that it renders ``target`` exactly, if this parameterization can (a full
-        fit in one move: ``optimizer.fit: full``); return whether it did. ``target`` is in the
-        space this parameterization renders. The default cannot."""
-        return False
+        def initialize(self) -> None:
+            """Set θ's starting value (a fresh run only; a resumed run loads its state)."""
 
-    def image(self) -> Tensor:
-        """The current image as float RGB ``[3, H, W]`` in [0, 1], without gradients."""
-        with torch.no_grad():
-            x = self()
-            if self.space == "latent":
-                x = self.ctx.prior.decode_latents(x)
-            return x[0].float().clamp(0, 1)
+        def assign(self, target: Tensor) -> bool:
+            """Set θ so that it renders ``target`` exactly, if this parameterization can (a full
+            fit in one move: ``optimizer.fit: full``); return whether it did. ``target`` is in the
+            space this parameterization renders. The default cannot."""
+            return False
+
+        def image(self) -> Tensor:
+            """The current image as float RGB ``[3, H, W]`` in [0, 1], without gradients."""
+            with torch.no_grad():
+                x = self()
+                if self.space == "latent":
+                    x = self.ctx.prior.decode_latents(x)
+                return x[0].float().clamp(0, 1)
+
+    Parameterization.__qualname__ = "Parameterization"
+    return Parameterization
 
 
 class Guidance(Component):
@@ -284,13 +299,29 @@ class Logger(Component):
         """Flush and release; called once, last."""
 
 
-#: kind (plural, as in ``sdsctl plugins --json``) -> (hook name, base class)
-KINDS: dict[str, tuple[str, type]] = {
-    "models": ("register_models", Model),
-    "parameterizations": ("register_parameterizations", Parameterization),
-    "guidances": ("register_guidances", Guidance),
-    "schedules": ("register_schedules", Schedule),
-    "weightings": ("register_weightings", Weighting),
-    "metrics": ("register_metrics", Metric),
-    "loggers": ("register_loggers", Logger),
+#: kind (plural, as in ``sdsctl plugins --json``) -> (hook name, name of its base class here)
+KINDS: dict[str, tuple[str, str]] = {
+    "models": ("register_models", "Model"),
+    "parameterizations": ("register_parameterizations", "Parameterization"),
+    "guidances": ("register_guidances", "Guidance"),
+    "schedules": ("register_schedules", "Schedule"),
+    "weightings": ("register_weightings", "Weighting"),
+    "metrics": ("register_metrics", "Metric"),
+    "loggers": ("register_loggers", "Logger"),
 }
+
+
+def base_class(kind: str) -> type:
+    """The class every component of ``kind`` derives from (``"parameterizations"``: imports torch)."""
+    return getattr(sys.modules[__name__], KINDS[kind][1])
+
+
+def __getattr__(name: str) -> Any:
+    """``Parameterization`` derives from ``torch.nn.Module``, so it is made on first use: this
+    module is imported by every plugin, and ``sdsctl --help`` (which loads them all) would
+    otherwise wait for torch. ``from sdsctl.components import Parameterization`` works as
+    ever; it imports torch at that moment."""
+    if name == "Parameterization":
+        globals()[name] = cls = _define_parameterization()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

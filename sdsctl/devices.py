@@ -9,10 +9,12 @@ machine is an input error (exit 2) naming the devices that are: ``validate`` say
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import SdsctlError
+
+if TYPE_CHECKING:
+    import torch
 
 #: what ``--device`` accepts (its help text and the recipe's validator use this)
 ACCEPTED = "auto, cpu, cuda, cuda:N or mps"
@@ -21,6 +23,8 @@ PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 def available() -> list[str]:
     """The devices present here, as ``--device`` names them."""
+    import torch
+
     names = ["cpu"]
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
@@ -34,6 +38,8 @@ def problem(name: str) -> str | None:
     """Why ``name`` cannot be used here (None: it can)."""
     if not PATTERN.fullmatch(name):
         return f"expected {ACCEPTED}, got {name!r}"
+    import torch
+
     here = f"devices here: {', '.join(available())} (or auto)"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -51,6 +57,8 @@ def resolve(name: str, option: str = "--device") -> torch.device:
     why = problem(name)
     if why is not None:
         raise SdsctlError(f"{option} {name}: {why}")
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -14,8 +14,10 @@ Noising ``z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε`` is the model's own schedule
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is called: guidance plugins import this module at load
+    from torch import Tensor
 
 
 def cfg(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
@@ -58,6 +60,8 @@ def ddim_step(eps: Tensor, z: Tensor, alpha_from: Tensor | float, alpha_to: Tens
     computes for an ε-prediction without clipping (``tests/test_beyond.py`` checks the two
     agree), here between any two timesteps rather than a fixed stride.
     """
+    import torch
+
     a = torch.as_tensor(alpha_from, dtype=torch.float32, device=z.device)
     b = torch.as_tensor(alpha_to, dtype=torch.float32, device=z.device)
     x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
@@ -125,6 +129,8 @@ def flow_sigmas(scheduler, mu: float | None = None) -> Tensor:
     """σ_t for t = 0..N−1 (float32, ascending), from a ``FlowMatchEulerDiscreteScheduler``
     freshly built from the model's config: its training sigmas, shifted as the scheduler shifts
     them (static ``shift`` already applied in its table; ``use_dynamic_shifting``: ``mu`` needed)."""
+    import torch
+
     sigmas = scheduler.sigmas.flip(0).to(torch.float32)  # built descending from 1 to 1/N
     if scheduler.config.use_dynamic_shifting:
         if mu is None:

@@ -140,10 +140,10 @@ def each_plugin(hook_name: str) -> Iterator[tuple[str, str | None, Callable[...,
 
 def registrations(kind: str) -> list[Registered]:
     """Every component of ``kind`` as registered, clashing names included, in hook order."""
-    from .components import KINDS
+    from .components import KINDS, base_class
     from .schema import ComponentConfig
 
-    hook_name, base = KINDS[kind]
+    hook_name, base = KINDS[kind][0], base_class(kind)
     found: list[Registered] = []
     for plugin, dist, call in each_plugin(hook_name):
 

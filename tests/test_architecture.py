@@ -9,6 +9,9 @@ happens to be imported at run time, so a cycle hidden in a function fails here a
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,3 +174,25 @@ def test_plugins_use_no_private_names_of_sdsctl():
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{module} imports private names of {node.module}: {private}"
                 assert not any(part.startswith("_") for part in (node.module or "").split(".")), module
+
+
+HEAVY = ("torch", "diffusers", "transformers", "numpy", "PIL")
+
+
+def test_help_imports_no_heavy_library():
+    """``sdsctl --help`` loads every plugin (they may add commands) but none of the heavy
+    libraries: plugins import torch, diffusers, transformers, numpy and PIL inside the
+    functions that use them."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from sdsctl.cli import create_app\n"
+        "for args in (['--help'], ['run', '--help'], ['compare', '--help']):\n"
+        "    result = CliRunner().invoke(create_app(), args)\n"
+        "    assert result.exit_code == 0 and 'Usage' in result.output, result.output\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SDSCTL_LOAD_PLUGINS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"imported by `sdsctl --help`: {out.stdout.strip()}"

@@ -18,7 +18,7 @@ from sdsctl.components import (ComponentConfig, Guidance, Logger, Metric, Model,
                                StepTimes, Weighting)
 from sdsctl.errors import PluginError, SdsctlError
 from sdsctl_plugins.diffusers_model import DiffusersModel
-from sdsctl_plugins.latent_pixels import LatentPixels
+from sdsctl_plugins.parameterizations.latent_pixels import LatentPixels
 from sdsctl_plugins.sds import SDS
 from sdsctl_plugins.uniform_schedule import UniformSchedule
 
