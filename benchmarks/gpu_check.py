@@ -56,7 +56,8 @@ SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
                     prediction_type="epsilon", clip_sample=False, steps_offset=1)
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                  cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4)
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(8, 8, 8, 8),
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -249,7 +250,7 @@ def main() -> int:
 
     section("bench_sd21_compiled", compiled)
     section("half_precision", lambda: check_half_precision(device, args.tiny))
-    del prior
+    prior = None  # free the SD model before SDXL loads (the closures above have run)
     if not args.tiny:
         def sdxl():
             xl = build_sdxl(device, dtype)

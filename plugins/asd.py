@@ -65,7 +65,8 @@ class ASD(Guidance):
         guided = cfg(e_uncond, e_cond, self.config.guidance_scale)
         return GuidanceOutput(
             score=guided - e_shifted,
-            norms={"classifier": (self.config.guidance_scale * (e_cond - e_uncond)).norm(), "shift": (e_cond - e_shifted).norm()},
+            norms={"classifier": (self.config.guidance_scale * (e_cond - e_uncond)).norm(),
+                   "shift": (e_cond - e_shifted).norm()},
             timesteps={"t": t, "t_shifted": t2},
             denoised=eps_to_x0(guided, z_t, prior.alphas_cumprod[t]),
         )

@@ -12,7 +12,8 @@ import sdsctl
 
 
 def doctor(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A finished, interrupted or failed run directory.")],
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", help="A finished, interrupted or failed run directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
 ) -> None:
     """Check a run against the study's checklist: warm-up, saturation, smoothness, convergence, score norm."""

@@ -71,7 +71,8 @@ class ISM(Guidance):
         guided = cfg(e_uncond, e_cond, cfg_.guidance_scale)
         return GuidanceOutput(
             score=guided - eps_s,
-            norms={"classifier": (cfg_.guidance_scale * (e_cond - e_uncond)).norm(), "interval": (e_uncond - eps_s).norm()},
+            norms={"classifier": (cfg_.guidance_scale * (e_cond - e_uncond)).norm(),
+                   "interval": (e_uncond - eps_s).norm()},
             timesteps={"t": t, "s": s},
             denoised=eps_to_x0(guided, x_t, a[t]),
         )

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-
 import sdsctl
 from sdsctl.components import GuidanceOutput, StepTimes
 from sdsctl.diffusion import true_cfg_note

@@ -37,12 +37,14 @@ class RobustNFSDConfig(NFSDConfig):
     ratio: float = Field(2.0, gt=0, description="‖correction‖ / ‖classifier‖ after rescaling")
     correction_t_min: int = Field(20, ge=0, description="smallest timestep of the correction term")
     correction_t_max: int = Field(200, gt=0, description="the correction's timestep is below this")
-    warmup_correction_scale: float = Field(1.0, ge=0, description="NFSD's correction scale during warm-up (0: the classifier term only)")
+    warmup_correction_scale: float = Field(
+        1.0, ge=0, description="NFSD's correction scale during warm-up (0: the classifier term only)")
 
     @model_validator(mode="after")
     def _order(self):
         if self.correction_t_min >= self.correction_t_max:
-            raise ValueError(f"correction_t_min ({self.correction_t_min}) must be below correction_t_max ({self.correction_t_max})")
+            raise ValueError(f"correction_t_min ({self.correction_t_min}) must be below "
+                             f"correction_t_max ({self.correction_t_max})")
         return self
 
 
@@ -54,8 +56,8 @@ class RobustNFSD(NFSDTerms):
         if config.warmup_correction_scale > 0:
             cls.check_negative_prompt(config, recipe, model)
         if config.correction_t_max > model.num_train_timesteps:
-            raise InvalidConfig(f"{config.correction_t_max} is outside the model's timesteps 0..{model.num_train_timesteps - 1}",
-                                field="correction_t_max")
+            raise InvalidConfig(f"{config.correction_t_max} is outside the model's timesteps "
+                                f"0..{model.num_train_timesteps - 1}", field="correction_t_max")
         return [n for n in [true_cfg_note("robust NFSD", model)] if n]
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:

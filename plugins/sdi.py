@@ -36,7 +36,8 @@ class SDI(Guidance):
         name: str = "sdi"
         guidance_scale: float = Field(7.5, description="CFG scale s at x_t")
         inversion_steps: int = Field(10, ge=1, description="DDIM inversion steps from x_0 to x_t")
-        inversion_guidance_scale: float = Field(-7.5, description="CFG scale of the inversion's predictions (threestudio: -7.5)")
+        inversion_guidance_scale: float = Field(
+            -7.5, description="CFG scale of the inversion's predictions (threestudio: -7.5)")
 
     def __init__(self, config, ctx):
         import torch
@@ -55,12 +56,14 @@ class SDI(Guidance):
         prior, t = self.ctx.prior, times.t
         a = prior.alphas_cumprod
         scale = self.config.inversion_guidance_scale
-        x_t, _ = ddim_invert(lambda x, tau: self.cfg_eps(x, tau, scale)[0], z, even_path(0, t, self.config.inversion_steps), a)
+        x_t, _ = ddim_invert(lambda x, tau: self.cfg_eps(x, tau, scale)[0], z,
+                             even_path(0, t, self.config.inversion_steps), a)
         noise = (x_t - a[t].sqrt() * z) / (1 - a[t]).sqrt()
         guided, e_uncond, e_cond = self.cfg_eps(x_t, t, self.config.guidance_scale)
         return GuidanceOutput(
             score=guided - noise,
-            norms={"classifier": (self.config.guidance_scale * (e_cond - e_uncond)).norm(), "denoise": (e_uncond - noise).norm(),
+            norms={"classifier": (self.config.guidance_scale * (e_cond - e_uncond)).norm(),
+                   "denoise": (e_uncond - noise).norm(),
                    "noise": noise.norm()},
             timesteps={"t": t},
             denoised=eps_to_x0(guided, x_t, a[t]),

@@ -53,7 +53,8 @@ class SDSBridge(Guidance):
         super().__init__(config, ctx)
         prompt = ctx.recipe.prompt
         self.sds_rows = torch.cat([ctx.embeddings(ctx.recipe.negative_prompt), ctx.embeddings(prompt)])
-        self.bridge_rows = torch.cat([ctx.embeddings(f"{prompt}, {config.source}"), ctx.embeddings(f"{prompt}, {config.target}")])
+        self.bridge_rows = torch.cat([ctx.embeddings(f"{prompt}, {config.source}"),
+                                      ctx.embeddings(f"{prompt}, {config.target}")])
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         import torch

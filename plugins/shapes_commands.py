@@ -55,7 +55,8 @@ DeviceOption = Annotated[str, typer.Option("--device", metavar="DEVICE", help=f"
 
 
 def train_shapes(
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="work folder: checkpoint, tokenizer and the exported prior/")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", metavar="PATH", help="work folder: checkpoint, tokenizer and the exported prior/")],
     seed: Annotated[int, typer.Option(help="seed of the world and of the training")] = 0,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps")] = 2000,
     decoder_steps: Annotated[int, typer.Option(help="decoder fine-tuning steps")] = 600,
@@ -71,12 +72,13 @@ def train_shapes(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from sdsctl.shapes.train import Trainer, TrainConfig
+    from sdsctl.shapes.train import TrainConfig, Trainer
 
     if min(vae_steps, prior_steps) <= 0 or decoder_steps < 0:
         raise SdsctlError("--vae-steps and --prior-steps must be positive, --decoder-steps at least 0")
     kw = dict(seed=seed, device=_device(device))
-    cfg = TrainConfig.smoke(**kw) if smoke else TrainConfig(vae_steps=vae_steps, decoder_steps=decoder_steps, prior_steps=prior_steps, **kw)
+    cfg = TrainConfig.smoke(**kw) if smoke else TrainConfig(vae_steps=vae_steps, decoder_steps=decoder_steps,
+                                                            prior_steps=prior_steps, **kw)
     columns = [TextColumn("{task.description:>8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[logs]}")]
     with Progress(*columns) as progress:
@@ -129,10 +131,11 @@ def sample(
 
 def evaluate_prior(
     model: Annotated[str, typer.Option(metavar="MODEL", help="shapes or a folder holding a shapes prior")] = "shapes",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="folder for report.json and sample grids")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", metavar="PATH", help="folder for report.json and sample grids")] = None,
     quick: Annotated[bool, typer.Option(help="fewer samples (a smoke check)")] = False,
 ) -> None:
-    """Measure a shapes prior: prompt fidelity, unconditional samples, quality words, encoder robustness, VAE round trip."""
+    """Measure a shapes prior: prompt fidelity, unconditional samples, quality words, encoder robustness, VAE round trip."""  # noqa: E501 -- the help's one line
     from sdsctl.shapes import evaluate
 
     kind, source = _model_folder(model)

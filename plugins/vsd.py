@@ -82,7 +82,8 @@ class VSD(Guidance):
         z_t = prior.add_noise(z, eps, times.t)
         with torch.no_grad():
             self.unet.disable_adapters()
-            e_uncond, e_cond = prior.predict_noise(torch.cat([z_t, z_t]), times.t, torch.cat([self.uncond, self.cond])).chunk(2)
+            e_uncond, e_cond = prior.predict_noise(torch.cat([z_t, z_t]), times.t,
+                                                   torch.cat([self.uncond, self.cond])).chunk(2)
             self.unet.enable_adapters()
             e_lora = prior.predict_noise(z_t, times.t, self.cond)
         pretrained = cfg(e_uncond, e_cond, self.config.guidance_scale)
@@ -97,8 +98,8 @@ class VSD(Guidance):
     def update_lora(self, z: torch.Tensor) -> torch.Tensor:
         """The LoRA's diffusion loss on the current image, ``lora_updates`` Adam steps (a 0-dim
         tensor: the loop fetches it with the step's other numbers, no sync here)."""
-        import torch.nn.functional as F
         import torch
+        import torch.nn.functional as F
 
         prior, g = self.ctx.prior, self.ctx.generator
         loss = torch.zeros((), device=z.device)

@@ -189,10 +189,12 @@ ModelOption = Annotated[str | None, typer.Option(
 DeviceOption = Annotated[str | None, typer.Option(
     metavar="DEVICE", help=f"{ACCEPTED} (shortcut for --set device=...); auto picks CUDA when there is a GPU")]
 AllowDownloadOption = Annotated[bool, typer.Option(
-    "--allow-download", help="Download a hub model missing from the local cache (shortcut for --set model.allow_download=true).")]
+    "--allow-download",
+    help="Download a hub model missing from the local cache (shortcut for --set model.allow_download=true).")]
 LogOption = Annotated[list[str], typer.Option(
     "--log", metavar="LOGGER",
-    help="Also send the run to a logger: tensorboard, wandb (offline), or a plugin's (see `sdsctl plugins`). Repeatable.")]
+    help="Also send the run to a logger: tensorboard, wandb (offline), or a plugin's (see `sdsctl plugins`). "
+         "Repeatable.")]
 NoLiveOption = Annotated[bool, typer.Option("--no-live", help="Plain log lines instead of the live panel.")]
 RecipeArgument = Annotated[str, typer.Argument(
     metavar="RECIPE", help="A recipe file, or the name of a bundled recipe (see `sdsctl recipes`).",
@@ -272,8 +274,8 @@ def create_app() -> typer.Typer:
     def root(
         version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
                                               help="Show the version and exit.")] = False,
-        verbose: Annotated[bool, typer.Option("--verbose", "-v",
-                                              help="Show the libraries' own warnings (transformers, diffusers).")] = False,
+        verbose: Annotated[bool, typer.Option(
+            "--verbose", "-v", help="Show the libraries' own warnings (transformers, diffusers).")] = False,
     ) -> None:
         """Score distillation from the command line."""
         _quiet_libraries(verbose)
@@ -282,9 +284,10 @@ def create_app() -> typer.Typer:
     def run(
         recipe: RecipeArgument,
         set_: SetOption = [],  # noqa: B006 - typer reads the default
-        out: Annotated[Path | None, typer.Option("--out", "-o", metavar="PATH",
-                                                 help="Run directory (default: <output.dir>/<recipe>-<timestamp>).")] = None,
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run files in an existing --out directory.")] = False,
+        out: Annotated[Path | None, typer.Option(
+            "--out", "-o", metavar="PATH", help="Run directory (default: <output.dir>/<recipe>-<timestamp>).")] = None,
+        overwrite: Annotated[bool, typer.Option(
+            "--overwrite", help="Replace the run files in an existing --out directory.")] = False,
         no_live: NoLiveOption = False,
         prompt: PromptOption = None,
         seed: SeedOption = None,
@@ -314,7 +317,8 @@ def create_app() -> typer.Typer:
 
     @app.command()
     def resume(
-        run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The directory of an interrupted, failed or completed run.")],
+        run_dir: Annotated[Path, typer.Argument(
+            metavar="RUN_DIR", help="The directory of an interrupted, failed or completed run.")],
         set_: Annotated[list[str], typer.Option(
             "--set", "-s", metavar="KEY=VALUE",
             help="Change steps (to continue a completed run) or output.*, e.g. --set steps=1000. Repeatable.")] = [],  # noqa: B006

@@ -270,7 +270,8 @@ class Logger(Component):
 
     kind = "logger"
 
-    def __init__(self, config: ComponentConfig, run_dir: Path, recipe: Recipe):  # no RunContext: loggers see records only
+    # no RunContext: loggers see records only
+    def __init__(self, config: ComponentConfig, run_dir: Path, recipe: Recipe):
         self.config = config
         self.run_dir = run_dir
         self.recipe = recipe

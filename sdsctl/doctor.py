@@ -108,7 +108,8 @@ def diagnose(path: Path) -> dict[str, Any]:
         # that is a problem only if the main phase does not remove it (the saturation check below).
         warm_saturated = st["clipped"] >= OVERSATURATED_CLIPPED
         if st["two_tone"] < WARMUP_TWO_TONE:
-            findings.append(Finding("warmup", False, "the warm-up built no global structure", evidence, knobs["more_warmup"]))
+            findings.append(Finding("warmup", False, "the warm-up built no global structure", evidence,
+                                    knobs["more_warmup"]))
         else:
             findings.append(Finding("warmup", True, "the warm-up built a global structure", evidence))
     else:

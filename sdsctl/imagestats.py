@@ -87,7 +87,8 @@ def two_tone(x: np.ndarray) -> float:
     total = float(((pix - pix.mean(0)) ** 2).sum())
     if total < 1e-8:
         return 0.0
-    border = np.concatenate([x[:2].reshape(-1, 3), x[-2:].reshape(-1, 3), x[:, :2].reshape(-1, 3), x[:, -2:].reshape(-1, 3)])
+    border = np.concatenate([x[:2].reshape(-1, 3), x[-2:].reshape(-1, 3), x[:, :2].reshape(-1, 3),
+                             x[:, -2:].reshape(-1, 3)])
     a = np.median(border, 0)
     b = pix[np.argmax(((pix - a) ** 2).sum(1))]
     for _ in range(8):

@@ -29,7 +29,6 @@ import contextlib
 import copy
 import dataclasses
 import importlib.metadata
-import math
 import platform
 import signal
 import threading
@@ -143,7 +142,8 @@ class StopRequest:
             raise StopNow(name)
         if self.signal is None:
             self.signal = signum
-            again = " (Ctrl-C again stops the step at once, back to the last checked step)" if signum == signal.SIGINT else ""
+            again = (" (Ctrl-C again stops the step at once, back to the last checked step)"
+                     if signum == signal.SIGINT else "")
             self.notes.append(f"{name} received: finishing the current step, then saving{again}")
             return
         if self.phase == "stepping":
@@ -495,7 +495,8 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
         seconds_before = state["seconds"] if state else 0.0
         started = time.perf_counter()
         base_summary = {"steps": recipe.steps, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                        "model": prior.summary() if hasattr(prior, "summary") else {}, "recipe": "recipe.yaml", "versions": versions()}
+                        "model": prior.summary() if hasattr(prior, "summary") else {}, "recipe": "recipe.yaml",
+                        "versions": versions()}
         if device.type == "cuda":
             base_summary["device_name"] = torch.cuda.get_device_name(device)
         opt: Optimization | None = None
@@ -651,7 +652,8 @@ def _update_recipe(run: RunDir, loaded: LoadedRecipe) -> None:
     if text.endswith(body):
         return
     lines = text.splitlines(keepends=True)
-    header = "".join(line for line in lines[: next((i for i, x in enumerate(lines) if not x.startswith("#")), len(lines))])
+    first_key = next((i for i, x in enumerate(lines) if not x.startswith("#")), len(lines))
+    header = "".join(line for line in lines[:first_key])
     run.write_recipe(f"{header}# resumed with {loaded.origin}\n{body}")
 
 
@@ -682,5 +684,6 @@ def _term_owner(term: str, loaded: LoadedRecipe) -> str:
     if term == "render":
         return f"the rendered latents of parameterization {loaded.recipe.parameterization.name!r}"
     if term in ("score", "loss"):
-        return f"the weighted score of guidance {loaded.recipe.guidance.name!r} and weighting {loaded.recipe.weighting.name!r}"
+        return (f"the weighted score of guidance {loaded.recipe.guidance.name!r} "
+                f"and weighting {loaded.recipe.weighting.name!r}")
     return f"term {term!r} of guidance {loaded.recipe.guidance.name!r}"

@@ -42,7 +42,8 @@ class ModelInfo:
     guidance_distilled: bool = False  # one conditional row gives a guided prediction (FLUX.1)
     guidance_embedded: bool = False  # the guidance scale is an input of the model (FLUX.1-dev)
     text_encoders: tuple[dict[str, Any], ...] = ()  # {"name", "class", "max_tokens", "parameters", "dtype"}
-    weights: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # component -> {"class", "parameters", "dtype"}
+    #: component -> {"class", "parameters", "dtype"}
+    weights: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def image_size(self) -> int:

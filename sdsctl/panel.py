@@ -202,7 +202,8 @@ class LivePanel:
                     Text(f"{step}/{total}  {100 * step / total:.0f}%  ETA {self.speed.eta(total - step)}"))
         lines = [
             bar,
-            Text(f"{self.speed.steps_per_second:.1f} steps/s   elapsed {_duration(time.perf_counter() - self.started)}"),
+            Text(f"{self.speed.steps_per_second:.1f} steps/s   "
+                 f"elapsed {_duration(time.perf_counter() - self.started)}"),
         ]
         if rec:
             lines += [

@@ -191,7 +191,8 @@ def clash_message(kind: str, name: str, regs: list[Registered]) -> str:
     who = " and ".join(
         f"{r.plugin!r} (distribution {r.distribution or 'not installed'})" for r in regs)
     choose = " or ".join(f"`name: {q}:{name}`" for q in quals)
-    uninstall = " or ".join(f"`pip uninstall {r.distribution}`" for r in regs if r.distribution and r.distribution != "sdsctl")
+    uninstall = " or ".join(f"`pip uninstall {r.distribution}`"
+                            for r in regs if r.distribution and r.distribution != "sdsctl")
     return (f"{singular(kind)} {name!r} is registered by {len(regs)} plugins: {who}. Neither takes the name "
             f"{name!r}; choose one in a recipe with {choose}" + (f", or remove one ({uninstall})" if uninstall else "")
             + ", or load one with SDSCTL_LOAD_PLUGINS")

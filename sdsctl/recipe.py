@@ -125,7 +125,8 @@ def find_recipe(ref: str) -> Path:
     if not as_file or folder == Path("."):
         names += bundled
     key = path.stem.lower().replace("-", "_")
-    close = [n for n in names if n.lower().replace("-", "_") == key] or difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+    close = ([n for n in names if n.lower().replace("-", "_") == key]
+             or difflib.get_close_matches(key, names, n=1, cutoff=0.75))
     what = "recipe file" if as_file else "recipe"
     if close:
         hint = close[0] if not as_file or close[0] in bundled and not (folder / f"{close[0]}{path.suffix}").is_file() \
@@ -212,7 +213,8 @@ def read_recipe_file(path: Path, _chain: tuple[Path, ...] = ()) -> Layer:
         raise RecipeError([Problem(key_loc, "extends", "expected the path (or bundled name) of another recipe")])
     parent = (path.parent / ref) if (path.parent / ref).is_file() else _bundled(ref)
     if parent is None:
-        raise RecipeError([Problem(key_loc, "extends", f"{ref} not found (looked in {path.parent} and the bundled recipes)")])
+        raise RecipeError([Problem(key_loc, "extends",
+                                   f"{ref} not found (looked in {path.parent} and the bundled recipes)")])
     chain = _chain + (path.resolve(),)
     if parent.resolve() in chain:
         cycle = " -> ".join(str(p) for p in chain + (parent.resolve(),))
@@ -333,7 +335,8 @@ def validate(data: dict[str, Any], where: _Locator) -> tuple[Recipe, dict[str, p
             problems.append(Problem(where((key,), key=True), key, "only a recipe file can extend another (not --set)"))
         elif key not in fields:
             problems.append(Problem(where((key,), key=True), str(key),
-                                    f"unknown key{suggest(key, fields + ['extends'])}; valid keys: {', '.join(fields)}, extends"))
+                                    f"unknown key{suggest(key, fields + ['extends'])}; "
+                                    f"valid keys: {', '.join(fields)}, extends"))
     configs: dict[str, ComponentConfig] = {}
     found: dict[str, plugins.Registered] = {}
     for section, kind in SECTIONS.items():
@@ -395,7 +398,8 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
             raise
         except Exception as exc:
             reg = found[section]
-            raise PluginError(f"{reg.describe()} failed while checking the recipe: {type(exc).__name__}: {exc}") from exc
+            raise PluginError(f"{reg.describe()} failed while checking the recipe: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
     from .devices import problem as device_problem
 
@@ -407,23 +411,26 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
         raise RecipeError(problems)
     notes: list[str] = []  # a check may return warnings: options that mean nothing for this model, costs
     for section, reg in found.items():
-        said = run_check(section, lambda reg=reg, section=section: reg.obj.check(getattr(recipe, section), recipe, info))
+        said = run_check(section,
+                         lambda reg=reg, section=section: reg.obj.check(getattr(recipe, section), recipe, info))
         notes += [f"{section}: {note}" for note in said or ()]
     if info.space == "pixel" and found["parameterization"].obj.space != "rgb":
         fits = sorted(n for n, r in plugins.components("parameterizations").items() if r.obj.space == "rgb")
         problems.append(Problem(where(("parameterization", "name")), "parameterization.name",
-                                f"{recipe.parameterization.name!r} renders latents, but {info.pipeline} ({info.family}) "
-                                f"denoises pixels (it has no VAE); use a parameterization that renders RGB: "
+                                f"{recipe.parameterization.name!r} renders latents, but "
+                                f"{info.pipeline} ({info.family}) denoises pixels (it has no VAE); "
+                                f"use a parameterization that renders RGB: "
                                 f"{', '.join(fits)} (--set parameterization.name={fits[0] if fits else '...'})"))
     opt = recipe.optimizer
     if opt.fit_space != "latent" and found["parameterization"].obj.space != "rgb":
         problems.append(Problem(where(("optimizer", "fit_space")), "optimizer.fit_space",
-                                f"{opt.fit_space!r} needs an RGB parameterization; {recipe.parameterization.name!r} renders "
-                                "latents (use fit_space: latent, or an rgb-* parameterization)"))
+                                f"{opt.fit_space!r} needs an RGB parameterization; "
+                                f"{recipe.parameterization.name!r} renders latents "
+                                "(use fit_space: latent, or an rgb-* parameterization)"))
     if opt.fit_space != "latent" and opt.image_target == "hifa" and not found["guidance"].obj.gives_denoised:
         problems.append(Problem(where(("optimizer", "image_target")), "optimizer.image_target",
-                                f"'hifa' needs the guidance's denoised estimate, which {recipe.guidance.name!r} does not give "
-                                "(use image_target: decoded-target)"))
+                                f"'hifa' needs the guidance's denoised estimate, which {recipe.guidance.name!r} "
+                                "does not give (use image_target: decoded-target)"))
     if opt.fit == "full" and opt.inner_steps != 1:
         problems.append(Problem(where(("optimizer", "inner_steps")), "optimizer.inner_steps",
                                 "inner_steps is for fit: adam; with fit: full the fit stops at fit_tolerance "
@@ -444,11 +451,13 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
         if info.tokenizer is not None and text:
             n = len(info.tokenizer(text).input_ids)
             if n > info.max_prompt_tokens:
-                warnings.append(f"{key}: {n} tokens, more than the model's {info.max_prompt_tokens}; the rest is cut off")
+                warnings.append(f"{key}: {n} tokens, more than the model's {info.max_prompt_tokens}; "
+                                "the rest is cut off")
     return info, warnings
 
 
-def load_recipe(ref: str | Path, sets: list[str] | tuple[str, ...] = (), overrides: dict[str, Any] | None = None) -> LoadedRecipe:
+def load_recipe(ref: str | Path, sets: list[str] | tuple[str, ...] = (),
+                overrides: dict[str, Any] | None = None) -> LoadedRecipe:
     """Find, merge, validate and check a recipe -- all before any model weights load."""
     path = find_recipe(str(ref))
     layer = read_recipe_file(path)

@@ -169,7 +169,8 @@ class RunLock:
 
     def _busy(self, holder: dict[str, Any]) -> SdsctlError:
         return SdsctlError(
-            f"{self.path.parent} is in use by another sdsctl ({self.describe(holder)}, `{holder.get('command', 'sdsctl')}`); "
+            f"{self.path.parent} is in use by another sdsctl "
+            f"({self.describe(holder)}, `{holder.get('command', 'sdsctl')}`); "
             "one run writes a run directory at a time: wait for it to end, or stop it (Ctrl-C in its "
             f"terminal, or kill {holder.get('pid', 'PID')})")
 
@@ -215,7 +216,8 @@ class RunLock:
                     os.close(fd)
                     continue
             previous = self._read()
-            if previous and int(previous.get("pid", -1)) != os.getpid() and fcntl is None and _alive(int(previous["pid"])):
+            if (previous and int(previous.get("pid", -1)) != os.getpid() and fcntl is None
+                    and _alive(int(previous["pid"]))):
                 os.close(fd)
                 raise self._busy(previous)
             if previous:

@@ -25,10 +25,17 @@ torch.set_num_threads(1)
 
 
 def build_tiny_prior(out: Path, *, prediction_type: str = "epsilon") -> Path:
-    from sdsctl.shapes.tokenizer import write_tokenizer_files
-    from sdsctl.shapes.train import TrainConfig, build_text_encoder, build_unet, build_vae, load_tokenizer, save_pipeline_folder
-
     from transformers.utils import logging as tlog
+
+    from sdsctl.shapes.tokenizer import write_tokenizer_files
+    from sdsctl.shapes.train import (
+        TrainConfig,
+        build_text_encoder,
+        build_unet,
+        build_vae,
+        load_tokenizer,
+        save_pipeline_folder,
+    )
 
     tlog.disable_progress_bar()
     torch.manual_seed(0)

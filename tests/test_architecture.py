@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 #: edges left out of the cycle check, each with the reason and when it goes
 ALLOWED_EDGES = {
-    ("sdsctl.compare", "sdsctl.report"), ("sdsctl.report", "sdsctl.compare"),  # compare↔report: fixed with the sweep split
+    ("sdsctl.compare", "sdsctl.report"),
+    ("sdsctl.report", "sdsctl.compare"),  # compare↔report: fixed with the sweep split
 }
 
 
@@ -133,7 +134,8 @@ def test_the_cycle_check_finds_a_cycle():
 
 
 #: core modules that still import the shapes world, each with the reason and when it goes
-SHAPES_IMPORTERS_ALLOWED = {"sdsctl.compare"}  # compare→shapes.evaluate (default prompt pairs): moved with the sweep split
+# compare→shapes.evaluate (the default prompt pairs): moved with the sweep split
+SHAPES_IMPORTERS_ALLOWED = {"sdsctl.compare"}
 
 
 def test_the_core_does_not_import_the_shapes_world():
@@ -196,3 +198,16 @@ def test_help_imports_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"imported by `sdsctl --help`: {out.stdout.strip()}"
+
+
+def test_ci_lints_before_it_tests():
+    """CI runs ruff (configured in pyproject.toml, installed by the test extra) before the tests."""
+    import tomllib
+
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    lint = next(i for i, line in enumerate(ci) if "ruff check ." in line and not line.lstrip().startswith("#"))
+    test = next(i for i, line in enumerate(ci) if line.startswith("python3 -m venv .venv") and line.endswith("pytest"))
+    assert lint < test
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(d.startswith("ruff") for d in project["project"]["optional-dependencies"]["test"])
+    assert project["tool"]["ruff"]["line-length"] and project["tool"]["ruff"]["lint"]["select"]

@@ -20,7 +20,6 @@ from sdsctl_plugins.ism import ISM
 from sdsctl_plugins.nfsd import NFSD_NEGATIVE_PROMPT
 from sdsctl_plugins.sdi import SDI
 from sdsctl_plugins.sds_bridge import SOURCE_TEXT, TARGET_TEXT, SDSBridge
-
 from test_guidances import PROMPT, KnownUNet, clone_generator, latent, make_ctx, prior  # noqa: F401 (fixture)
 
 NEG = NFSD_NEGATIVE_PROMPT

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import sdsctl
 
@@ -122,7 +122,8 @@ BAD_INPUT = [
     ("compare robust-nfsd sds", "did you mean robust_nfsd?", None),
     ("doctor {tmp}", "is not a run directory", None),
     ("model nowhere", "model folder nowhere not found", "nowhere: model"),
-    (f"train-shapes --out {{tmp}}/ts --device {NO_DEVICE}", f"--device {NO_DEVICE}: {NO_DEVICE} is not available", None),
+    (f"train-shapes --out {{tmp}}/ts --device {NO_DEVICE}", f"--device {NO_DEVICE}: {NO_DEVICE} is not available",
+     None),
     ("train-shapes --out {tmp}/ts --vae-steps 0", "must be positive", None),
     (f"sample --prompt x --out {{tmp}}/x.png --device {NO_DEVICE}", "devices here: cpu", None),
     ("sample --prompt x --out {tmp}/x.jpg", "written as PNG", None),
@@ -164,7 +165,8 @@ def test_the_bad_input_table_covers_every_command():
     assert _commands() <= covered, f"commands without a bad-input row: {_commands() - covered}"
 
 
-@pytest.mark.parametrize("line, says, not_says", BAD_INPUT, ids=[row[0].split()[0] + ": " + row[0] for row in BAD_INPUT])
+@pytest.mark.parametrize("line, says, not_says", BAD_INPUT,
+                         ids=[row[0].split()[0] + ": " + row[0] for row in BAD_INPUT])
 def test_bad_input_is_one_clean_message_and_exit_2(line, says, not_says, cli, bad_input_places, tmp_path, monkeypatch):
     command = line.split()[0]
     if command not in _commands():
@@ -184,7 +186,8 @@ def test_bad_input_is_one_clean_message_and_exit_2(line, says, not_says, cli, ba
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "-v"])
 def test_library_warnings_are_shown_with_v_only(verbose):
     code = ("import sys, warnings; from sdsctl.cli import _quiet_libraries; _quiet_libraries(sys.argv[1] == '1'); "
-            "from transformers.utils import logging; logging.get_logger('transformers.models.x').warning('library says hi'); "
+            "from transformers.utils import logging; "
+            "logging.get_logger('transformers.models.x').warning('library says hi'); "
             "warnings.warn_explicit('an old argument', FutureWarning, 'x.py', 1, module='diffusers.models.x')")
     env = {k: v for k, v in __import__("os").environ.items() if not k.endswith("_VERBOSITY")}
     out = subprocess.run([sys.executable, "-c", code, "1" if verbose else "0"], capture_output=True, text=True,

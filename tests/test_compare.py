@@ -40,7 +40,8 @@ def test_shapes_pairs_are_fixed_and_distinct():
 
 
 def test_compare_writes_table_json_and_grid(cli, recipe_file, tmp_path):
-    a, b = recipe_file(name="first.yaml"), recipe_file({"guidance": {"name": "sds", "guidance_scale": 20}}, name="second.yaml")
+    a, b = recipe_file(name="first.yaml"), recipe_file({"guidance": {"name": "sds", "guidance_scale": 20}},
+                                                       name="second.yaml")
     out = tmp_path / "cmp"
     result = cli("compare", a, b, "--pairs", "2", "--steps", "2", "--out", out)
     assert result.exit_code == 0, result.output
@@ -101,7 +102,8 @@ def test_an_interrupted_run_is_continued(cli, recipe_file, tmp_path):
     assert cli("compare", r, "--seeds", "1", "--steps", "2", "--out", tmp_path / "short").exit_code == 0
     out = tmp_path / "cmp"
     assert cli("compare", r, "--seeds", "1", "--steps", "4", "--out", out).exit_code == 0
-    (short,) = [Path(x["run_dir"]) for x in json.loads((tmp_path / "short" / "compare.json").read_text())["recipe"]["runs"]]
+    (short,
+     ) = [Path(x["run_dir"]) for x in json.loads((tmp_path / "short" / "compare.json").read_text())["recipe"]["runs"]]
     (run,) = [Path(x["run_dir"]) for x in json.loads((out / "compare.json").read_text())["recipe"]["runs"]]
     final = (run / "final.png").read_bytes()
     # make the 4-step run one that was interrupted after step 2: its state, metrics and summary

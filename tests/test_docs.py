@@ -92,7 +92,8 @@ def test_the_docs_show_a_complete_pyproject():
     assert full, "no complete pyproject.toml"
     (project,) = full
     assert project["build-system"]["build-backend"] and project["project"]["name"]
-    assert "sdsctl" in project["project"]["entry-points"] and any(d.startswith("sdsctl") for d in project["project"]["dependencies"])
+    assert "sdsctl" in project["project"]["entry-points"]
+    assert any(d.startswith("sdsctl") for d in project["project"]["dependencies"])
 
 
 def test_every_python_example_in_the_plugin_docs_registers(register_plugin, cli):

@@ -42,7 +42,8 @@ def venv_python(tmp_path_factory) -> Path:
     venv = tmp / "venv"
     _call([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp)
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    site = Path(_call([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp).stdout.strip())
+    site = Path(_call([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                      tmp).stdout.strip())
     parent = sysconfig.get_paths()["purelib"]
     (site / "sdsctl_parent_env.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
     _call([str(python), "-m", "pip", "install", "--no-index", "--no-build-isolation", "--quiet", str(source)], tmp)
@@ -72,7 +73,8 @@ def test_a_short_recipe_runs_with_its_components(venv_python, tmp_path):
     assert [r["t"] for r in records] == [980, 500, 20]  # linear-decay over 3 steps
     assert all("guided" in r["norms"] for r in records)  # sds-rescaled's norm
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and set(summary["metrics"]["brightness-contrast"]) == {"brightness", "contrast"}
+    assert summary["status"] == "completed"
+    assert set(summary["metrics"]["brightness-contrast"]) == {"brightness", "contrast"}
 
 
 def test_the_plugins_own_tests_pass_there(venv_python, tmp_path):

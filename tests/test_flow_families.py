@@ -66,7 +66,8 @@ def test_the_conversion_is_exact_for_the_true_velocity():
     # for any v̂, the VP x̂₀ of ε̂ is the flow x̂₀, and SDS's ε residual is the velocity residual × (1 − σ)
     v_hat = _z((4, 4, 8, 8), 3)
     e_hat = diffusion.velocity_to_eps(v_hat, x, sigma)
-    assert torch.allclose(diffusion.eps_to_x0(e_hat, z_t, a.flatten()), diffusion.velocity_to_x0(v_hat, x, sigma), atol=1e-4)
+    assert torch.allclose(diffusion.eps_to_x0(e_hat, z_t, a.flatten()), diffusion.velocity_to_x0(v_hat, x, sigma),
+                          atol=1e-4)
     assert torch.allclose(e_hat - eps, (1 - sigma.reshape(-1, 1, 1, 1)) * (v_hat - (eps - x0)), atol=1e-5)
 
 
@@ -150,7 +151,8 @@ def test_flux_eps_is_the_packed_transformer_velocity_converted(name, tiny_flow, 
         v = pipe._unpack_latents(packed, 64, 64, 8)
         assert torch.allclose(prior.predict_noise(z_t, t, emb, guidance=g), x + (1 - sigma) * v, atol=1e-5)
     if dev:  # the guidance input is used
-        assert not torch.allclose(prior.predict_noise(z_t, t, emb, guidance=3.5), prior.predict_noise(z_t, t, emb), atol=1e-4)
+        assert not torch.allclose(prior.predict_noise(z_t, t, emb, guidance=3.5), prior.predict_noise(z_t, t, emb),
+                                  atol=1e-4)
     else:
         with pytest.raises(ValueError, match="takes no guidance scale"):
             prior.predict_noise(z_t, t, emb, guidance=3.5)
@@ -270,4 +272,5 @@ def test_sd3_without_t5(cli, tmp_path, tiny_flow):
     assert result.exit_code == 0, result.output + result.stderr
     result = cli("validate", "sds", "--set", f"model.path={tiny_flow['flux-dev']}", "--set",
                  "model.without=[text_encoder_2]")
-    assert result.exit_code == 2 and "cannot do without text_encoder_2" in result.stderr and "model.without" in result.stderr
+    assert result.exit_code == 2
+    assert "cannot do without text_encoder_2" in result.stderr and "model.without" in result.stderr

@@ -232,7 +232,8 @@ def test_robust_nfsd_correction_range_is_validated(recipe_file):
     from sdsctl.errors import RecipeError
 
     with pytest.raises(RecipeError, match="correction_t_max"):
-        load_recipe(recipe_file({"negative_prompt": "dull", "guidance": {"name": "robust-nfsd", "correction_t_max": 1001}}))
+        load_recipe(recipe_file({"negative_prompt": "dull",
+                                 "guidance": {"name": "robust-nfsd", "correction_t_max": 1001}}))
 
 
 def test_robust_nfsd_warmup_defaults_to_nfsds_own_correction():
@@ -370,7 +371,8 @@ def test_vsd_state_round_trip_continues_identically(tiny_prior, recipe):
 
 def test_vsd_run_saves_trained_lora_in_state(cli, recipe_file, tmp_path):
     out = tmp_path / "run"
-    result = cli("run", recipe_file({"steps": 3, "guidance": {"name": "vsd", "lora_rank": 2}}), "--out", out, "--no-live")
+    result = cli("run", recipe_file({"steps": 3, "guidance": {"name": "vsd", "lora_rank": 2}}), "--out", out,
+                 "--no-live")
     assert result.exit_code == 0, result.output
     state = torch.load(out / "state.pt", weights_only=True)
     lora = state["guidance"]["lora"]

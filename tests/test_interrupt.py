@@ -104,7 +104,8 @@ def test_two_signals_in_quick_succession_leave_files_that_match_the_message(firs
     state = torch.load(part / "state.pt", weights_only=True)
     summary = json.loads((part / "summary.json").read_text())
     assert state["step"] == step == summary["steps_done"] and summary["status"] == "interrupted"
-    assert [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()] == list(range(1, step + 1))
+    steps = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 1))
     assert (part / "progress.png").is_file() and not (part / ".lock").exists()
     assert (part / "final.png").read_bytes() == image_of_state(part)
 
@@ -120,7 +121,8 @@ def test_a_second_writer_is_refused_while_the_run_lives_and_a_stale_lock_is_take
     part = tmp_path / "part"
     proc = start_run(recipe, part)
     try:
-        for args in (["resume", str(part), "--no-live"], ["run", str(recipe), "--out", str(part), "--overwrite", "--no-live"]):
+        for args in (["resume", str(part), "--no-live"],
+                     ["run", str(recipe), "--out", str(part), "--overwrite", "--no-live"]):
             second = subprocess.run([*SDSCTL, *args], capture_output=True, text=True, env=ENV, timeout=120)
             assert second.returncode == 2, second.stderr
             assert f"in use by another sdsctl (pid {proc.pid}, since " in second.stderr
@@ -136,7 +138,8 @@ def test_a_second_writer_is_refused_while_the_run_lives_and_a_stale_lock_is_take
 
     # a run killed outright leaves its lock file behind; the next writer takes it over
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (part / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "since": time.time() - 60, "command": "sdsctl run"}))
+    (part / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "since": time.time() - 60,
+                                            "command": "sdsctl run"}))
     summary = json.loads((part / "summary.json").read_text())
     steps = summary["steps_done"] + 2
     resumed = subprocess.run([*SDSCTL, "resume", str(part), "--no-live", "--set", f"steps={steps}"],

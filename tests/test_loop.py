@@ -13,8 +13,8 @@ import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, Metric
 from sdsctl.errors import RunFailed
 from sdsctl.loop import Optimization, execute
-from sdsctl.panel import PlainLog
 from sdsctl.models import Prior
+from sdsctl.panel import PlainLog
 from sdsctl.recipe import load_recipe
 from sdsctl_plugins.sds import SDS
 
@@ -169,8 +169,10 @@ class NaNAtStep3(Guidance):
         if self.calls == 3:
             score = out.score.clone()
             score[0, 0, 0, 0] = float("nan")
-            return GuidanceOutput(score, {"classifier": out.norms["classifier"], "correction": score.norm()}, out.timesteps)
-        return GuidanceOutput(out.score, {"classifier": out.norms["classifier"], "correction": torch.tensor(1.0)}, out.timesteps)
+            return GuidanceOutput(score, {"classifier": out.norms["classifier"], "correction": score.norm()},
+                                  out.timesteps)
+        return GuidanceOutput(out.score, {"classifier": out.norms["classifier"], "correction": torch.tensor(1.0)},
+                              out.timesteps)
 
 
 class Crashes(Guidance):
@@ -416,7 +418,8 @@ def test_fit_space_both_adds_the_weighted_image_loss_to_the_latent_loss(recipe_f
         latent = 0.5 * (z - target.latent).pow(2).sum()
         image = 0.5 * (x - target.image).pow(2).sum()
         torch.testing.assert_close(target.image, prior.decode_latents(target.latent))
-        seen["expected"], seen["loss"] = float((latent + 0.25 * image).detach()), float(opt.fit_loss(z, target).detach())
+        seen["expected"] = float((latent + 0.25 * image).detach())
+        seen["loss"] = float(opt.fit_loss(z, target).detach())
         return original_fit(z, target)
 
     opt.adam_step = fit
@@ -536,5 +539,6 @@ def test_final_image_has_an_enlarged_copy_and_progress_is_labelled(cli, recipe_f
     assert native.size == (64, 64) and view.size == (512, 512)
     assert view.resize((64, 64), Image.Resampling.NEAREST).tobytes() == native.convert("RGB").tobytes()
     assert Image.open(out / "progress.png").size[1] > 128  # a row of 128-pixel previews and their step labels
-    assert cli("run", recipe_file(), "--out", tmp_path / "none", "--no-live", "--set", "output.view_size=0").exit_code == 0
+    assert cli("run", recipe_file(), "--out", tmp_path / "none", "--no-live", "--set",
+               "output.view_size=0").exit_code == 0
     assert not list((tmp_path / "none").glob("final_*.png"))

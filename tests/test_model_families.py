@@ -48,7 +48,8 @@ def test_sds_and_vsd_run_on_sd_and_sdxl(name, recipe, cli, tmp_path, tiny_famili
 
 def test_bfloat16_run_on_the_cpu(cli, tmp_path, tiny_families):
     summary = _run(cli, tmp_path, "sds", tiny_families["sdxl"], "steps=2", "dtype=bfloat16")
-    assert summary["status"] == "completed" and summary["dtype"] == "bfloat16" and summary["model"]["dtype"] == "bfloat16"
+    assert summary["status"] == "completed"
+    assert summary["dtype"] == "bfloat16" and summary["model"]["dtype"] == "bfloat16"
     prior = Prior.load(str(tiny_families["sdxl"]), CPU, torch.bfloat16)
     assert prior.denoiser.dtype == torch.bfloat16 and prior.text_encoders[1].dtype == torch.bfloat16
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -81,18 +82,22 @@ def test_model_command_describes_each_family_from_configs(name, cli, tiny_famili
     info = json.loads(result.stdout)
     pixel = name == "if"
     assert info["family"] == FAMILY[name] and info["space"] == ("pixel" if pixel else "latent")
-    assert info["pipeline"] == {"sdxl": "StableDiffusionXLPipeline", "if": "IFPipeline"}.get(name, "StableDiffusionPipeline")
+    assert info["pipeline"] == {"sdxl": "StableDiffusionXLPipeline",
+                                "if": "IFPipeline"}.get(name, "StableDiffusionPipeline")
     assert info["prediction_type"] == ("v_prediction" if name == "sd2" else "epsilon")
     assert (info["latent_channels"], info["downscale_factor"], info["default_resolution"]) == \
         ((3, 1, 16) if pixel else (4, 8, 64))
-    assert [e["name"] for e in info["text_encoders"]] == (["text_encoder", "text_encoder_2"] if name == "sdxl" else ["text_encoder"])
+    assert [e["name"] for e in info["text_encoders"]] == (["text_encoder",
+                                                           "text_encoder_2"] if name == "sdxl" else ["text_encoder"])
     assert [e["max_tokens"] for e in info["text_encoders"]] == ([77] if pixel else [32] * len(info["text_encoders"]))
     assert set(info["dtype_on_disk"].values()) == {"float32"}
     # the parameter counts read from the safetensors headers are the loaded modules' counts
     monkeypatch.undo()
     prior = Prior.load(str(tiny_families[name]), CPU, torch.float32)
-    modules = {"unet": prior.denoiser, "vae": prior.vae, **{n: getattr(prior.pipe, n) for n in prior.text_encoder_names}}
-    assert info["parameters"] == {n: sum(p.numel() for p in m.parameters()) for n, m in modules.items() if m is not None}
+    modules = {"unet": prior.denoiser, "vae": prior.vae,
+               **{n: getattr(prior.pipe, n) for n in prior.text_encoder_names}}
+    assert info["parameters"] == {n: sum(p.numel() for p in m.parameters()) for n,
+                                  m in modules.items() if m is not None}
 
 
 def test_variant_files_are_the_ones_described_and_loaded(cli, tiny_families, tmp_path):
@@ -117,7 +122,8 @@ def test_latent_geometry_comes_from_the_vae_not_the_unet_input(tiny_families, tm
 def test_model_command_prints_a_summary(cli, tiny_families):
     result = cli("model", tiny_families["sdxl"])
     assert result.exit_code == 0
-    assert "sdxl (StableDiffusionXLPipeline)" in result.stdout and "text_encoder_2: CLIPTextModelWithProjection" in result.stdout
+    assert "sdxl (StableDiffusionXLPipeline)" in result.stdout
+    assert "text_encoder_2: CLIPTextModelWithProjection" in result.stdout
 
 
 # ----------------------------------------------------------------------------- against diffusers
@@ -133,14 +139,17 @@ def test_sdxl_prediction_matches_the_unet_with_the_pipelines_added_conditions(ti
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_families["sdxl"]), local_files_only=True)
     # What StableDiffusionXLPipeline.__call__ builds for CFG with no negative prompt: zeros for the
     # unconditional branch (force_zeros_for_empty_prompt), time ids (original, crop, target) per row.
-    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt("a red circle", device=CPU, do_classifier_free_guidance=True)
+    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt("a red circle", device=CPU,
+                                                             do_classifier_free_guidance=True)
     assert not uncond.any() and not uncond_pooled.any()
     time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(2, 1)
     z, t = _z((2, 4, 8, 8)), torch.tensor([700, 700])
     with torch.no_grad():
         direct = pipe.unet(z, t, encoder_hidden_states=torch.cat([uncond, cond]),
-                           added_cond_kwargs={"text_embeds": torch.cat([uncond_pooled, pooled]), "time_ids": time_ids}).sample
-    emb = torch.cat([prior.encode_prompts([""]), prior.encode_prompts(["a red circle"])])  # rows batched as guidances do
+                           added_cond_kwargs={"text_embeds": torch.cat([uncond_pooled, pooled]),
+                                              "time_ids": time_ids}).sample
+    emb = torch.cat([prior.encode_prompts([""]),
+                     prior.encode_prompts(["a red circle"])])  # rows batched as guidances do
     assert emb.shape == (2, 32 + 1, 64)  # the pooled embedding packed as one more position
     assert torch.allclose(prior.predict_noise(z, t, emb), direct, atol=1e-5)
     # without the pooled embedding and time ids the prediction would differ: they are used
@@ -164,7 +173,8 @@ def test_if_prediction_drops_the_learned_variance_channels(tiny_families):
     assert raw.shape[1] == 6  # ε and the variance interpolation
     eps, _variance = raw.split(3, dim=1)  # as IFPipeline splits it
     assert torch.allclose(prior.predict_noise(z, t, prior.encode_prompts(["a red circle"])), eps, atol=1e-5)
-    assert torch.allclose(prior.encode_images(prior.decode_latents(z.clamp(-1, 1))), z.clamp(-1, 1), atol=1e-6)  # pixel space
+    assert torch.allclose(prior.encode_images(prior.decode_latents(z.clamp(-1, 1))), z.clamp(-1, 1),
+                          atol=1e-6)  # pixel space
 
 
 def test_v_prediction_is_converted_to_eps_as_the_scheduler_defines_v(tiny_families):
@@ -203,7 +213,8 @@ def test_unknown_pipeline_class_names_it_and_the_families(cli, tmp_path, tiny_fa
         result = cli(*args)
         assert result.exit_code == 2, result.stderr
         assert "'PixArtAlphaPipeline'" in result.stderr
-        assert all(f in result.stderr for f in ("stable-diffusion", "sdxl", "deepfloyd-if", "sd3", "flux")), result.stderr
+        assert all(f in result.stderr for f in ("stable-diffusion", "sdxl", "deepfloyd-if", "sd3",
+                                                "flux")), result.stderr
         assert "Traceback" not in result.stderr
 
 
@@ -215,7 +226,8 @@ def test_latent_parameterization_on_a_pixel_model_names_those_that_fit(cli, tmp_
 
 
 @pytest.mark.parametrize("name, resolution", [("sd1", 60), ("sdxl", 72), ("if", 15)])
-def test_a_resolution_the_model_cannot_take_is_rejected_before_loading(name, resolution, cli, tmp_path, tiny_families, no_load):
+def test_a_resolution_the_model_cannot_take_is_rejected_before_loading(name, resolution, cli, tmp_path, tiny_families,
+                                                                       no_load):
     result = cli("run", "sds", "--model", str(tiny_families[name]), "--set", "parameterization.name=rgb-pixels",
                  "--set", f"parameterization.resolution={resolution}", "--no-live", "--out", tmp_path / "r")
     assert result.exit_code == 2 and "parameterization.resolution" in result.stderr, result.stderr
@@ -233,7 +245,8 @@ def test_hub_ids_come_from_the_cache_unless_downloading_is_allowed(cli, monkeypa
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
     result = cli("validate", "sds", "--model", "someone/some-model")
-    assert result.exit_code == 2 and "--allow-download" in result.stderr and "not in the local Hugging Face cache" in result.stderr
+    assert result.exit_code == 2
+    assert "--allow-download" in result.stderr and "not in the local Hugging Face cache" in result.stderr
     result = cli("validate", "sds", "--model", "someone/some-model", "--allow-download")
     assert result.exit_code == 2 and "could not download it" in result.stderr
     assert calls == [True, False]

@@ -13,10 +13,19 @@ import typer
 
 import sdsctl
 from sdsctl import hookspecs, plugins
-from sdsctl.recipe import load_recipe
-from sdsctl.components import (ComponentConfig, Guidance, Logger, Metric, Model, Parameterization, Schedule,
-                               StepTimes, Weighting)
+from sdsctl.components import (
+    ComponentConfig,
+    Guidance,
+    Logger,
+    Metric,
+    Model,
+    Parameterization,
+    Schedule,
+    StepTimes,
+    Weighting,
+)
 from sdsctl.errors import PluginError, SdsctlError
+from sdsctl.recipe import load_recipe
 from sdsctl_plugins.diffusers_model import DiffusersModel
 from sdsctl_plugins.parameterizations.latent_pixels import LatentPixels
 from sdsctl_plugins.sds import SDS
@@ -155,7 +164,8 @@ def test_plugins_json_lists_every_kind(all_hooks, cli):
     result = cli("plugins", "--json")
     assert result.exit_code == 0
     listing = json.loads(result.stdout)
-    assert list(listing) == ["models", "parameterizations", "guidances", "schedules", "weightings", "metrics", "loggers",
+    assert list(listing) == ["models", "parameterizations", "guidances", "schedules", "weightings", "metrics",
+                             "loggers",
                              "commands"]
     assert {"tensorboard", "wandb"} <= {e["name"] for e in listing["loggers"]}
     for kind, names in FIRST_PARTY.items():

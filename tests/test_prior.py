@@ -48,7 +48,8 @@ def test_v_prediction_model_returns_eps(tiny_v_prior, tiny_prior):
     emb = eps_model.encode_prompts(["", "a red circle"])
     t = torch.tensor([100, 800])
     raw = eps_model.predict_noise(z_t, t, emb)  # same weights: the raw UNet output, read as v
-    assert torch.allclose(v_model.predict_noise(z_t, t, emb), v_to_eps(raw, z_t, eps_model.alphas_cumprod[t]), atol=1e-5)
+    assert torch.allclose(v_model.predict_noise(z_t, t, emb), v_to_eps(raw, z_t, eps_model.alphas_cumprod[t]),
+                          atol=1e-5)
 
 
 def test_predict_noise_batches_rows_with_their_own_timesteps(prior):

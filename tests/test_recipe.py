@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from sdsctl.models import Prior, sources
 from sdsctl.errors import RecipeError, SdsctlError
+from sdsctl.models import Prior, sources
 from sdsctl.recipe import bundled_recipes, find_recipe, load_recipe, parse_set, to_yaml
 
 GOOD = """\
@@ -27,7 +27,8 @@ BAD = [
     ("not-a-mapping", "- a\n- b\n", [], ["a recipe is a mapping", "recipe.yaml:1:1"]),
     ("empty-file", "", [], ["the recipe is empty"]),
     ("duplicate-key", "prompt: a\nprompt: b\n", [], ["duplicate key", "recipe.yaml:2:1", "line 1"]),
-    ("unknown-top-key", "promt: a red circle\n", [], ["promt", "unknown key (did you mean 'prompt'?)", "recipe.yaml:1:1"]),
+    ("unknown-top-key", "promt: a red circle\n", [],
+     ["promt", "unknown key (did you mean 'prompt'?)", "recipe.yaml:1:1"]),
     ("unknown-component-key", "prompt: x\nguidance:\n  name: sds\n  guidance_scal: 50\n", [],
      ["guidance.guidance_scal", "did you mean 'guidance_scale'?", "recipe.yaml:4:3"]),
     ("unknown-optimizer-key", "prompt: x\noptimizer: {lrr: 0.1}\n", [], ["optimizer.lrr", "did you mean 'lr'?"]),
@@ -38,38 +39,47 @@ BAD = [
     ("lr-zero", "prompt: x\noptimizer: {lr: 0}\n", [], ["optimizer.lr", "greater than 0"]),
     ("lr-negative", "prompt: x\noptimizer: {lr: -0.01}\n", [], ["optimizer.lr", "greater than 0"]),
     ("betas-out-of-range", "prompt: x\noptimizer: {betas: [0.9, 1.5]}\n", [], ["optimizer.betas", "[0, 1)"]),
-    ("inner-steps-zero", "prompt: x\noptimizer: {inner_steps: 0}\n", [], ["optimizer.inner_steps", "greater than or equal to 1"]),
+    ("inner-steps-zero", "prompt: x\noptimizer: {inner_steps: 0}\n", [],
+     ["optimizer.inner_steps", "greater than or equal to 1"]),
     ("preview-every-zero", "prompt: x\noutput: {preview_every: 0}\n", [], ["output.preview_every"]),
     ("t-min-above-t-max", "prompt: x\nschedule: {name: uniform, t_min: 500, t_max: 400}\n", [],
      ["schedule.t_max", "must be greater than t_min (500)"]),
     ("t-max-outside-model", "prompt: x\nschedule: {name: uniform, t_max: 1000}\n", [],
      ["schedule.t_max", "outside the model's timesteps 0..999"]),
-    ("t-min-negative", "prompt: x\nschedule: {name: uniform, t_min: -1}\n", [], ["schedule.t_min", "greater than or equal to 0"]),
+    ("t-min-negative", "prompt: x\nschedule: {name: uniform, t_min: -1}\n", [],
+     ["schedule.t_min", "greater than or equal to 0"]),
     ("resolution-vae-factor", "prompt: x\nparameterization: {name: latent-pixels, resolution: 60}\n", [],
      ["parameterization.resolution", "not divisible by the VAE's factor 8"]),
     ("resolution-unet-factor", "prompt: x\nparameterization: {name: latent-pixels, resolution: 72}\n", [],
      ["parameterization.resolution", "multiple of 16"]),
-    ("unknown-guidance", "prompt: x\nguidance: sdss\n", [], ["unknown guidance 'sdss' (did you mean 'sds'?)", "installed guidances: ", "sds"]),
+    ("unknown-guidance", "prompt: x\nguidance: sdss\n", [],
+     ["unknown guidance 'sdss' (did you mean 'sds'?)", "installed guidances: ", "sds"]),
     ("unknown-parameterization", "prompt: x\nparameterization: {name: voxels}\n", [],
      ["unknown parameterization 'voxels'", "installed parameterizations: ", "latent-pixels"]),
-    ("unknown-weighting", "prompt: x\nweighting: {name: sigma}\n", [], ["unknown weighting 'sigma'", "one-minus-alpha-bar"]),
-    ("component-not-mapping", "prompt: x\nguidance: [1, 2]\n", [], ["guidance", "expected a component name or a mapping"]),
+    ("unknown-weighting", "prompt: x\nweighting: {name: sigma}\n", [],
+     ["unknown weighting 'sigma'", "one-minus-alpha-bar"]),
+    ("component-not-mapping", "prompt: x\nguidance: [1, 2]\n", [],
+     ["guidance", "expected a component name or a mapping"]),
     ("empty-prompt", "prompt: ''\n", [], ["prompt", "the prompt is empty"]),
     ("blank-prompt", "prompt: '   '\n", [], ["the prompt is empty"]),
     ("missing-prompt", "steps: 3\n", [], ["prompt: missing"]),
     ("bad-device", "prompt: x\ndevice: gpu\n", [], ["device", "expected auto, cpu, cuda, cuda:N or mps"]),
-    ("absent-device", "prompt: x\ndevice: 'cuda:99'\n", [], ["recipe.yaml:2:9: device: cuda:99 is not available", "devices here: cpu"]),
+    ("absent-device", "prompt: x\ndevice: 'cuda:99'\n", [],
+     ["recipe.yaml:2:9: device: cuda:99 is not available", "devices here: cpu"]),
     ("absent-device-option", None, ["--device", "cuda:99"], ["--device: cuda:99 is not available", "devices here: "]),
     ("bad-dtype", "prompt: x\ndtype: float64\n", [], ["dtype", "float32"]),
     ("negative-seed", "prompt: x\nseed: -1\n", [], ["seed", "greater than or equal to 0"]),
-    ("missing-extends", "extends: nowhere.yaml\nprompt: x\n", [], ["extends", "nowhere.yaml not found", "recipe.yaml:1:1"]),
+    ("missing-extends", "extends: nowhere.yaml\nprompt: x\n", [],
+     ["extends", "nowhere.yaml not found", "recipe.yaml:1:1"]),
     ("extends-cycle", "extends: recipe.yaml\nprompt: x\n", [], ["extends cycle"]),
     ("missing-model-folder", None, ["--model", "/nonexistent/sd"], ["--model: model folder /nonexistent/sd not found"]),
     ("bad-set-expression", None, ["--set", "steps"], ["bad --set expression", "KEY=VALUE"]),
     ("bad-set-key", None, ["--set", "=3"], ["bad --set expression"]),
-    ("set-extends", None, ["--set", "extends=other.yaml"], ["--set extends=other.yaml", "only a recipe file can extend"]),
+    ("set-extends", None, ["--set", "extends=other.yaml"],
+     ["--set extends=other.yaml", "only a recipe file can extend"]),
     ("bad-set-yaml", None, ["--set", "prompt=[unclosed"], ["bad --set expression", "not valid YAML"]),
-    ("set-unknown-key", None, ["--set", "guidance.guidance_scal=3"], ["--set guidance.guidance_scal=3", "did you mean 'guidance_scale'?"]),
+    ("set-unknown-key", None, ["--set", "guidance.guidance_scal=3"],
+     ["--set guidance.guidance_scal=3", "did you mean 'guidance_scale'?"]),
     ("set-wrong-type", None, ["--set", "steps=lots"], ["--set steps=lots", "steps", "valid integer"]),
     ("shortcut-out-of-range", None, ["--steps", "0"], ["--steps", "greater than 0"]),
     ("cli-option-type", None, ["--seed", "abc"], ["Invalid value for '--seed'"]),
@@ -253,9 +263,11 @@ def test_cuda_requested_without_cuda_is_input_error(cli, recipe_file, tmp_path):
 def test_cuisine_recipes_encode_the_studys_settings(tiny_prior):
     """Recipe names and their defaults are contracts (issue 4)."""
     load = lambda name: load_recipe(name, overrides={"model": str(tiny_prior)}).recipe  # noqa: E731
-    epl, ehl, ehc, study = load("robust_nfsd"), load("robust_nfsd_ehl"), load("robust_nfsd_ehc"), load("robust_nfsd_ehc_latent")
+    epl, ehl = load("robust_nfsd"), load("robust_nfsd_ehl")
+    ehc, study = load("robust_nfsd_ehc"), load("robust_nfsd_ehc_latent")
     assert epl.steps == 600 and epl.guidance.name == "robust-nfsd" and epl.guidance.ratio == 2.0
-    assert (epl.schedule.name, epl.schedule.warmup_steps, epl.schedule.warmup_t_min, epl.schedule.warmup_t_max) == ("warmup", 300, 200, 980)
+    assert (epl.schedule.name, epl.schedule.warmup_steps, epl.schedule.warmup_t_min,
+            epl.schedule.warmup_t_max) == ("warmup", 300, 200, 980)
     assert epl.optimizer.lr == 0.01 and epl.parameterization.name == "latent-pixels"
     assert ehl.parameterization.name == "latent-hashgrid" and ehl.optimizer.lr == 0.003
     assert ehc.parameterization.name == "rgb-hashgrid" and ehc.optimizer.lr == 0.003

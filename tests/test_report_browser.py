@@ -53,7 +53,8 @@ def _browse(chromium: str, page: Path, profile: Path, *args: str) -> subprocess.
 
 def test_report_renders_in_chromium(cli, recipe_file, tmp_path):
     chromium = _chromium()
-    a, b = recipe_file(name="sds.yaml"), recipe_file({"guidance": {"name": "sds", "guidance_scale": 20}}, name="cfg20.yaml")
+    a, b = recipe_file(name="sds.yaml"), recipe_file({"guidance": {"name": "sds", "guidance_scale": 20}},
+                                                     name="cfg20.yaml")
     out = tmp_path / "cmp"
     assert cli("compare", a, b, "--seeds", "2", "--steps", "4", "--out", out).exit_code == 0
     page = out / "report.html"

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from sdsctl.cli import create_app
 from sdsctl.shapes import world
-from sdsctl.shapes.train import Trainer, TrainConfig
+from sdsctl.shapes.train import TrainConfig, Trainer
 
 PROMPT = "a red circle on a blue background"
 WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
@@ -86,7 +86,8 @@ def test_trained_folder_loads_with_diffusers_offline(trained, monkeypatch):
     shadow = state["ema"]["shadow_params"][-len(text_params):]
     assert all(torch.equal(p, q) for p, q in zip(text_params, shadow))
     raw = dict(pipe.text_encoder.named_parameters())
-    assert any(not torch.equal(raw[k], v) for k, v in state["text"].items() if k in raw), "EMA weights, not the last step's"
+    assert any(not torch.equal(raw[k], v) for k,
+               v in state["text"].items() if k in raw), "EMA weights, not the last step's"
 
 
 def test_second_run_resumes_without_retraining(trained, monkeypatch):
@@ -240,7 +241,8 @@ def test_shapes_judge_applies_only_to_shapes_priors(tiny_prior):
     assert ShapesJudge.applies_to(SimpleNamespace(tokenizer=tok, image_size=64))
     assert not ShapesJudge.applies_to(SimpleNamespace(tokenizer=tok, image_size=512))
     vocab = {k: v for k, v in tok.get_vocab().items() if k != "triangle</w>"}
-    assert not ShapesJudge.applies_to(SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: vocab), image_size=64))
+    assert not ShapesJudge.applies_to(SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: vocab),
+                                                      image_size=64))
 
 
 def test_shapes_judge_scores_a_render_exactly(tiny_prior):
@@ -251,8 +253,10 @@ def test_shapes_judge_scores_a_render_exactly(tiny_prior):
     metric = ShapesJudge(ShapesJudge.Config(name="shapes-judge"), ctx=None)
     result = metric(image, scenes[0].plain_caption)
     assert result["match"] is True
-    assert (result["color"], result["shape"], result["background"]) == (scenes[0].color, scenes[0].shape, scenes[0].background)
-    wrong = f"a {scenes[0].color} {'square' if scenes[0].shape != 'square' else 'circle'} on a {scenes[0].background} background"
+    assert (result["color"], result["shape"], result["background"]) == (scenes[0].color, scenes[0].shape,
+                                                                        scenes[0].background)
+    other = "square" if scenes[0].shape != "square" else "circle"
+    wrong = f"a {scenes[0].color} {other} on a {scenes[0].background} background"
     assert metric(image, wrong)["match_shape"] is False
 
 
@@ -303,7 +307,8 @@ def test_vae_batches_carry_every_degradation_and_reconstruct_them_as_they_are(tm
 
     asked = []
     sample_batch = world.sample_batch
-    monkeypatch.setattr(train.world, "sample_batch", lambda seed, n, **kw: asked.append(kw.get("degradation")) or sample_batch(seed, n, **kw))
+    monkeypatch.setattr(train.world, "sample_batch", lambda seed, n,
+                        **kw: asked.append(kw.get("degradation")) or sample_batch(seed, n, **kw))
     cfg = TrainConfig(vae_steps=1, vae_batch=16, vae_channels=(16, 16, 16, 16), checkpoint_every=1)
     trainer = Trainer(tmp_path / "w", cfg)
     x, extra = trainer._topped_up_batch(0, cfg.vae_degraded_extra)
@@ -331,7 +336,8 @@ def test_the_decoder_stage_gets_the_degraded_topup(tmp_path, monkeypatch):
 
     asked = []
     sample_batch = world.sample_batch
-    monkeypatch.setattr(train.world, "sample_batch", lambda seed, n, **kw: asked.append((n, kw.get("degradation"))) or sample_batch(seed, n, **kw))
+    monkeypatch.setattr(train.world, "sample_batch", lambda seed, n,
+                        **kw: asked.append((n, kw.get("degradation"))) or sample_batch(seed, n, **kw))
     cfg = TrainConfig(vae_batch=16, vae_channels=(16, 16, 16, 16), decoder_steps=1)
     trainer = Trainer(tmp_path / "w", cfg)
     state = {"stage": "decoder", "step": 0, "vae": train.build_vae(cfg).state_dict()}
@@ -370,10 +376,10 @@ def test_the_vae_stage_trains_with_the_penalty(tmp_path):
     """The shipped regularizer runs through the VAE stage and logs its penalty."""
     logs = []
     cfg = TrainConfig(vae_steps=2, vae_batch=8, vae_degraded_extra=2, vae_channels=(16, 16, 16, 16), checkpoint_every=2)
-    trainer = Trainer(tmp_path / "w", cfg, lambda stage, step, total, l: logs.append(l))
+    trainer = Trainer(tmp_path / "w", cfg, lambda stage, step, total, log: logs.append(log))
     state = trainer.train_vae(trainer._load())
     assert state["stage"] == "decoder" and len(logs) == 2
-    assert all(l["jac"] > 0 for l in logs)
+    assert all(log["jac"] > 0 for log in logs)
 
 
 def test_the_default_training_is_the_shipped_priors():
@@ -383,7 +389,8 @@ def test_the_default_training_is_the_shipped_priors():
     cfg = TrainConfig()
     vae = json.loads((SHAPES_PRIOR / "vae" / "config.json").read_text())
     unet = json.loads((SHAPES_PRIOR / "unet" / "config.json").read_text())
-    assert tuple(vae["block_out_channels"]) == cfg.vae_channels and tuple(unet["block_out_channels"]) == cfg.unet_channels
+    assert tuple(vae["block_out_channels"]) == cfg.vae_channels
+    assert tuple(unet["block_out_channels"]) == cfg.unet_channels
     assert (cfg.jacobian_weight, cfg.vae_steps, cfg.decoder_steps, cfg.prior_steps) == (5.0, 2000, 600, 10_000)
     assert (cfg.vae_degraded_extra, cfg.caption_dropout, cfg.ema_decay) == (6, 0.3, 0.999)
     assert (SHAPES_PRIOR / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > 0
@@ -400,7 +407,8 @@ def test_edge_loss_grows_with_blur_and_vanishes_on_a_perfect_reconstruction():
     scenes = [world.sample_scene(rng, degradation=False) for _ in range(8)]
 
     def batch(strength=None):
-        return _to_tensor(np.stack([world.render(dataclasses.replace(s, degradation=strength and "blur", strength=strength or 0.0))
+        return _to_tensor(np.stack([world.render(dataclasses.replace(s, degradation=strength and "blur",
+                                                                     strength=strength or 0.0))
                                     for s in scenes]))
 
     sharp = batch()
@@ -442,7 +450,8 @@ def test_encoder_robustness_reads_fine_sensitivity_and_ignores_the_latent_scale(
 
     k1 = torch.tensor([0.25, 0.5, 0.25])
     blur = (k1[:, None] * k1[None, :]).expand(3, 1, 3, 3)
-    blurring = SimpleNamespace(encode=lambda x: vae.encode(F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), blur, groups=3)))
+    blurring = SimpleNamespace(encode=lambda x: vae.encode(F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), blur,
+                                                                    groups=3)))
     blurred = encoder_robustness(blurring, n=16)
     for k in ("highpass_noise", "checkerboard"):
         assert blurred[k] / blurred["colour_shift"] < 0.5 * scaled[k] / scaled["colour_shift"], k

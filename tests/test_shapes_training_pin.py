@@ -18,7 +18,7 @@ import hashlib
 import pytest
 import torch
 
-from sdsctl.shapes.train import Trainer, TrainConfig
+from sdsctl.shapes.train import TrainConfig, Trainer
 
 #: stage -> sha256 of the weights it produced (see :func:`_digest`)
 EXPECTED = {

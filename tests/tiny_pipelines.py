@@ -92,7 +92,8 @@ def sdxl(out: Path) -> Path:
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(
-        vae=vae(), text_encoder=clip_text_encoder(tok), text_encoder_2=clip_text_encoder(tok, "CLIPTextModelWithProjection"),
+        vae=vae(), text_encoder=clip_text_encoder(tok),
+        text_encoder_2=clip_text_encoder(tok, "CLIPTextModelWithProjection"),
         tokenizer=tok, tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler, add_watermarker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
@@ -127,7 +128,8 @@ def deepfloyd_if(out: Path) -> Path:
         attention_head_dim=4, norm_num_groups=4, resnet_time_scale_shift="scale_shift", act_fn="gelu",
         only_cross_attention=False,
     )
-    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", prediction_type="epsilon",
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
+                              prediction_type="epsilon",
                               thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.0)
     pipe = IFPipeline(tokenizer=tok, text_encoder=text_encoder, unet=unet, scheduler=scheduler, safety_checker=None,
                       feature_extractor=None, watermarker=None, requires_safety_checker=False)

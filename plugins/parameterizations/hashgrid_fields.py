@@ -22,7 +22,8 @@ from sdsctl.hashgrid import HashGridConfig, HashGridField, fit_to
 class HashGridOptions(ComponentConfig):
     init: Literal["gaussian", "zeros"] = "gaussian"
     resolution: int | None = Field(None, gt=0, description="image size in pixels; default: the model's native size")
-    grid: HashGridConfig = Field(default_factory=HashGridConfig, description="hash encoding (tiny-cuda-nn's HashGrid options)")
+    grid: HashGridConfig = Field(default_factory=HashGridConfig,
+                                 description="hash encoding (tiny-cuda-nn's HashGrid options)")
     hidden_width: int = Field(32, gt=0, description="width of the MLP's hidden layers")
     hidden_layers: int = Field(1, ge=0, description="number of hidden layers")
     output_activation: Literal["none", "sigmoid", "tanh"] = Field(
@@ -40,7 +41,8 @@ class _HashGridParameterization(Parameterization):
     def _field(self, size: int, channels: int) -> HashGridField:
         c = self.config
         return HashGridField(size, channels, c.grid, hidden_width=c.hidden_width, n_hidden_layers=c.hidden_layers,
-                             output_activation=c.output_activation, device=self.ctx.device, generator=self.ctx.generator)
+                             output_activation=c.output_activation, device=self.ctx.device,
+                             generator=self.ctx.generator)
 
     def _gaussian_latent(self) -> torch.Tensor:
         g = self.ctx.generator

@@ -15,7 +15,6 @@ from pydantic import Field
 
 from sdsctl.components import ComponentConfig, Parameterization
 
-
 #: images are kept this far inside (0, 1) when turned into logits (a finite θ for black/white)
 EDGE = 1e-3
 

@@ -419,5 +419,6 @@ class Prior:
         if self.vae is None:
             x = z.float()
         else:
-            x = self.vae.decode((z / self.scaling_factor + self.shift_factor).to(self.vae.decoder.conv_in.weight.dtype)).sample.float()
+            scaled = (z / self.scaling_factor + self.shift_factor).to(self.vae.decoder.conv_in.weight.dtype)
+            x = self.vae.decode(scaled).sample.float()
         return (x / 2 + 0.5).clamp(0, 1)

@@ -46,7 +46,8 @@ def fidelity(pipe, *, seed: int = 0, steps: int = 50, guidance_scale: float = 7.
     if limit:
         rng = np.random.default_rng(seed)
         prompts = [prompts[i] for i in sorted(rng.choice(len(prompts), limit, replace=False))]
-    images = sampling.sample(pipe, prompts, [seed + i for i in range(len(prompts))], steps=steps, guidance_scale=guidance_scale)
+    images = sampling.sample(pipe, prompts, [seed + i for i in range(len(prompts))], steps=steps,
+                             guidance_scale=guidance_scale)
     judged = [judge.judge(im, p) for im, p in zip(images, prompts)]
     matches = [j.matches(p) for j, p in zip(judged, prompts)]
     attrs = [m[k] for m in matches for k in ("match_color", "match_shape", "match_background")]
@@ -71,18 +72,21 @@ def quality_words(pipe, *, n: int = 24, seed: int = 2000, steps: int = 50, guida
     rng = np.random.default_rng(seed)
     base = [all_prompts()[i] for i in rng.choice(len(all_prompts()), n, replace=False)]
     seeds = [seed + i for i in range(n)]
-    plain = [judge.judge(im, p) for im, p in zip(sampling.sample(pipe, base, seeds, steps=steps, guidance_scale=guidance_scale), base)]
+    plain = [judge.judge(im, p)
+             for im, p in zip(sampling.sample(pipe, base, seeds, steps=steps, guidance_scale=guidance_scale), base)]
     rows = {}
     for word, (figure, sign) in QUALITY_CHECKS.items():
         prompts = [f"a {word} " + p[2:] for p in base]
-        judged = [judge.judge(im, p) for im, p in zip(sampling.sample(pipe, prompts, seeds, steps=steps, guidance_scale=guidance_scale), prompts)]
+        images = sampling.sample(pipe, prompts, seeds, steps=steps, guidance_scale=guidance_scale)
+        judged = [judge.judge(im, p) for im, p in zip(images, prompts)]
         diffs = [sign * (getattr(j, figure) - getattr(q, figure)) for j, q in zip(judged, plain)]
         rows[word] = {
             "figure": figure,
             "plain_median": float(statistics.median(getattr(q, figure) for q in plain)),
             "word_median": float(statistics.median(getattr(j, figure) for j in judged)),
             "right_direction_rate": float(np.mean([d > 0 for d in diffs])),
-            "shape_match_rate": float(np.mean([j.shape == world.parse_prompt(p)["shape"] for j, p in zip(judged, prompts)])),
+            "shape_match_rate": float(np.mean([j.shape == world.parse_prompt(p)["shape"]
+                                               for j, p in zip(judged, prompts)])),
         }
     return {"pairs_per_word": n, "words": rows}
 

@@ -94,7 +94,8 @@ def judge(image, prompt: str | None = None) -> Judgement:
     """
     x = to_array(image)
     n = x.shape[0]
-    border = np.concatenate([x[:2].reshape(-1, 3), x[-2:].reshape(-1, 3), x[:, :2].reshape(-1, 3), x[:, -2:].reshape(-1, 3)])
+    border = np.concatenate([x[:2].reshape(-1, 3), x[-2:].reshape(-1, 3), x[:, :2].reshape(-1, 3),
+                             x[:, -2:].reshape(-1, 3)])
     c_b = np.median(border, axis=0)
     dist = np.linalg.norm(x - c_b, axis=-1)
     far = np.percentile(dist[3:-3, 3:-3], 98)
@@ -109,11 +110,13 @@ def judge(image, prompt: str | None = None) -> Judgement:
     want = world.parse_prompt(prompt) if prompt else {}
     ideal_bg = world.palette(want["background"]) if want.get("background") else _PALETTE[bg_idx]
     ideal_fg = world.palette(want["color"]) if want.get("color") else _PALETTE[fg_idx]
-    palette_error = float(np.minimum(np.linalg.norm(x - ideal_bg, axis=-1), np.linalg.norm(x - ideal_fg, axis=-1)).mean())
+    palette_error = float(np.minimum(np.linalg.norm(x - ideal_bg, axis=-1),
+                                     np.linalg.norm(x - ideal_fg, axis=-1)).mean())
     background = _PALETTE_NAMES[bg_idx]
     brightness = float((x @ _LUMA).mean())
     if not has_shape:
-        return Judgement(background, None, None, 0.0, palette_error, 0.0, float(x.std()), _saturation(x), 0.0, brightness)
+        return Judgement(background, None, None, 0.0, palette_error, 0.0, float(x.std()), _saturation(x), 0.0,
+                         brightness)
 
     axis = c_f - c_b
     # soft membership: projection of every pixel on the measured background -> shape axis

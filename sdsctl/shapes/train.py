@@ -360,7 +360,8 @@ class Trainer:
             loss = _decoder_loss(rec, x)
             _optimizer_step(loss, opt, sched, params)
             done = step + 1
-            self.progress("decoder", done, cfg.decoder_steps, {"rec": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
+            self.progress("decoder", done, cfg.decoder_steps,
+                          {"rec": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
             if done % cfg.checkpoint_every == 0 or done == cfg.decoder_steps:
                 finished = done == cfg.decoder_steps
                 state = {**state, "stage": "latents" if finished else "decoder", "step": 0 if finished else done,
@@ -402,7 +403,8 @@ class Trainer:
         text = build_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id).to(self.device)
         params = list(unet.parameters()) + list(text.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.prior_lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.prior_lr, total_steps=cfg.prior_steps, pct_start=0.05)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.prior_lr, total_steps=cfg.prior_steps,
+                                                    pct_start=0.05)
         if "unet" in state:
             unet.load_state_dict(state["unet"])
             text.load_state_dict(state["text"])
@@ -424,7 +426,8 @@ class Trainer:
             batch_ids = ids[idx].clone()
             batch_ids[drop] = empty
             noise = torch.randn(z0.shape, generator=g).to(self.device)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.prior_batch,), generator=g).to(self.device)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.prior_batch,),
+                              generator=g).to(self.device)
             zt = noise_sched.add_noise(z0, noise, t)
             emb = text(batch_ids.to(self.device))[0]
             pred = unet(zt, t, encoder_hidden_states=emb).sample
@@ -432,7 +435,8 @@ class Trainer:
             _optimizer_step(loss, opt, sched, params)
             ema.step(params)
             done = step + 1
-            self.progress("prior", done, cfg.prior_steps, {"loss": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
+            self.progress("prior", done, cfg.prior_steps,
+                          {"loss": float(loss.detach()), "s/step": (time.time() - t0) / (done - start)})
             if done % cfg.checkpoint_every == 0 or done == cfg.prior_steps:
                 state = {**state, "stage": "prior" if done < cfg.prior_steps else "done", "step": done,
                          "unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),

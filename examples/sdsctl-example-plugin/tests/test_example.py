@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from sdsctl import plugins
 from sdsctl.cli import create_app
-from sdsctl.components import StepTimes
 from sdsctl_example_plugin import BrightnessContrast, LinearDecay, SDSRescaled
 
 
