@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,38 @@ def test_ci_lints_before_it_tests():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert any(d.startswith("ruff") for d in project["project"]["optional-dependencies"]["test"])
     assert project["tool"]["ruff"]["line-length"] and project["tool"]["ruff"]["lint"]["select"]
+
+
+def documented_layers() -> dict[str, int]:
+    """Path -> layer, from the tables under ``## Modules`` of docs/architecture.md
+    (each under a heading ``### <layer> · <name>``)."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    modules = text.split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
+    found: dict[str, int] = {}
+    for section in modules.split("\n### ")[1:]:
+        heading, _, body = section.partition("\n")
+        layer = int(heading.split("·")[0].strip())
+        for path in re.findall(r"^\| `([^`]+)` \|", body, flags=re.M):
+            assert path not in found, f"{path} is listed twice"
+            found[path] = layer
+    return found
+
+
+def test_docs_list_every_module_in_its_layer():
+    layers = documented_layers()
+    files = {str(path.relative_to(ROOT)) for path in module_files().values()}
+    missing = sorted(files - set(layers))
+    assert not missing, f"modules missing from docs/architecture.md (## Modules): {missing}"
+    stale = sorted(p for p in layers if not (ROOT / p).exists())
+    assert not stale, f"docs/architecture.md lists modules that do not exist: {stale}"
+
+
+def test_imports_point_down_the_layers():
+    """A module imports only modules of its own layer or of a lower one (docs/architecture.md)."""
+    layers = documented_layers()
+    files = module_files()
+    layer = {name: layers[str(path.relative_to(ROOT))] for name, path in files.items()}
+    graph = import_graph()
+    upward = [f"{m} ({layer[m]}) -> {t} ({layer[t]})" for m in sorted(graph) for t in sorted(graph[m])
+              if layer[t] > layer[m] and (m, t) not in ALLOWED_EDGES]
+    assert not upward, "imports pointing up the layers: " + "; ".join(upward)
