@@ -6,7 +6,6 @@ public API.
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field, model_validator
 
 import sdsctl
@@ -29,10 +28,14 @@ class SDSRescaled(Guidance):
         rescale: float = Field(0.7, ge=0, le=1, description="φ: 0 is plain SDS")
 
     def __init__(self, config, ctx):
+        import torch
+
         super().__init__(config, ctx)
         self.rows = torch.cat([ctx.embeddings(ctx.recipe.negative_prompt), ctx.embeddings(ctx.recipe.prompt)])
 
     def score(self, z, times):
+        import torch
+
         prior, g = self.ctx.prior, self.ctx.generator
         eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
         z_t = prior.add_noise(z, eps, times.t)
