@@ -12,6 +12,7 @@ import typer
 
 import sdsctl
 from sdsctl.devices import ACCEPTED
+from sdsctl.errors import SdsctlError
 from sdsctl.executors import AddressOption, CpusPerRunOption, ExecutorOption, JobsOption
 
 
@@ -57,6 +58,10 @@ def sweep(
     check_folder(folder)
     runner = from_options(executor, jobs, address, cpus_per_run)
     overrides = {k: v for k, v in {"model": model, "device": device, "steps": steps}.items() if v is not None}
+    for g in grids:
+        top = g.key.split(".")[0]
+        if top in overrides:
+            raise SdsctlError(f"--grid {g.key} and --{top} both set {top}; give it once")
     validate(recipe, grids, sets, overrides)
     chosen = pairs_for(recipe, pairs, prompt, seeds, sets)
     live = not no_live and sys.stdout.isatty()

@@ -310,9 +310,10 @@ def run_settings(settings: list[Setting], pairs: list[tuple[str, int]], out: Pat
         if spec.state == "reuse":
             driver.finished(spec, None)
     todo = [s for s in specs if s.state != "reuse"]
-    if todo and not sequential:
-        echo(f"{kind}: {len(todo)} run(s) to execute on {executor.describe()}")
-    executor.run(todo, driver)
+    if todo:  # all reused: no executor to start (a Ray instance takes seconds)
+        if not sequential:
+            echo(f"{kind}: {len(todo)} run(s) to execute on {executor.describe()}")
+        executor.run(todo, driver)
     ran = len(specs) - progress.reused - progress.continued
     echo(f"reused {progress.reused} of {len(specs)} runs, continued {progress.continued} interrupted, "
          f"ran {ran}" + (f", {progress.failed} failed" if progress.failed else "") + f"; {executor.describe()}")
