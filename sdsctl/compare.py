@@ -144,12 +144,11 @@ def metrics_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 class Progress:
-    """Runs done, reused and the ETA of a comparison (estimated from the steps of runs executed
-    here, divided among the runs that execute at once)."""
+    """Runs done, reused and the ETA of a comparison (estimated from the steps of runs executed here)."""
 
-    def __init__(self, total_runs: int, total_steps: int, kind: str = "compare", parallel: int = 1):
+    def __init__(self, total_runs: int, total_steps: int, kind: str = "compare"):
         self.total_runs, self.total_steps = total_runs, total_steps
-        self.kind, self.parallel = kind, max(1, parallel)
+        self.kind = kind
         self.done = self.reused = self.continued = self.failed = 0
         self.steps_left = total_steps
         self.run_steps = 0
@@ -170,8 +169,7 @@ class Progress:
 
         if not self.run_steps:
             return "?"
-        seconds = self.steps_left * self.run_seconds / self.run_steps / self.parallel
-        return str(datetime.timedelta(seconds=int(seconds)))
+        return str(datetime.timedelta(seconds=int(self.steps_left * self.run_seconds / self.run_steps)))
 
     def line(self) -> str:
         import datetime
@@ -303,7 +301,7 @@ def run_settings(settings: list[Setting], pairs: list[tuple[str, int]], out: Pat
              "the prior has never seen these words (the shapes judge reports n/a for prompts outside its world)")
     specs = plan(items, pairs, overrides)
     executor = executor or LocalExecutor()
-    progress = Progress(len(specs), sum(s.steps for s in specs), kind, executor.parallel)
+    progress = Progress(len(specs), sum(s.steps for s in specs), kind)
     sequential = isinstance(executor, LocalExecutor) and executor.jobs == 1
     driver = _Driver(progress, echo, live, scorer, sequential)
     for spec in specs:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -154,7 +155,7 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "sdsctl.runtask"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      start_new_session=True)  # Ctrl-C reaches it through the driver, once
-        payload = json.dumps({k: v for k, v in task.__dict__.items() if k != "files"})
+        payload = json.dumps({k: v for k, v in dataclasses.asdict(task).items() if k != "files"})
         threading.Thread(target=self._wait, args=(payload, done), daemon=True).start()
 
     def _wait(self, payload: str, done: queue.Queue) -> None:
@@ -188,10 +189,6 @@ class LocalExecutor:
             raise SdsctlError(f"--jobs {jobs}: must be 1 or more")
         self.jobs = jobs
         self.models = Models()
-
-    @property
-    def parallel(self) -> int:
-        return self.jobs
 
     def describe(self) -> str:
         if self.jobs == 1:
@@ -316,7 +313,6 @@ class RayExecutor:
         self.ray = import_ray()  # missing: an input error now, before any run
         self.address, self.cpus_per_run = address, cpus_per_run
         self.task_fn = task_fn or run_shipped
-        self.parallel = 1
         self.gpus = 0.0
         self._remote = None
 
@@ -350,12 +346,8 @@ class RayExecutor:
         if not self.gpus and cpus < self.cpus_per_run:
             raise SdsctlError(f"--cpus-per-run {self.cpus_per_run:g}: no node of the Ray cluster has that many "
                               f"CPUs (the largest has {cpus:g}); ask for fewer")
-        total = ray.cluster_resources().get("CPU", 0)
-        self.parallel = max(1, int(self.gpus) if self.gpus else int(total // self.cpus_per_run))
 
     def _submit(self, spec, mode: str) -> Any:
-        from .runtask import task_for as make_task
-
         if self._remote is None:
             self._remote = self.ray.remote(self.task_fn)
         files = pack(spec.path) if mode == "resume" else None
@@ -363,7 +355,7 @@ class RayExecutor:
         remote = self._remote.options(num_gpus=1 if self.gpus and spec.device != "cpu" else 0,
                                       num_cpus=self.cpus_per_run, max_retries=ATTEMPTS - 1, retry_exceptions=False,
                                       name=f"sdsctl {spec.describe()}"[:120])
-        return remote.remote(make_task(spec, mode, files))
+        return remote.remote(task_for(spec, mode, files))
 
     def run(self, specs: list, events: Events) -> None:
         ray = self.ray

@@ -191,13 +191,11 @@ def run_shipped(task: RunTask, reporter=None) -> Outcome:
 
 def _main() -> int:
     """Run the task on stdin in place; the outcome is the last line of stdout."""
-    from .loop import StopNow
-
     data: dict[str, Any] = json.loads(sys.stdin.read())
     task = RunTask(**data)
     try:
         outcome = run_task(task)
-    except (KeyboardInterrupt, StopNow):  # a signal before the run's own handler was installed
+    except KeyboardInterrupt:  # a signal while loading (the run's own handler stops it then: StopNow)
         outcome = Outcome("interrupted", error="interrupted while loading", steps_done=_steps_done(Path(task.run_dir)))
     sys.stdout.write("\n" + outcome.to_json() + "\n")
     sys.stdout.flush()

@@ -71,7 +71,7 @@ def parse_grid(expr: str) -> Grid:
         except yaml.YAMLError as exc:
             raise _bad(expr, f"a value is not valid YAML ({str(exc).splitlines()[0]})") from None
     for i, v in enumerate(values):
-        if v in values[:i]:
+        if any(type(v) is type(w) and v == w for w in values[:i]):  # 1 and true are two values
             raise _bad(expr, f"the value {texts[i]} is listed twice")
     return Grid(expr, key, tuple(values), tuple(texts))
 

@@ -32,6 +32,7 @@ def test_grid_values_are_parsed_as_set_parses_them():
     g = parse_grid("guidance.guidance_scale=7.5, 20")
     assert (g.key, g.values, g.sets()) == ("guidance.guidance_scale", (7.5, 20),
                                             ["guidance.guidance_scale=7.5", "guidance.guidance_scale=20"])
+    assert parse_grid("compile=1,true").values == (1, True)  # equal in Python, two values here
     listed = parse_grid('negative_prompt=["blurry, dark", ""]')
     assert listed.values == ("blurry, dark", "")
     assert listed.sets() == ['negative_prompt="blurry, dark"', 'negative_prompt=""']
@@ -359,3 +360,14 @@ def test_ray_retries_a_failed_or_lost_run_and_reports_one_that_keeps_failing(fau
     assert (Path(runs["guidance_scale=1"]["run_dir"]) / "final.png").is_file()  # installed on the driver
     md = (out / "compare.md").read_text()
     assert "| – | guidance_scale=5 | failed |" in md and "1 failed" in md
+
+
+def test_ray_refuses_more_cpus_per_run_than_any_node_has(recipe_file, tmp_path, ray_session):
+    from sdsctl.compare import compare
+    from sdsctl.executors import RayExecutor
+
+    with pytest.raises(SdsctlError, match="--cpus-per-run 64: no node of the Ray cluster has that many CPUs"):
+        compare([str(recipe_file())], [("a red circle on a blue background", 0)], tmp_path / "cmp",
+                echo=lambda *_: None, executor=RayExecutor(cpus_per_run=64))
+    assert not (tmp_path / "cmp" / "runs").exists()  # refused before any run
+
