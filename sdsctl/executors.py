@@ -151,6 +151,7 @@ class _Worker:
 
     def __init__(self, spec, mode: str, attempt: int, slot: int, env: dict[str, str], done: queue.Queue):
         self.spec, self.attempt, self.slot = spec, attempt, slot
+        self.reported = threading.Event()
         task = task_for(spec, mode)
         self.proc = subprocess.Popen([sys.executable, "-m", "sdsctl.runtask"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -161,6 +162,7 @@ class _Worker:
     def _wait(self, payload: str, done: queue.Queue) -> None:
         out, err = self.proc.communicate(payload)
         done.put((self, self._outcome(out, err)))
+        self.reported.set()
 
     def _outcome(self, out: str, err: str) -> Outcome:
         lines = [line for line in out.splitlines() if line.strip()]
@@ -269,7 +271,11 @@ class LocalExecutor:
         waiting = dict(running)
         while waiting:
             try:
-                worker, outcome = _next(done)
+                worker, outcome = done.get(timeout=0.5)
+            except queue.Empty:  # an outcome the interrupted loop had taken already
+                for slot in [slot for slot, w in waiting.items() if w.reported.is_set() and done.empty()]:
+                    del waiting[slot]
+                continue
             except KeyboardInterrupt:  # Ctrl-C again: the workers stop their step at once
                 for worker in waiting.values():
                     worker.interrupt()
