@@ -167,7 +167,8 @@ def _ranking(rows, by) -> list[str]:
          '<table class="ranking"><thead><tr>' + "".join(f"<th>{_e(x)}</th>" for x in headers(by)) + "</tr></thead><tbody>"]
     for row in rows:
         values = cells(row, by)
-        h.append("<tr>" + "".join(f'<td class="{"num" if i != 1 else ""}">{_e(v)}</td>' for i, v in enumerate(values)) + "</tr>")
+        h.append("<tr>" + "".join(f"<td>{_e(v)}</td>" if i == 1 else f'<td class="num">{_e(v)}</td>'
+                                  for i, v in enumerate(values)) + "</tr>")
     h.append("</tbody></table>")
     why = note(rows, by)
     if why:
