@@ -47,6 +47,12 @@ class ShapesJudge(Metric):
             return "the shapes judge sees no shape"
         return f"the shapes judge sees a {j.color} {j.shape} (shape IoU {j.shape_iou:.2f})"
 
+    @classmethod
+    def prompts(cls) -> list[str]:
+        from sdsctl.shapes.evaluate import all_prompts
+
+        return all_prompts()
+
 
 @sdsctl.hookimpl
 def register_metrics(register):

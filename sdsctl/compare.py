@@ -1,21 +1,30 @@
-"""Comparing recipes: each recipe run over the same (prompt, seed) pairs, judged by the metrics.
+"""Comparing recipes, and sweeping one recipe's values: plan → execute → collect → write.
 
-``sdsctl compare A.yaml B.yaml --pairs 8 --out DIR`` runs every recipe on every pair with the
-one run loop (``sdsctl.loop.execute``) and writes:
+``sdsctl compare A.yaml B.yaml --pairs 8 --out DIR`` and ``sdsctl sweep R.yaml --grid K=V1,V2
+--out DIR`` are one code path (:func:`run_settings`); they differ only in their settings, the
+rows of the report (one per recipe, one per grid point). For every setting and every
+(prompt, seed) pair:
 
-- ``DIR/compare.json``: per recipe, every run's prompt, seed, seconds, metrics, figures and
-  run directory, and a summary (match rate, medians, and mean and spread of every metric);
-- ``DIR/compare.md``: one row per recipe (match rate, median shape IoU, median palette error,
-  seconds per run), then the mean ± spread of every metric;
-- ``DIR/grid.png``: the final images, one labelled row per recipe, one column per pair;
-- ``DIR/report.html``: the self-contained report (``sdsctl.report``).
+1. **plan** (``sdsctl.plan``): validate every setting before any run; key each run's folder by
+   its resolved recipe, and find which folders hold a finished run (reused), an interrupted
+   one (continued) or nothing yet;
+2. **execute** (``sdsctl.executors``): the runs that are not reused, here, in ``--jobs``
+   worker processes or as Ray tasks; a failed run is retried once, then reported;
+3. **collect**: each run's metrics, figures and status, and per setting a summary (match
+   rate, medians, mean and spread of every metric) and, for a sweep, its rank
+   (``sdsctl.ranking``);
+4. **write** into ``DIR``:
 
-Runs are kept and reused. Each recipe's runs live in ``DIR/runs/<stem>-<key>/`` where ``key``
-hashes the recipe's fully resolved content (after ``--set``), and each run in
-``s<seed>-<prompt>-<key>/`` keyed by its own resolved recipe: two recipes with the same file
-name never share a folder, and calling the same comparison again reuses every completed
-run and continues interrupted ones (as ``sdsctl resume`` does). Runs that share a model
-share its loaded weights.
+- ``compare.json``: per setting, every run's prompt, seed, seconds, metrics, figures, status
+  and run directory, and a summary;
+- ``compare.md``: for a sweep the ranked table first; one row per setting (match rate,
+  median shape IoU, median palette error, seconds per run), then the mean ± spread of every
+  metric;
+- ``grid.png``: the final images, one labelled row per setting, one column per pair;
+- ``report.html``: the self-contained report (``sdsctl.report``).
+
+Calling the same comparison again reuses every completed run and continues interrupted
+ones (as ``sdsctl resume`` does), whichever executor ran them.
 
 Without ``--prompt`` the pairs are prompts of the shapes world (``a {color} {shape} on a
 {background} background``), drawn from a fixed seed so every comparison sees the same ones.
@@ -23,225 +32,27 @@ Without ``--prompt`` the pairs are prompts of the shapes world (``a {color} {sha
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import re
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from .errors import SdsctlError
+from .executors import Events, Interrupted, LocalExecutor
 from .images import save_image
+from .plan import Setting, entries, plan, shapes_pairs, unknown_words  # noqa: F401 - shapes_pairs: public here too
 from .rundir import atomic_write_json, atomic_write_text
+from .runtask import Outcome, Quiet
+from .summaries import completed, fmt, metric_summary, metrics_table, run_numbers, summarize, table  # noqa: F401
 
-
-class _Quiet:
-    """A reporter that shows nothing: without the live panel a comparison prints one line per run."""
-
-    def loading(self, text): ...
-    def start(self, info): ...
-    def step(self, record): ...
-    def preview(self, step, image): ...
-    def note(self, text): ...
-    def close(self): ...
-
-
-class CompareInterrupted(Exception):
-    """A run of the comparison was interrupted (Ctrl-C); its state is saved."""
-
-
-def shapes_pairs(n: int, seed: int = 0) -> list[tuple[str, int]]:
-    """``n`` (prompt, seed) pairs spread over the shapes world's colour/shape/background combinations."""
-    from .shapes.evaluate import all_prompts
-
-    prompts = all_prompts()
-    order = np.random.default_rng(seed).permutation(len(prompts))
-    return [(prompts[int(order[i % len(prompts)])], i) for i in range(n)]
-
-
-def _hash(text: str, n: int = 8) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
-
-
-def _slug(text: str, n: int = 32) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].rstrip("-") or "prompt"
-
-
-@dataclasses.dataclass
-class Entry:
-    """One recipe of a comparison: its label (a row), its content key and its runs' folder."""
-
-    ref: str
-    label: str
-    key: str
-    folder: Path
-    loaded: Any  # LoadedRecipe, with the comparison's --set and options applied
-
-
-def entries(recipes: list[str], sets: list[str], overrides: dict[str, Any], out: Path) -> list[Entry]:
-    """Load and validate every recipe (before any run) and give each a distinct label and folder.
-
-    The label is the file's stem; stems that occur twice get their folder's name in front
-    (``a/x``, ``b/x``), and if that is not enough, their content key.
-    """
-    from .errors import SdsctlError
-    from .recipe import find_recipe, load_recipe, to_yaml
-
-    found = []
-    for ref in recipes:
-        loaded = load_recipe(ref, list(sets), dict(overrides))
-        found.append((ref, find_recipe(ref), loaded, _hash(to_yaml(loaded.recipe))))
-    seen: dict[str, str] = {}
-    for ref, _, _, key in found:
-        if key in seen:
-            raise SdsctlError(f"recipes {seen[key]} and {ref} resolve to the same content; give each once")
-        seen[key] = ref
-    stems = [path.stem for _, path, _, _ in found]
-    labels = [stem if stems.count(stem) == 1 else f"{path.parent.name}/{stem}" for stem, (_, path, _, _) in zip(stems, found)]
-    labels = [lab if labels.count(lab) == 1 else f"{lab}-{key}" for lab, (_, _, _, key) in zip(labels, found)]
-    return [Entry(ref, label, key, out / "runs" / f"{path.stem}-{key}", loaded)
-            for label, (ref, path, loaded, key) in zip(labels, found)]
-
-
-def unknown_words(items: list[Entry], pairs: list[tuple[str, int]]) -> dict[str, list[str]]:
-    """Prompt -> words that some recipe's model has no whole-word token for."""
-    found: dict[str, list[str]] = {}
-    for prompt in dict.fromkeys(p for p, _ in pairs):
-        words: list[str] = []
-        for e in items:
-            words += [w for w in e.loaded.model_info.unknown_words(prompt) if w not in words]
-        if words:
-            found[prompt] = words
-    return found
-
-
-def _numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a metrics dict as ``name.key`` -> float (booleans as 0/1)."""
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_numbers(v, name + "."))
-        elif isinstance(v, bool):
-            out[name] = float(v)
-        elif isinstance(v, (int, float)) and v == v:
-            out[name] = float(v)
-    return out
-
-
-def run_numbers(run: dict[str, Any]) -> dict[str, float]:
-    """Every number of one run: its metrics (``shapes-judge.shape_iou``, ...) and its figures."""
-    numbers = _numbers(run.get("metrics", {}))
-    numbers.update(_numbers({k: v for k, v in run.get("figures", {}).items() if v is not None}))
-    return numbers
-
-
-def metric_summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean, spread (sample standard deviation; 0 for one run) and count of every number over runs."""
-    values: dict[str, list[float]] = {}
-    for run in runs:
-        for k, v in run_numbers(run).items():
-            values.setdefault(k, []).append(v)
-    return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-            for k, v in values.items()}
-
-
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Match rate, median shape IoU, median palette error and seconds per run over one recipe's runs,
-    and the mean and spread of every metric (``metrics``).
-
-    The match says *what* an image shows (the judge names the nearest of three shapes, so a
-    blob still reads as some shape); the shape IoU says how well formed that shape is (a
-    clean render about 0.97, the study's "rough shapes" about 0.6); the palette error how
-    clean the colours are. Prompts outside the shapes world have no match (n/a)."""
-    judged = [r["metrics"].get("shapes-judge", {}) for r in runs]
-    matches = [j["match"] for j in judged if "match" in j]
-    ious = [j["shape_iou"] for j in judged if "shape_iou" in j]
-    errors = [j["palette_error"] for j in judged if "palette_error" in j]
-    return {
-        "runs": len(runs),
-        "match_rate": sum(matches) / len(matches) if matches else None,
-        "matches": sum(matches),
-        "median_shape_iou": statistics.median(ious) if ious else None,
-        "median_palette_error": statistics.median(errors) if errors else None,
-        "seconds_per_run": statistics.mean(r["seconds"] for r in runs),
-        "metrics": metric_summary(runs),
-    }
-
-
-def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| recipe | judge match | median shape IoU | median palette error | s/run |", "|---|---|---|---|---|"]
-
-    def number(value, fmt: str) -> str:
-        return format(value, fmt) if value is not None else "n/a"
-
-    for name, res in results.items():
-        s = res["summary"]
-        match = f"{s['matches']}/{s['runs']} ({s['match_rate']:.0%})" if s["match_rate"] is not None else "n/a"
-        lines.append(f"| {name} | {match} | {number(s.get('median_shape_iou'), '.2f')} | "
-                     f"{number(s['median_palette_error'], '.3f')} | {s['seconds_per_run']:.1f} |")
-    return "\n".join(lines) + "\n"
-
-
-def fmt(x: float) -> str:
-    return f"{x:.3g}" if x == 0 or 1e-3 <= abs(x) < 1e5 else f"{x:.2e}"
-
-
-def metrics_table(results: dict[str, dict[str, Any]]) -> str:
-    """Mean ± spread of every metric, one row per metric, one column per recipe."""
-    names = list(dict.fromkeys(k for res in results.values() for k in res["summary"].get("metrics", {})))
-    if not names:
-        return ""
-    lines = ["| metric | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
-    for k in names:
-        cells = []
-        for res in results.values():
-            m = res["summary"].get("metrics", {}).get(k)
-            cells.append(f"{fmt(m['mean'])} ± {fmt(m['std'])}" if m else "n/a")
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-class Models:
-    """The loaded priors of a comparison: runs that share a model (config, device, dtype) share
-    its weights. One is kept at a time (memory); a run that changed the model (a guidance
-    that added adapters to the UNet, e.g. VSD's LoRA) gets it dropped, so the next run loads
-    a clean copy."""
-
-    def __init__(self):
-        self.key: tuple | None = None
-        self.prior = None
-        self.loads = 0
-
-    def get(self, loaded):
-        from .loop import blame, resolve_device, resolve_dtype
-
-        device = resolve_device(loaded.recipe.device)
-        dtype, _ = resolve_dtype(loaded.recipe.dtype, device)
-        key = (loaded.recipe.model.model_dump_json(), str(device), str(dtype))
-        if key != self.key:
-            self.prior, self.key = None, None
-            with blame(loaded.components["model"], "loading the model"):
-                self.prior = loaded.components["model"].obj(loaded.recipe.model).load(device, dtype)
-            self.key = key
-            self.loads += 1
-        return self.prior
-
-    def after_run(self) -> None:
-        unet = getattr(self.prior, "unet", None)
-        if getattr(unet, "peft_config", None):
-            self.prior, self.key = None, None
-
-
+#: a run of the comparison was interrupted (Ctrl-C); its state is saved (the same call continues it)
+CompareInterrupted = Interrupted
 class Progress:
     """Runs done, reused and the ETA of a comparison (estimated from the steps of runs executed here)."""
 
-    def __init__(self, total_runs: int, total_steps: int):
+    def __init__(self, total_runs: int, total_steps: int, kind: str = "compare"):
         self.total_runs, self.total_steps = total_runs, total_steps
-        self.done = self.reused = self.continued = 0
+        self.kind = kind
+        self.done = self.reused = self.continued = self.failed = 0
         self.steps_left = total_steps
         self.run_steps = 0
         self.run_seconds = 0.0
@@ -268,8 +79,10 @@ class Progress:
 
         elapsed = datetime.timedelta(seconds=int(time.perf_counter() - self.started))
         reused = f", {self.reused} reused" if self.reused else ""
-        return (f"compare: {self.done}/{self.total_runs} runs done{reused} · elapsed {elapsed} · "
-                f"ETA {self.eta()} · now {self.current}")
+        failed = f", {self.failed} failed" if self.failed else ""
+        now = f" · now {self.current}" if self.current else ""
+        return (f"{self.kind}: {self.done}/{self.total_runs} runs done{reused}{failed} · elapsed {elapsed} · "
+                f"ETA {self.eta()}{now}")
 
 
 def _live_reporter(progress: Progress):
@@ -286,110 +99,187 @@ def _live_reporter(progress: Progress):
     return CompareLive()
 
 
-def _recorded_recipe(path: Path) -> str | None:
-    try:
-        text = (path / "recipe.yaml").read_text()
-    except OSError:
-        return None
-    return text.split("\n", 1)[1] if text.startswith("#") else text
+# ----------------------------------------------------------------------------- execute and collect
+
+class _Driver(Events):
+    """Hears the executor: keeps the progress, prints a line per run, collects each run as it ends."""
+
+    def __init__(self, progress: Progress, echo, live: bool, scorer, sequential: bool):
+        self.progress, self.echo, self.live, self.scorer = progress, echo, live, scorer
+        self.sequential = sequential
+        self.runs: dict[int, dict[str, Any]] = {}
+
+    def reporter(self, spec):
+        return _live_reporter(self.progress) if self.live else Quiet()
+
+    def started(self, spec) -> None:
+        if self.sequential:
+            self.progress.current = spec.describe()
+            if not self.live:
+                self.echo(self.progress.line())
+
+    def retrying(self, spec, outcome: Outcome) -> None:
+        self.echo(f"{spec.describe()}: attempt {outcome.attempts} {outcome.status}: {outcome.error}; "
+                  "trying once more from the start")
+
+    def finished(self, spec, outcome: Outcome | None) -> None:
+        """``outcome`` None: a reused run."""
+        run = collect_run(spec, outcome, self.scorer)
+        self.runs[id(spec)] = run
+        progress = self.progress
+        progress.reused += outcome is None
+        progress.continued += outcome is not None and outcome.status == "completed" and spec.state == "resume" \
+            and outcome.attempts == 1
+        progress.failed += run["status"] == "failed"
+        progress.finish(spec.steps, None if outcome is None else outcome.seconds or 0.0)
+        if run["status"] == "failed":
+            how = f"FAILED after {outcome.attempts} attempt(s): {outcome.error}"
+        else:
+            judged = run["metrics"].get("shapes-judge", {})
+            verdict = {True: "match", False: "miss"}.get(judged.get("match"), "judge n/a")
+            when = ("reused" if outcome is None else "continued" if spec.state == "resume" and outcome.attempts == 1
+                    else f"{run['seconds']:.1f}s")
+            how = f"{verdict} ({when}{', attempt 2' if outcome is not None and outcome.attempts > 1 else ''})"
+        self.echo(f"{spec.entry.label} [{progress.done}/{progress.total_runs}] {spec.prompt!r} seed {spec.seed}: {how}")
 
 
-def _plan(path: Path, run_yaml: str) -> str:
-    """What to do with a run folder: ``new``, ``reuse`` (completed), ``resume`` or ``restart``."""
-    from .rundir import RunDir
+def collect_run(spec, outcome: Outcome | None, scorer=None) -> dict[str, Any]:
+    """One run as compare.json records it (``outcome`` None: reused)."""
+    from .runread import RunData
 
-    if not path.exists() or not any(path.iterdir()):
-        return "new"
-    if _recorded_recipe(path) != run_yaml:
-        return "restart"
-    summary = RunDir(path).read_summary()
-    if summary.get("status") == "completed" and (path / "final.png").is_file():
-        return "reuse"
-    return "resume" if (path / "state.pt").is_file() else "restart"
+    base = {"prompt": spec.prompt, "seed": spec.seed, "run_dir": str(spec.path), "reused": outcome is None,
+            "attempts": outcome.attempts if outcome else 0}
+    if outcome is not None and outcome.status != "completed":
+        return {**base, "seconds": round(outcome.seconds or 0.0, 3), "metrics": {}, "figures": {},
+                "status": "failed", "error": outcome.error}
+    data = RunData.read(spec.path)
+    metrics = dict(data.summary.get("metrics", {}))
+    if scorer is not None:
+        metrics["clip"] = {"score": scorer.score(spec.path / "final.png", spec.prompt)}
+    return {**base, "seconds": data.summary["seconds"], "metrics": metrics, "figures": data.figures(),
+            "status": "completed"}
+
+
+def check_folder(folder: Path, option: str = "--out") -> None:
+    """Refuse an output folder that holds something other than a comparison (nothing is written)."""
+    if folder.is_file() or (folder.is_dir() and any(folder.iterdir())
+                            and not ((folder / "compare.json").exists() or (folder / "runs").is_dir())):
+        raise SdsctlError(f"{option} {folder} is not empty and holds no comparison; choose another folder")
 
 
 def compare(recipes: list[str], pairs: list[tuple[str, int]], out: Path, sets: list[str] = (),
             overrides: dict[str, Any] | None = None, echo=print, live: bool = False,
-            clip: Path | None = None) -> dict[str, dict[str, Any]]:
+            clip: Path | None = None, executor=None) -> dict[str, dict[str, Any]]:
     """Run every recipe on every pair (reusing finished runs); returns ``{label: {"summary": ..., "runs": [...]}}``.
 
-    Raises :class:`CompareInterrupted` when a run was interrupted (its state is saved: the
-    same call continues it)."""
-    from .loop import execute
-    from .recipe import load_recipe, to_yaml
-    from .runread import RunData
+    Raises :class:`CompareInterrupted` when the runs were interrupted (their state is saved:
+    the same call continues them)."""
+    settings = [Setting(ref, list(sets)) for ref in recipes]
+    return run_settings(settings, pairs, out, overrides, echo=echo, live=live, clip=clip, executor=executor)
+
+
+def run_settings(settings: list[Setting], pairs: list[tuple[str, int]], out: Path,
+                 overrides: dict[str, Any] | None = None, *, echo=print, live: bool = False,
+                 clip: Path | None = None, executor=None, kind: str = "compare",
+                 rank_by: str | None = None) -> dict[str, dict[str, Any]]:
+    """Plan, execute, collect and write (the module docstring) the settings × ``pairs``.
+
+    ``kind``: ``compare`` or ``sweep`` (names the rows and the report); a sweep ranks its
+    settings (``rank_by``, see ``sdsctl.ranking``). Failed runs are in the results, with
+    their error (``summary.failed`` counts them)."""
+    from .ranking import parse_rank_by
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    # validate everything before the first run: a typo in the last recipe must not cost the others
-    items = entries(recipes, list(sets), overrides, out)
+    by = parse_rank_by(rank_by, clip is not None) if kind == "sweep" or rank_by else None
+    # validate everything before the first run: a typo in the last setting must not cost the others
+    items = entries(settings, overrides, out)
     scorer = None
     if clip is not None:
         from .clipscore import ClipScorer
 
         scorer = ClipScorer(clip)  # a bad folder fails now, before any run
-    for prompt, words in unknown_words(items, pairs).items():
+    unknown = unknown_words(items, pairs)
+    for prompt, words in unknown.items():
         echo(f"warning: {prompt!r}: no whole-word token for {', '.join(words)} in the model's vocabulary; "
              "the prior has never seen these words (the shapes judge reports n/a for prompts outside its world)")
-    plans = []
+    specs = plan(items, pairs, overrides)
+    executor = executor or LocalExecutor()
+    progress = Progress(len(specs), sum(s.steps for s in specs), kind)
+    sequential = isinstance(executor, LocalExecutor) and executor.jobs == 1
+    driver = _Driver(progress, echo, live, scorer, sequential)
+    for spec in specs:
+        if spec.state == "reuse":
+            driver.finished(spec, None)
+    todo = [s for s in specs if s.state != "reuse"]
+    if todo:  # all reused: no executor to start (a Ray instance takes seconds)
+        if not sequential:
+            echo(f"{kind}: {len(todo)} run(s) to execute on {executor.describe()}")
+        executor.run(todo, driver)
+    ran = len(specs) - progress.reused - progress.continued
+    echo(f"reused {progress.reused} of {len(specs)} runs, continued {progress.continued} interrupted, "
+         f"ran {ran}" + (f", {progress.failed} failed" if progress.failed else "") + f"; {executor.describe()}")
+    results = collect(items, specs, driver.runs)
+    write(out, results, pairs, by=by, kind=kind, clip=scorer is not None, unknown=unknown)
+    return results
+
+
+def command(settings: list[Setting], pairs: list[tuple[str, int]], folder: Path, overrides: dict[str, Any], *,
+            echo, err, live: bool, clip: Path | None, executor, kind: str = "compare",
+            rank_by: str | None = None) -> int:
+    """What ``compare`` and ``sweep`` do once their options are read; returns the exit code:
+    0, 1 when a run failed (after every output is written), 130 when interrupted."""
+    try:
+        results = run_settings(settings, pairs, folder, overrides, echo=echo, live=live, clip=clip,
+                               executor=executor, kind=kind, rank_by=rank_by)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        err(f"{exc or 'interrupted'}; run the same command again to continue (finished runs are reused)")
+        return 130
+    echo((folder / "compare.md").read_text(), nl=False)
+    echo(f"-> {folder / 'report.html'}")
+    failed = sum(res["summary"]["failed"] for res in results.values())
+    if failed:
+        err(f"error: {failed} run(s) failed twice; their errors are in the table above and in "
+            f"{folder / 'compare.json'}; the same command again retries them and reuses the rest")
+        return 1
+    return 0
+
+
+def collect(items, specs, runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per setting (in order): its summary, its runs (in plan order) and what defines it."""
+    results: dict[str, dict[str, Any]] = {}
     for e in items:
-        for prompt, seed in pairs:
-            run_loaded = load_recipe(e.ref, list(sets), {**overrides, "prompt": prompt, "seed": seed})
-            run_yaml = to_yaml(run_loaded.recipe)
-            path = e.folder / f"s{seed}-{_slug(prompt)}-{_hash(run_yaml, 6)}"
-            plans.append((e, prompt, seed, run_loaded, path, _plan(path, run_yaml)))
-    progress = Progress(len(plans), sum(p[3].recipe.steps for p in plans))
-    models = Models()
-    results: dict[str, dict[str, Any]] = {e.label: {"runs": []} for e in items}
-    for n, (e, prompt, seed, run_loaded, path, plan) in enumerate(plans, 1):
-        progress.current = f"{e.label} {prompt!r} seed {seed}"
-        if plan == "reuse":
-            progress.reused += 1
-            progress.finish(run_loaded.recipe.steps, None)
-        else:
-            if not live:
-                echo(progress.line())
-            reporter = _live_reporter(progress) if live else _Quiet()
-            started = time.perf_counter()
-            result = execute(run_loaded, path, reporter, overwrite=plan == "restart", resume=plan == "resume",
-                             prior=models.get(run_loaded))
-            models.after_run()
-            if result.status != "completed":
-                raise CompareInterrupted(f"interrupted in {path} at step {result.steps_done}/{result.steps}")
-            progress.continued += plan == "resume"
-            progress.finish(run_loaded.recipe.steps, time.perf_counter() - started)
-        data = RunData.read(path)
-        metrics = dict(data.summary.get("metrics", {}))
-        if scorer is not None:
-            metrics["clip"] = {"score": scorer.score(path / "final.png", prompt)}
-        judged = metrics.get("shapes-judge", {})
-        verdict = {True: "match", False: "miss"}.get(judged.get("match"), "judge n/a")
-        how = "reused" if plan == "reuse" else "continued" if plan == "resume" else f"{data.summary['seconds']:.1f}s"
-        echo(f"{e.label} [{n}/{len(plans)}] {prompt!r} seed {seed}: {verdict} ({how})")
-        results[e.label]["runs"].append({
-            "prompt": prompt, "seed": seed, "seconds": data.summary["seconds"], "metrics": metrics,
-            "run_dir": str(path), "figures": data.figures(), "reused": plan == "reuse",
-        })
-    for e in items:
-        res = results[e.label]
-        res["summary"] = summarize(res["runs"])
-        res.update({"recipe": e.ref, "key": e.key, "folder": str(e.folder),
-                    "resolved": e.loaded.recipe.model_dump(mode="json")})
-        if scorer is None:
-            res["summary"]["notes"] = ["CLIP score skipped: no --clip DIR given"]
-        results[e.label] = {"summary": res.pop("summary"), "runs": res.pop("runs"), **res}
-    echo(f"reused {progress.reused} of {len(plans)} runs, continued {progress.continued} interrupted, "
-         f"ran {len(plans) - progress.reused - progress.continued}; model loaded {models.loads} time(s)")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "compare.json", results)
-    atomic_write_text(out / "compare.md", table(results) + "\n" + metrics_table(results))
-    columns = [f"{p}\nseed {s}" for p, s in pairs]
-    _grid({label: [Path(r["run_dir"]) / "final.png" for r in res["runs"]] for label, res in results.items()},
-          columns, out / "grid.png")
+        these = [runs[id(s)] for s in specs if s.entry is e]
+        res = {"summary": summarize(these), "runs": these, "recipe": e.ref, "key": e.key, "folder": str(e.folder),
+               "resolved": e.loaded.recipe.model_dump(mode="json")}
+        if e.values:
+            res["grid"] = e.values
+        results[e.label] = res
+    return results
+
+
+def write(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, int]], *, by=None,
+          kind: str = "compare", clip: bool = False, unknown: dict[str, list[str]] | None = None) -> None:
+    """compare.json, compare.md, grid.png and report.html into ``out`` (``by``: rank the settings)."""
+    from .ranking import rank, ranked_table
     from .report import write_report
 
-    write_report(out, results, pairs, notes=[] if scorer else ["CLIP score skipped: no --clip DIR given."],
-                 unknown=unknown_words(items, pairs))
-    return results
+    notes = [] if clip else ["CLIP score skipped: no --clip DIR given."]
+    if not clip:
+        for res in results.values():
+            res["summary"]["notes"] = ["CLIP score skipped: no --clip DIR given"]
+    rows = rank(results, by) if by is not None else None
+    for row in rows or []:
+        results[row.label]["summary"]["rank"] = row.as_json(by)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "compare.json", results)
+    name = "setting" if kind == "sweep" else "recipe"
+    ranked = ranked_table(rows, by) + "\n" if rows is not None else ""
+    atomic_write_text(out / "compare.md", ranked + table(results, name) + "\n" + metrics_table(results))
+    columns = [f"{p}\nseed {s}" for p, s in pairs]
+    _grid({label: [Path(r["run_dir"]) / "final.png" if r.get("status", "completed") == "completed" else None
+                   for r in res["runs"]] for label, res in results.items()}, columns, out / "grid.png")
+    write_report(out, results, pairs, notes=notes, unknown=unknown, ranking=(rows, by) if rows is not None else None,
+                 kind=kind)
 
 
 def _font(size: int):
@@ -413,8 +303,9 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
     return lines
 
 
-def _grid(images: dict[str, list[Path]], columns: list[str], path: Path, size: int = 96, gap: int = 4) -> None:
-    """The final images, one row per recipe (labelled on the left), one column per pair (prompt, seed above)."""
+def _grid(images: dict[str, list[Path | None]], columns: list[str], path: Path, size: int = 96, gap: int = 4) -> None:
+    """The final images, one row per setting (labelled on the left), one column per pair (prompt,
+    seed above); a failed run's cell is grey and says so."""
     from PIL import Image, ImageDraw
 
     font = _font(12)
@@ -432,6 +323,11 @@ def _grid(images: dict[str, list[Path]], columns: list[str], path: Path, size: i
         y = head_h + r * (size + gap)
         draw.text((8, y + size // 2 - 7), name, fill="black", font=font)
         for c, p in enumerate(paths):
+            x = label_w + c * (size + gap)
+            if p is None:
+                draw.rectangle((x, y, x + size - 1, y + size - 1), fill="#dddddd")
+                draw.text((x + 8, y + size // 2 - 7), "failed", fill="#b42318", font=font)
+                continue
             with Image.open(p) as im:
-                sheet.paste(im.convert("RGB").resize((size, size), Image.Resampling.NEAREST), (label_w + c * (size + gap), y))
+                sheet.paste(im.convert("RGB").resize((size, size), Image.Resampling.NEAREST), (x, y))
     save_image(sheet, path)

@@ -257,6 +257,13 @@ class Metric(Component):
         (``sdsctl.imagestats.as_array`` reads any of them)."""
         return None
 
+    @classmethod
+    def prompts(cls) -> list[str] | None:
+        """The prompts of the world this metric judges (the shapes judge: every caption of the
+        shapes world), or None -- the default. ``sdsctl compare`` and ``sdsctl sweep`` draw their
+        default (prompt, seed) pairs from the first installed metric that has some."""
+        return None
+
 
 class Logger(Component):
     """Receives a run as it happens -- each step's record, the preview images, the final

@@ -1,10 +1,12 @@
-"""``report.html``: one self-contained page that reads a comparison (``sdsctl compare``).
+"""``report.html``: one self-contained page that reads a comparison or a sweep (``sdsctl compare``,
+``sdsctl sweep``).
 
 Everything is in the file: the final images are embedded as ``data:`` URIs, the curves are
 inline SVG, the style is inline; there is no script and nothing is fetched, so the page
 opens the same from a laptop, a mail attachment or a CI artefact. Only the links to each
 run's ``progress.png`` point outside it (relative paths into ``runs/``). Sections:
 
+0. for a sweep, the settings ranked (``sdsctl.ranking``), with every failed run's error;
 1. the grid of final images (a row per recipe, a column per prompt and seed);
 2. a table of every metric per recipe (mean ± sample standard deviation over the runs);
 3. the curves over steps of every number the runs logged (loss, score norm, the guidance's
@@ -22,9 +24,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .compare import fmt
 from .rundir import atomic_write_text
 from .runread import RunData
+from .summaries import fmt
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2"]
 
@@ -153,22 +155,52 @@ def _metric_cell(m: dict[str, float] | None) -> str:
     return f'<td class="num">{fmt(m["mean"])} <span class="small">± {fmt(m["std"])}</span></td>'
 
 
+def _ok(run: dict[str, Any]) -> bool:
+    return run.get("status", "completed") == "completed"
+
+
+def _ranking(rows, by) -> list[str]:
+    from .ranking import cells, headers, note
+
+    h = ["<h2>Ranking</h2>", f'<p class="small">Ranked by {_e(by.describe())}; mean ± sample standard deviation '
+         "over seeds (each seed's value the mean over the prompts).</p>",
+         '<table class="ranking"><thead><tr>' + "".join(f"<th>{_e(x)}</th>" for x in headers(by)) + "</tr></thead><tbody>"]
+    for row in rows:
+        values = cells(row, by)
+        h.append("<tr>" + "".join(f"<td>{_e(v)}</td>" if i == 1 else f'<td class="num">{_e(v)}</td>'
+                                  for i, v in enumerate(values)) + "</tr>")
+    h.append("</tbody></table>")
+    why = note(rows, by)
+    if why:
+        h.append(f'<p class="note">{_e(why)}</p>')
+    failures = [(row.label, e) for row in rows for e in row.errors]
+    if failures:
+        h.append('<p class="worse">Failed runs:</p><ul>' + "".join(f"<li>{_e(lab)}: {_e(e)}</li>" for lab, e in failures) + "</ul>")
+    return h
+
+
 def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, int]],
-           notes: list[str] = (), unknown: dict[str, list[str]] | None = None) -> str:
+           notes: list[str] = (), unknown: dict[str, list[str]] | None = None, ranking=None,
+           kind: str = "compare") -> str:
     labels = list(results)
     colors = {lab: COLORS[i % len(COLORS)] for i, lab in enumerate(labels)}
-    runs_data = {lab: [RunData.read(Path(r["run_dir"])) for r in res["runs"]] for lab, res in results.items()}
+    runs_data = {lab: [RunData.read(Path(r["run_dir"])) for r in res["runs"] if _ok(r)] for lab, res in results.items()}
     h: list[str] = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-                    "<title>sdsctl compare</title>", f"<style>{CSS}</style></head><body>"]
+                    f"<title>sdsctl {_e(kind)}</title>", f"<style>{CSS}</style></head><body>"]
     n_runs = sum(len(res["runs"]) for res in results.values())
-    h.append("<h1>sdsctl compare</h1>")
-    h.append(f'<p class="small">{len(labels)} recipes × {len(pairs)} (prompt, seed) pairs = {n_runs} runs · '
-             f'{_e(out)}</p>')
+    failed = sum(not _ok(r) for res in results.values() for r in res["runs"])
+    rows_word = "settings" if kind == "sweep" else "recipes"
+    h.append(f"<h1>sdsctl {_e(kind)}</h1>")
+    h.append(f'<p class="small">{len(labels)} {rows_word} × {len(pairs)} (prompt, seed) pairs = {n_runs} runs'
+             + (f' · <span class="worse">{failed} failed</span>' if failed else "") + f" · {_e(out)}</p>")
     for note in notes:
         h.append(f'<p class="note">{_e(note)}</p>')
     for prompt, words in (unknown or {}).items():
         h.append(f'<p class="note">{_e(prompt)!s}: the model has no whole-word token for {_e(", ".join(words))}; '
                  "it has never seen these words.</p>")
+
+    if ranking is not None:
+        h += _ranking(*ranking)
 
     # 1. grid
     h.append("<h2>Final images</h2>")
@@ -180,6 +212,9 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
         h.append(f'<tr><th><span style="color:{colors[lab]}">■</span> {_e(lab)}</th>')
         for r in res["runs"]:
             run_dir = Path(r["run_dir"])
+            if not _ok(r):
+                h.append(f'<td title="{_e(r.get("error"))}"><span class="worse">failed</span></td>')
+                continue
             judged = r["metrics"].get("shapes-judge", {})
             verdict = {True: "match", False: "miss"}.get(judged.get("match"), "judge n/a")
             title = f"{lab}: {r['prompt']}, seed {r['seed']}"
@@ -242,18 +277,25 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
                          f'<td class="num">{fmt(b[k]["mean"])}</td><td class="num">{"+" if d > 0 else ""}{fmt(d)}</td></tr>')
             h.append("</tbody></table><div>")
             for ra, rb in zip(results[first]["runs"], results[lab]["runs"]):
+                if not (_ok(ra) and _ok(rb)):
+                    continue
                 h.append(f'<div class="pair">{_img(Path(ra["run_dir"]) / "final.png", 64, first)}'
                          f'{_img(Path(rb["run_dir"]) / "final.png", 64, lab)}'
                          f'<span class="small">seed {ra["seed"]}</span></div>')
             h.append("</div></div>")
 
     # 5. runs
-    h.append("<h2>Runs</h2><table><thead><tr><th>recipe</th><th>prompt</th><th>seed</th><th>s</th>"
+    h.append(f"<h2>Runs</h2><table><thead><tr><th>{'setting' if kind == 'sweep' else 'recipe'}</th><th>prompt</th><th>seed</th><th>s</th>"
              "<th>s/step</th><th>convergence</th><th></th><th>run</th></tr></thead><tbody>")
     for lab, res in results.items():
         for r in res["runs"]:
             fig = r.get("figures", {})
             run_dir = Path(r["run_dir"])
+            if not _ok(r):
+                h.append(f"<tr><td>{_e(lab)}</td><td>{_e(r['prompt'])}</td><td class=\"num\">{r['seed']}</td>"
+                         f'<td colspan="4" class="worse">failed after {r.get("attempts", 1)} attempt(s): {_e(r.get("error"))}</td>'
+                         f'<td><span class="small">{_e(_rel(run_dir, out))}</span></td></tr>')
+                continue
             h.append(f"<tr><td>{_e(lab)}</td><td>{_e(r['prompt'])}</td><td class=\"num\">{r['seed']}</td>"
                      f'<td class="num">{r["seconds"]:.1f}</td>'
                      f'<td class="num">{fmt(fig["seconds_per_step"]) if fig.get("seconds_per_step") else "n/a"}</td>'
@@ -266,7 +308,9 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
 
 
 def write_report(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, int]],
-                 notes: list[str] = (), unknown: dict[str, list[str]] | None = None) -> Path:
+                 notes: list[str] = (), unknown: dict[str, list[str]] | None = None, ranking=None,
+                 kind: str = "compare") -> Path:
+    """``ranking``: (rows, RankBy) of ``sdsctl.ranking``, shown first; ``kind``: compare or sweep."""
     path = Path(out) / "report.html"
-    atomic_write_text(path, render(Path(out), results, pairs, notes, unknown))
+    atomic_write_text(path, render(Path(out), results, pairs, notes, unknown, ranking, kind))
     return path

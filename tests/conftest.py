@@ -135,3 +135,17 @@ def tiny_families(tmp_path_factory) -> dict[str, Path]:
 
     os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the network
     return tiny_pipelines.build_all(tmp_path_factory.mktemp("families"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (starting one takes seconds): two CPUs,
+    no dashboard. Executors find it initialized and use it; it stops when the session ends."""
+    import logging
+
+    ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "sdsctl[ray]"')
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -17,10 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: edges left out of the cycle check, each with the reason and when it goes
-ALLOWED_EDGES = {
-    ("sdsctl.compare", "sdsctl.report"),
-    ("sdsctl.report", "sdsctl.compare"),  # compare↔report: fixed with the sweep split
-}
+ALLOWED_EDGES: set[tuple[str, str]] = set()  # (importer, imported) pairs excused from the checks: none
 
 
 def module_files() -> dict[str, Path]:
@@ -136,7 +133,7 @@ def test_the_cycle_check_finds_a_cycle():
 
 #: core modules that still import the shapes world, each with the reason and when it goes
 # compare→shapes.evaluate (the default prompt pairs): moved with the sweep split
-SHAPES_IMPORTERS_ALLOWED = {"sdsctl.compare"}
+SHAPES_IMPORTERS_ALLOWED: set[str] = set()
 
 
 def test_the_core_does_not_import_the_shapes_world():

@@ -1,0 +1,188 @@
+"""Ranking the settings of a sweep by one metric, with its spread over seeds (``--rank-by``).
+
+A setting's value is the mean over seeds of its per-seed value (the mean over the sweep's
+prompts for that seed); its spread is the sample standard deviation of those per-seed values,
+so the spread says how much a setting's figure depends on the seed, not on the prompt.
+
+The default ranks by what the shapes judge reads from each final image: its match rate (the
+share of runs whose colour, shape and background match the prompt; higher first), ties
+broken by palette error (lower first) -- and by ``clip.score`` (higher first) when a CLIP
+model was given (``--clip``). ``--rank-by NAME`` takes any number of a run (the names of
+compare.json's ``summary.metrics``, e.g. ``shapes-judge.shape_iou``,
+``image-stats.sharpness``, ``seconds_per_step``); ``NAME:min`` or ``NAME:max`` says which way is
+better, by default lower for errors, times and memory, higher for everything else.
+
+A setting whose runs all failed is ranked last, as failed, with each run's error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any
+
+from .errors import SdsctlError
+
+JUDGE = "judge"
+#: last parts of metric names for which lower is better
+LOWER_IS_BETTER = ("palette_error", "seconds", "seconds_per_step", "peak_memory_mb", "convergence", "clipped")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankBy:
+    metric: str  # JUDGE, or a number's name (compare.run_numbers)
+    lower: bool  # lower is better
+
+    def describe(self) -> str:
+        if self.metric == JUDGE:
+            return "the judge's match rate (higher first), then palette error (lower first)"
+        return f"{self.metric} ({'lower' if self.lower else 'higher'} first)"
+
+    @property
+    def column(self) -> str:
+        return "match rate" if self.metric == JUDGE else self.metric
+
+
+def parse_rank_by(text: str | None, clip: bool = False) -> RankBy:
+    """``--rank-by``: ``judge``, ``NAME``, ``NAME:min`` or ``NAME:max``; None: the default."""
+    if not text:
+        return RankBy("clip.score", False) if clip else RankBy(JUDGE, False)
+    name, _, direction = text.partition(":")
+    name = name.strip()
+    if not name or direction not in ("", "min", "max"):
+        raise SdsctlError(f"--rank-by {text}: expected judge, METRIC, METRIC:min or METRIC:max "
+                          "(e.g. --rank-by shapes-judge.shape_iou, --rank-by image-stats.clipped:min)")
+    if name == JUDGE:
+        return RankBy(JUDGE, False)
+    lower = direction == "min" if direction else name.rsplit(".", 1)[-1] in LOWER_IS_BETTER
+    return RankBy(name, lower)
+
+
+def stat(values: list[float]) -> dict[str, float] | None:
+    """Mean, sample standard deviation (0 for one value) and count; None without values."""
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def per_seed(runs: list[dict[str, Any]], value) -> dict[int, float]:
+    """Seed -> the mean of ``value(run)`` over that seed's completed runs (runs without a value skipped)."""
+    by_seed: dict[int, list[float]] = {}
+    for run in runs:
+        if run.get("status", "completed") != "completed":
+            continue
+        v = value(run)
+        if v is not None:
+            by_seed.setdefault(run["seed"], []).append(float(v))
+    return {seed: statistics.fmean(v) for seed, v in sorted(by_seed.items())}
+
+
+def _judged(key: str):
+    return lambda run: run.get("metrics", {}).get("shapes-judge", {}).get(key)
+
+
+def _number(name: str):
+    from .summaries import run_numbers
+
+    return lambda run: run_numbers(run).get(name)
+
+
+@dataclasses.dataclass
+class Row:
+    label: str
+    value: dict[str, float] | None  # mean / std / n over seeds
+    seeds: dict[int, float]
+    secondary: dict[str, float] | None  # the judge's palette error (ranking by the judge)
+    runs: int
+    failed: int
+    errors: list[str]
+    seconds: float | None
+    rank: int | None = None
+
+    def as_json(self, by: RankBy) -> dict[str, Any]:
+        out = {"rank": self.rank, "by": by.metric, "lower_is_better": by.lower, "value": self.value,
+               "per_seed": {str(k): v for k, v in self.seeds.items()}}
+        if self.secondary is not None:
+            out["palette_error"] = self.secondary
+        return out
+
+
+def rank(results: dict[str, dict[str, Any]], by: RankBy) -> list[Row]:
+    """The rows of ``results`` (compare's per-label results), best first; rows without a value
+    (the metric absent, or every run failed) last, in their order, unranked."""
+    primary = _judged("match") if by.metric == JUDGE else _number(by.metric)
+    rows = []
+    for label, res in results.items():
+        runs = res["runs"]
+        seeds = per_seed(runs, primary)
+        ok = [r for r in runs if r.get("status", "completed") == "completed"]
+        secondary = stat(list(per_seed(runs, _judged("palette_error")).values())) if by.metric == JUDGE else None
+        errors = [f"{r['prompt']!r} seed {r['seed']}: {r.get('error')} ({r.get('attempts', 1)} attempts)"
+                  for r in runs if r.get("status", "completed") != "completed"]
+        rows.append(Row(label, stat(list(seeds.values())), seeds, secondary, len(runs), len(runs) - len(ok), errors,
+                        statistics.fmean(r["seconds"] for r in ok) if ok else None))
+    sign = 1 if by.lower else -1
+
+    def key(row: Row):
+        tie = row.secondary["mean"] if row.secondary else float("inf")
+        return (sign * row.value["mean"], tie)
+
+    ranked = sorted((r for r in rows if r.value is not None), key=key)
+    for i, row in enumerate(ranked, 1):
+        row.rank = i
+    rest = [r for r in rows if r.value is None]
+    return ranked + sorted(rest, key=lambda r: r.failed == r.runs)
+
+
+def _cell(value: dict[str, float] | None, judge: bool) -> str:
+    from .summaries import fmt
+
+    if value is None:
+        return "n/a"
+    if judge:
+        return f"{value['mean']:.0%} ± {value['std']:.0%}"
+    return f"{fmt(value['mean'])} ± {fmt(value['std'])}"
+
+
+def cells(row: Row, by: RankBy) -> list[str]:
+    """A row as the table shows it: rank, setting, value, [palette error], runs, s/run."""
+    judge = by.metric == JUDGE
+    value = "failed" if row.failed == row.runs else _cell(row.value, judge)
+    out = [str(row.rank) if row.rank else "–", row.label, value]
+    if judge:
+        out.append(_cell(row.secondary, False))
+    runs = f"{row.runs - row.failed}/{row.runs}" + (f", {row.failed} failed" if row.failed else "")
+    out += [runs, f"{row.seconds:.1f}" if row.seconds is not None else "n/a"]
+    return out
+
+
+def headers(by: RankBy) -> list[str]:
+    out = ["rank", "setting", f"{by.column} (mean ± spread over seeds)"]
+    if by.metric == JUDGE:
+        out.append("palette error")
+    return out + ["runs ok", "s/run"]
+
+
+def note(rows: list[Row], by: RankBy) -> str | None:
+    """Why nothing could be ranked, when nothing could."""
+    if any(r.rank for r in rows) or all(r.failed == r.runs for r in rows):
+        return None
+    if by.metric == JUDGE:
+        return ("not ranked: the judge has no verdict on these prompts (outside the shapes world); "
+                "rank by another number, e.g. --rank-by image-stats.sharpness, or give --clip DIR")
+    return f"not ranked: no run has a number named {by.metric} (compare.json's summary.metrics names them)"
+
+
+def ranked_table(rows: list[Row], by: RankBy) -> str:
+    """The ranking as markdown: the table, then every failed run with its error."""
+    lines = [f"Ranked by {by.describe()}.", "", "| " + " | ".join(headers(by)) + " |",
+             "|" + "---|" * len(headers(by))]
+    lines += ["| " + " | ".join(cells(r, by)) + " |" for r in rows]
+    why = note(rows, by)
+    if why:
+        lines += ["", why]
+    failures = [f"- {r.label}: {e}" for r in rows for e in r.errors]
+    if failures:
+        lines += ["", "Failed runs:", *failures]
+    return "\n".join(lines) + "\n"
