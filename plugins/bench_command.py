@@ -21,8 +21,9 @@ def bench(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Time a recipe's step without writing a run: steps/s, a per-phase breakdown, and the ratio
-    to the bare time of the model evaluations it needs (floor_ratio)."""
+    """Time a recipe's step without writing a run: steps/s, per-phase breakdown, floor_ratio.
+
+    floor_ratio is the step's time over the bare time of the model evaluations it needs."""
     from sdsctl.bench import PHASES
     from sdsctl.bench import bench as run_bench
     from sdsctl.recipe import load_recipe

@@ -43,8 +43,9 @@ def sweep(
     cpus_per_run: CpusPerRunOption = None,
     no_live: Annotated[bool, typer.Option("--no-live", help="One line per run instead of the live panel.")] = False,
 ) -> None:
-    """Run a recipe over a grid of its values × prompts × seeds; rank the settings; write report.html,
-    compare.md, compare.json and grid.png."""
+    """Run a recipe over a grid of its values × prompts × seeds and rank the settings.
+
+    Writes report.html, compare.md, compare.json and grid.png, as compare does."""
     from sdsctl.compare import check_folder, command
     from sdsctl.executors import from_options
     from sdsctl.plan import pairs_for

@@ -203,6 +203,10 @@ def test_library_warnings_are_shown_with_v_only(verbose):
 def test_help_is_readable(cli):
     listing = cli("--help").stdout
     assert "..." not in listing.split("Commands:")[1]  # descriptions are whole
+    entries = re.findall(r"^  (\S+) +(.+(?:\n {4,}.+)*)", listing.split("Commands:")[1], flags=re.M)
+    assert len(entries) >= 10
+    for name, text in entries:  # each a whole sentence, not cut at the first line's end
+        assert " ".join(text.split()).endswith("."), (name, text)
     for command, expected in (("run", "Usage: sdsctl run [OPTIONS] RECIPE\n"), ("compare", "RECIPE...\n"),
                               ("resume", "RUN_DIR\n")):
         text = cli(command, "--help").stdout
