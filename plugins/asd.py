@@ -68,7 +68,7 @@ class ASD(Guidance):
             norms={"classifier": (self.config.guidance_scale * (e_cond - e_uncond)).norm(),
                    "shift": (e_cond - e_shifted).norm()},
             timesteps={"t": t, "t_shifted": t2},
-            denoised=eps_to_x0(guided, z_t, prior.alphas_cumprod[t]),
+            denoised=lambda: eps_to_x0(guided, z_t, prior.alphas_cumprod[t]),
         )
 
 

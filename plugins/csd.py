@@ -94,7 +94,7 @@ class CSD(Guidance):
             score=score,
             norms={"classifier": norm, "u": u, "n": n},
             timesteps={"t": times.t},
-            denoised=eps_to_x0(e_null + direction, z_t, prior.alphas_cumprod[times.t]),
+            denoised=lambda: eps_to_x0(e_null + direction, z_t, prior.alphas_cumprod[times.t]),
         )
 
     def state_dict(self):

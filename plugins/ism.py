@@ -74,7 +74,7 @@ class ISM(Guidance):
             norms={"classifier": (cfg_.guidance_scale * (e_cond - e_uncond)).norm(),
                    "interval": (e_uncond - eps_s).norm()},
             timesteps={"t": t, "s": s},
-            denoised=eps_to_x0(guided, x_t, a[t]),
+            denoised=lambda: eps_to_x0(guided, x_t, a[t]),
         )
 
 

@@ -52,10 +52,15 @@ class NFSDTerms(Guidance):
                 f"or threshold: {model.num_train_timesteps} to use ε(∅) at every t")
 
     def __init__(self, config, ctx):
+        import torch
+
         super().__init__(config, ctx)
         self.uncond = ctx.embeddings("")
         self.cond = ctx.embeddings(ctx.recipe.prompt)
         self.negative = ctx.embeddings(ctx.recipe.negative_prompt)
+        # the batched call's embedding rows, concatenated once: ε(∅), ε(y), and at a large t ε(y_neg)
+        self.rows = {True: torch.cat([self.uncond, self.cond, self.negative]),
+                     False: torch.cat([self.uncond, self.cond])}
 
     def noised(self, z: torch.Tensor, t: int) -> torch.Tensor:
         import torch
@@ -69,8 +74,8 @@ class NFSDTerms(Guidance):
         import torch
 
         large = t >= self.config.threshold
-        rows = [self.uncond, self.cond] + ([self.negative] if large else [])
-        preds = self.ctx.prior.predict_noise(torch.cat([z_t] * len(rows)), t, torch.cat(rows)).chunk(len(rows))
+        rows = self.rows[large]
+        preds = self.ctx.prior.predict_noise(torch.cat([z_t] * len(rows)), t, rows).chunk(len(rows))
         return preds[0], preds[1] - preds[0], (preds[0] - preds[2] if large else preds[0])
 
     def nfsd(self, z: torch.Tensor, t: int, correction_scale: float) -> GuidanceOutput:
@@ -81,4 +86,4 @@ class NFSDTerms(Guidance):
         d = correction_scale * correction
         return GuidanceOutput(score=c + d, norms={"classifier": c.norm(), "correction": d.norm()},
                               timesteps={"t": t},
-                              denoised=eps_to_x0(uncond + c, z_t, self.ctx.prior.alphas_cumprod[t]))
+                              denoised=lambda: eps_to_x0(uncond + c, z_t, self.ctx.prior.alphas_cumprod[t]))

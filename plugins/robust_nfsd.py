@@ -60,6 +60,12 @@ class RobustNFSD(NFSDTerms):
                                 f"0..{model.num_train_timesteps - 1}", field="correction_t_max")
         return [n for n in [true_cfg_note("robust NFSD", model)] if n]
 
+    def __init__(self, config, ctx):
+        import torch
+
+        super().__init__(config, ctx)
+        self.robust_rows = torch.cat([self.uncond, self.cond, self.uncond])  # ε(z_t; ∅), ε(z_t; y), ε(z_s; ∅)
+
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         import torch
 
@@ -70,15 +76,14 @@ class RobustNFSD(NFSDTerms):
         z_t, z_s = self.noised(z, times.t), self.noised(z, s)
         t_rows = torch.tensor([times.t, times.t, s], device=z.device)
         preds = self.ctx.prior.predict_noise(
-            torch.cat([z_t, z_t, z_s]), t_rows.repeat_interleave(z.shape[0]),
-            torch.cat([self.uncond, self.cond, self.uncond])).chunk(3)
+            torch.cat([z_t, z_t, z_s]), t_rows.repeat_interleave(z.shape[0]), self.robust_rows).chunk(3)
         c = cfg.guidance_scale * (preds[1] - preds[0])
         d = preds[2]
         c_norm = c.norm()
         d = d * (cfg.ratio * c_norm / d.norm().clamp_min(1e-12))
         return GuidanceOutput(score=c + d, norms={"classifier": c_norm, "correction": d.norm()},
                               timesteps={"t": times.t, "t_correction": s},
-                              denoised=eps_to_x0(preds[0] + c, z_t, self.ctx.prior.alphas_cumprod[times.t]))
+                              denoised=lambda: eps_to_x0(preds[0] + c, z_t, self.ctx.prior.alphas_cumprod[times.t]))
 
 
 @sdsctl.hookimpl

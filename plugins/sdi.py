@@ -66,7 +66,7 @@ class SDI(Guidance):
                    "denoise": (e_uncond - noise).norm(),
                    "noise": noise.norm()},
             timesteps={"t": t},
-            denoised=eps_to_x0(guided, x_t, a[t]),
+            denoised=lambda: eps_to_x0(guided, x_t, a[t]),
         )
 
 

@@ -76,9 +76,10 @@ class SDS(Guidance):
         z_t = prior.add_noise(z, eps, times.t)
         if self.distilled:
             guided = prior.predict_noise(z_t, times.t, self.embeddings, guidance=self.scale_input)
-            return GuidanceOutput(score=guided - eps, norms={"denoise": (guided - eps).norm()},
+            score = guided - eps
+            return GuidanceOutput(score=score, norms={"denoise": score.norm()},
                                   timesteps={"t": times.t},
-                                  denoised=eps_to_x0(guided, z_t, prior.alphas_cumprod[times.t]))
+                                  denoised=lambda: eps_to_x0(guided, z_t, prior.alphas_cumprod[times.t]))
         e_uncond, e_cond = prior.predict_noise(torch.cat([z_t, z_t]), times.t, self.embeddings).chunk(2)
         classifier = self.config.guidance_scale * (e_cond - e_uncond)
         guided = cfg(e_uncond, e_cond, self.config.guidance_scale)
@@ -86,7 +87,7 @@ class SDS(Guidance):
             score=guided - eps,
             norms={"classifier": classifier.norm(), "denoise": (e_uncond - eps).norm()},
             timesteps={"t": times.t},
-            denoised=eps_to_x0(guided, z_t, prior.alphas_cumprod[times.t]),
+            denoised=lambda: eps_to_x0(guided, z_t, prior.alphas_cumprod[times.t]),
         )
 
 

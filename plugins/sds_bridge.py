@@ -72,7 +72,7 @@ class SDSBridge(Guidance):
         else:
             score, norms = direction, {"bridge": direction.norm()}
         return GuidanceOutput(score=score, norms=norms, timesteps={"t": times.t},
-                              denoised=eps_to_x0(guided, z_t, prior.alphas_cumprod[times.t]))
+                              denoised=lambda: eps_to_x0(guided, z_t, prior.alphas_cumprod[times.t]))
 
 
 @sdsctl.hookimpl

@@ -73,6 +73,7 @@ class VSD(Guidance):
         self.optimizer = torch.optim.Adam(self.lora.values(), lr=config.lora_lr)
         self.uncond = ctx.embeddings(ctx.recipe.negative_prompt)
         self.cond = ctx.embeddings(ctx.recipe.prompt)
+        self.pair = torch.cat([self.uncond, self.cond])  # the pretrained model's CFG rows, concatenated once
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         import torch
@@ -82,8 +83,7 @@ class VSD(Guidance):
         z_t = prior.add_noise(z, eps, times.t)
         with torch.no_grad():
             self.unet.disable_adapters()
-            e_uncond, e_cond = prior.predict_noise(torch.cat([z_t, z_t]), times.t,
-                                                   torch.cat([self.uncond, self.cond])).chunk(2)
+            e_uncond, e_cond = prior.predict_noise(torch.cat([z_t, z_t]), times.t, self.pair).chunk(2)
             self.unet.enable_adapters()
             e_lora = prior.predict_noise(z_t, times.t, self.cond)
         pretrained = cfg(e_uncond, e_cond, self.config.guidance_scale)
@@ -92,7 +92,7 @@ class VSD(Guidance):
             score=pretrained - e_lora,
             norms={"pretrained": pretrained.norm(), "lora": e_lora.norm(), "lora_loss": lora_loss},
             timesteps={"t": times.t},
-            denoised=eps_to_x0(pretrained, z_t, prior.alphas_cumprod[times.t]),
+            denoised=lambda: eps_to_x0(pretrained, z_t, prior.alphas_cumprod[times.t]),
         )
 
     def update_lora(self, z: torch.Tensor) -> torch.Tensor:

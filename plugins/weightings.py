@@ -21,8 +21,12 @@ class OneMinusAlphaBar(Weighting):
     class Config(ComponentConfig):
         name: str = "one-minus-alpha-bar"
 
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        self.table = (1 - self.alpha_bar).tolist()  # every t's weight once: a step reads a float
+
     def __call__(self, t: int) -> float:
-        return float(1 - self.alpha_bar[t])
+        return self.table[t]
 
 
 class UniformWeighting(Weighting):
@@ -37,9 +41,13 @@ class Fantasia3D(Weighting):
     class Config(ComponentConfig):
         name: str = "fantasia3d"
 
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        a = self.alpha_bar
+        self.table = (a.sqrt() * (1 - a)).tolist()
+
     def __call__(self, t: int) -> float:
-        a = self.alpha_bar[t]
-        return float(a.sqrt() * (1 - a))
+        return self.table[t]
 
 
 class RFDSWeighting(Weighting):

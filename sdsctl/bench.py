@@ -12,19 +12,19 @@ Three measurements, in one process, on the same model and inputs:
    ``backward``, ``optimizer``; ``other`` is the rest). CUDA events time it on a GPU,
    ``time.perf_counter`` on the CPU; being a separate pass, the timers cannot slow the steps
    of (1).
-3. **The floor** -- measured between chunks of (1), so that both see the same machine load
-   (each is the median over chunks), the bare time of the model evaluations one step needs: every UNet call of a
-   step replayed on the step's real inputs (with its backward when it ran with gradients, as
-   VSD's LoRA update does), plus the VAE encoder's forward and backward for parameterizations
-   that render RGB through it, plus the VAE decoder's forward where the fit needs an image target
-   (``fit_space: image | both``). ``floor_ratio`` = step time ÷ floor time: 1.0 would mean the
-   step is nothing but its model evaluations.
+3. **The floor** -- the bare time of the model evaluations one step needs: every UNet call of
+   a step replayed on the step's real inputs (with its backward when it ran with gradients,
+   as VSD's LoRA update does), plus the VAE encoder's forward and backward for
+   parameterizations that render RGB through it, plus the VAE decoder's forward where the fit
+   needs an image target (``fit_space: image | both``). It is measured after every step of
+   (1), so that a step and its floor see the same machine load; ``floor_ratio`` = the steps'
+   total time ÷ the floors' total time: 1.0 would mean the step is nothing but its model
+   evaluations.
 """
 
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from typing import Any, Callable
 
@@ -163,14 +163,20 @@ def _instrumented(opt: Optimization, timer: PhaseTimer | None, calls: list | Non
             u()
 
 
-def _run_steps(opt: Optimization, first: int, count: int, log_every: int) -> None:
-    """Steps ``first`` .. ``first + count - 1`` of the recipe (wrapping past its last step)."""
-    pending = PendingRecords()
+def _run_steps(opt: Optimization, first: int, count: int, log_every: int,
+               pending: PendingRecords | None = None) -> None:
+    """Steps ``first`` .. ``first + count - 1`` of the recipe (wrapping past its last step),
+    fetching their numbers on logging steps as a run does. With ``pending`` (records carried
+    over between calls) the last step's numbers wait for the next logging step; without, they
+    are fetched at the end."""
+    keep = pending
+    pending = pending if pending is not None else PendingRecords()
     for k in range(first, first + count):
         pending.add(opt.step(k % opt.recipe.steps))
         if (k + 1) % log_every == 0:
             pending.flush()
-    pending.flush()
+    if keep is None:
+        pending.flush()
 
 
 def _floor_ms(prior, calls: list, device: torch.device, repeats: int) -> float:
@@ -219,20 +225,19 @@ def bench(loaded: LoadedRecipe, *, steps: int = 50, warmup: int = 5, prior=None)
         with _instrumented(opt, None, calls):  # one step's model evaluations, on its real inputs
             _run_steps(opt, warmup, 1, 1)
         unet_calls = sum(1 for kind, _, _ in calls if kind == "unet")
-        # Steps and floor in alternating chunks, medians of each: a machine whose load drifts
-        # (other processes) shifts both alike instead of skewing their ratio.
-        chunk = max(1, min(log_every, steps))
-        step_ms, floor_ms, done = [], [], 0
-        while done < steps:
-            n = min(chunk, steps - done)
+        # Each step is followed by the floor's model evaluations, so that the two see the same
+        # machine load (a shared machine's load changes from one tenth of a second to the next).
+        step_ms, floor_ms = [], []
+        pending = PendingRecords()
+        for k in range(warmup + 1, warmup + 1 + steps):
             synchronize(device)
             start = time.perf_counter()
-            _run_steps(opt, warmup + 1 + done, n, n)
+            _run_steps(opt, k, 1, log_every, pending)
             synchronize(device)
-            step_ms.append((time.perf_counter() - start) * 1000 / n)
-            floor_ms.append(_floor_ms(prior, calls, device, repeats=n))
-            done += n
-        ms_per_step, floor = statistics.median(step_ms), statistics.median(floor_ms)
+            step_ms.append((time.perf_counter() - start) * 1000)
+            floor_ms.append(_floor_ms(prior, calls, device, repeats=1))
+        pending.flush()
+        ms_per_step, floor = sum(step_ms) / steps, sum(floor_ms) / steps
 
         timer = PhaseTimer(Clock(device))
         synchronize(device)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -52,9 +52,15 @@ class GuidanceOutput:
     norms: dict[str, float | Tensor]  # e.g. {"classifier": .., "correction": ..}; 0-dim tensors are fine
     timesteps: dict[str, int]  # every timestep used, e.g. {"t": 700, "t_correction": 120}
     #: the one-step denoised estimate ẑ₀ = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t of the step's guided
-    #: prediction (``sdsctl.diffusion.eps_to_x0``); HiFA's image target decodes it. None for a
-    #: guidance without one (its class says so with ``gives_denoised = False``).
-    denoised: Tensor | None = None
+    #: prediction (``sdsctl.diffusion.eps_to_x0``); HiFA's image target decodes it. Either the
+    #: tensor or a zero-argument function computing it: the loop calls the function only when
+    #: the recipe's fit needs the estimate (``image_target: hifa``), so the other steps skip its
+    #: arithmetic. None for a guidance without one (``gives_denoised = False``).
+    denoised: Tensor | Callable[[], Tensor] | None = None
+
+    def denoised_estimate(self) -> Tensor | None:
+        """ẑ₀ as a tensor (computed now when ``denoised`` is a function), or None."""
+        return self.denoised() if callable(self.denoised) else self.denoised
 
 
 @dataclasses.dataclass

@@ -215,7 +215,8 @@ class Optimization:
         self.schedule = build("schedule")
         self.weighting = build("weighting")
         opt = recipe.optimizer
-        self.optimizer = torch.optim.Adam(self.param.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        self.theta = list(self.param.parameters())
+        self.optimizer = torch.optim.Adam(self.theta, lr=opt.lr, betas=opt.betas, eps=opt.eps)
         with blame(self.regs["model"], "preparing its fast paths"):
             prior.accelerate(channels_last=recipe.channels_last, compile=recipe.compile)
         self.latent = self.param.space == "latent"
@@ -300,38 +301,55 @@ class Optimization:
     def target(self, z: torch.Tensor, step: torch.Tensor, out) -> FitTarget:
         """The step's target: z* = z − k·g and/or the image x* of ``optimizer.image_target``."""
         opt = self.recipe.optimizer
-        latent = (z - step).detach()
+        with torch.no_grad():  # a target: no graph to build and detach
+            latent = z - step
         image = None
         if opt.fit_space != "latent":
             if opt.image_target == "hifa":
-                if out.denoised is None:
+                with blame(self.regs["guidance"], "computing its denoised estimate"), torch.no_grad():
+                    source = out.denoised_estimate()
+                if source is None:
                     raise PluginError(f"{self.regs['guidance'].describe()} gave no denoised estimate, which "
                                       "image_target: hifa needs")
-                source = out.denoised
             else:
                 source = latent
             with blame(self.regs["model"], "decoding the image target"), torch.no_grad():
                 image = self.prior.decode_latents(source.detach())
         return FitTarget(latent=None if opt.fit_space == "image" else latent, image=image)
 
-    def fit_loss(self, z: torch.Tensor, target: FitTarget) -> torch.Tensor:
-        """0.5·‖z − z*‖² and/or ``image_weight``·0.5·‖x − x*‖² (x: the last rendered RGB)."""
-        loss = torch.zeros((), device=z.device)
+    def residuals(self, z: torch.Tensor, target: FitTarget) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """The fit loss's terms as (rendering, its residual rendering − target, weight): the
+        latent term (z, z − z*, 1) and/or the image term (x, x − x*, ``image_weight``, or 1
+        alone). The residuals are detached: they are the terms' gradients (below)."""
+        terms = []
         if target.latent is not None:
-            loss = loss + 0.5 * (z - target.latent).pow(2).sum()
+            terms.append((z, z.detach() - target.latent, 1.0))
         if target.image is not None:
             weight = 1.0 if target.latent is None else self.recipe.optimizer.image_weight
-            loss = loss + weight * 0.5 * (self.last_rgb - target.image).pow(2).sum()
-        return loss
+            terms.append((self.last_rgb, self.last_rgb.detach() - target.image, weight))
+        return terms
 
-    def adam_step(self, z: torch.Tensor, target: FitTarget) -> torch.Tensor:
-        """One Adam step of θ towards the step's target (``z`` and ``last_rgb`` from one render)."""
-        loss = self.fit_loss(z, target)
-        self.optimizer.zero_grad(set_to_none=True)
+    def fit_loss(self, z: torch.Tensor, target: FitTarget, terms: list | None = None) -> torch.Tensor:
+        """The value of 0.5·‖z − z*‖² and/or ``image_weight``·0.5·‖x − x*‖² (x: the last rendered
+        RGB); ``terms``: :meth:`residuals` already computed for this render."""
+        with torch.no_grad():
+            return sum((weight * 0.5 * r.pow(2).sum() for _, r, weight in terms or self.residuals(z, target)))
+
+    def adam_step(self, z: torch.Tensor, target: FitTarget, terms: list | None = None) -> None:
+        """One Adam step of θ on the fit loss (``z`` and ``last_rgb`` from one render;
+        ``terms``: their :meth:`residuals`, when already computed).
+
+        The gradient of w·0.5·‖R − sg(R*)‖² with respect to R is w·(R − R*), so each term
+        back-propagates its residual from its rendering directly: the same gradient, bit for
+        bit, as autograd's through the loss, without building and walking the loss's graph
+        (DreamFusion's SDS implementations inject the score the same way)."""
+        terms = terms or self.residuals(z, target)
+        for p in self.theta:  # optimizer.zero_grad(set_to_none=True), without its profiler hooks
+            p.grad = None
         with blame(self.regs["parameterization"], "back-propagating"):
-            loss.backward()
+            torch.autograd.backward([rendered for rendered, _, _ in terms],
+                                    [r if weight == 1.0 else weight * r for _, r, weight in terms])
         self.optimizer.step()
-        return loss
 
     def residual(self, z: torch.Tensor, target: FitTarget) -> torch.Tensor:
         """‖R(θ) − target‖ in the space the fit measures: latents, or the image for ``fit_space: image``."""
@@ -339,15 +357,16 @@ class Optimization:
             return (z.detach() - target.latent).norm()
         return (self.last_rgb.detach() - target.image).norm()
 
-    def fit(self, z: torch.Tensor, target: FitTarget) -> tuple[int, torch.Tensor | None]:
+    def fit(self, z: torch.Tensor, target: FitTarget, terms: list | None = None) -> tuple[int, torch.Tensor | None]:
         """Move θ towards ``target`` by ``optimizer.fit``; returns (Adam steps taken, the
         reached fraction 1 − ‖R(θ) − target‖ / ‖R(θ₀) − target‖, or None where measuring it
-        would cost an extra VAE encoder pass)."""
+        would cost an extra VAE encoder pass). ``terms``: the :meth:`residuals` of ``z``."""
         opt = self.recipe.optimizer
         encode = target.latent is not None
-        start = self.residual(z, target).clamp_min(1e-20)
+        terms = terms or self.residuals(z, target)
+        start = terms[0][1].norm().clamp_min(1e-20)  # the residual the fit measures (:meth:`residual`)
         if opt.fit == "adam":
-            self.adam_step(z, target)
+            self.adam_step(z, target, terms)
             for _ in range(opt.inner_steps - 1):
                 self.adam_step(self.render(encode=encode), target)
             if not self.latent and encode:
@@ -364,7 +383,7 @@ class Optimization:
         limit = opt.fit_tolerance * start
         steps = 0
         while True:
-            self.adam_step(z, target)
+            self.adam_step(z, target, terms if steps == 0 else None)
             steps += 1
             z = self.render(encode=encode)
             remaining = self.residual(z, target)
@@ -384,17 +403,18 @@ class Optimization:
             w = float(self.weighting(times.t))
         step = (self.recipe.optimizer.score_scale * w) * out.score
         target = self.target(z, step, out)
+        terms = self.residuals(z, target)
         with torch.no_grad():
-            values = [z.detach().norm(), *(_as_tensor(v, z.device) for v in out.norms.values()),
-                      step.norm(), self.fit_loss(z, target).detach()]
-        fit_steps, fraction = self.fit(z, target)
+            values = [z.norm(), *(_as_tensor(v, z.device) for v in out.norms.values()),
+                      step.norm(), self.fit_loss(z, target, terms)]
+        fit_steps, fraction = self.fit(z, target, terms)
         names = ["render", *out.norms, "score", "loss"]
         if fraction is not None:
             names.append("fit_fraction")
-            values.append(fraction.detach())
+            values.append(fraction)
         host = {"step": k + 1, "phase": times.phase, "t": times.t, "timesteps": {"t": times.t, **out.timesteps},
                 "weight": w, "lr": self.optimizer.param_groups[0]["lr"], "fit_steps": fit_steps}
-        return StepRecord(host=host, names=names, values=torch.stack([v.float() for v in values]),
+        return StepRecord(host=host, names=names, values=torch.stack(values),
                           norms=list(out.norms))
 
     def checkpoint(self, step: int) -> None:
@@ -418,6 +438,8 @@ def _as_tensor(value, device: torch.device) -> torch.Tensor:
     """A guidance's norm as a 0-dim float32 tensor on the device (a Python float is filled in
     on the device, not copied from the host)."""
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.float32 and value.dim() == 0 and not value.requires_grad:
+            return value  # the usual case: a norm computed under no_grad
         return value.detach().float().reshape(())
     return torch.full((), float(value), device=device)
 

@@ -86,3 +86,20 @@ def test_phase_timer_counts_nested_time_once():
 def test_bench_bad_steps_is_an_input_error(cli, recipe_file):
     result = cli("bench", recipe_file(), "--steps", "1")
     assert result.exit_code == 2 and "at least 2 timed steps" in result.stderr
+
+
+
+def test_ops_per_step_counts_the_step_s_own_operations_apart_from_the_model_s():
+    """benchmarks/ops_per_step.py: the load-independent measure of a step's overhead."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "ops_per_step.py"
+    spec = importlib.util.spec_from_file_location("ops_per_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.count("sds", steps=2, top=50)
+    outside = report["most_frequent_outside"]
+    assert "aten.randn.generator" in outside  # the guidance's noise is the step's own work
+    assert not any("convolution" in op for op in outside)  # the UNet's are not
+    assert report["ops_per_step_in_model_calls"] > report["ops_per_step_outside"] > 0

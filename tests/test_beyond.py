@@ -84,7 +84,7 @@ def test_ism_with_zero_inversion_steps_is_the_documented_special_case(prior, pla
     assert out.timesteps == {"t": t, "s": 0}
     assert [c["t"] for c in fake.calls] == [[0], [t, t]]  # 2 model calls, the pair batched
     assert fake.calls[1]["prompts"] == ["", PROMPT]
-    close(out.denoised, (x_t - (1 - a[t]).sqrt() * guided) / a[t].sqrt())
+    close(out.denoised_estimate(), (x_t - (1 - a[t]).sqrt() * guided) / a[t].sqrt())
 
 
 def test_ism_inverts_to_s_then_to_t(prior, negative):
@@ -168,7 +168,7 @@ def test_sds_bridge_is_sds_in_warmup_then_the_bridge(prior, plain):
             e_src, e_tgt = fake.eps(src, z_t, t), fake.eps(tgt, z_t, t)
             close(out.score, 40 * (e_tgt - e_src))
             assert fake.calls[-1]["prompts"] == [src, tgt]
-            close(out.denoised, (z_t - (1 - a[t]).sqrt() * (e_src + 40 * (e_tgt - e_src))) / a[t].sqrt())
+            close(out.denoised_estimate(), (z_t - (1 - a[t]).sqrt() * (e_src + 40 * (e_tgt - e_src))) / a[t].sqrt())
     assert len(fake.calls) == 2  # one call a step
 
 

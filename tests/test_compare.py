@@ -33,6 +33,23 @@ def test_summary_without_the_judge_says_so_in_the_table():
     assert "| r | n/a | n/a | n/a | 1.0 |" in table({"r": {"summary": s}})
 
 
+def test_default_pairs_come_from_the_metric_that_lists_prompts():
+    from sdsctl_plugins.shapes_judge import ShapesJudge
+
+    offered = set(ShapesJudge.prompts())
+    assert len(offered) > 8 and {p for p, _ in shapes_pairs(8)} <= offered
+
+
+def test_without_a_metric_that_lists_prompts_compare_asks_for_prompt(cli, tmp_path, monkeypatch):
+    from sdsctl_plugins.shapes_judge import ShapesJudge
+
+    monkeypatch.setattr(ShapesJudge, "prompts", classmethod(lambda cls: None))
+    result = cli("compare", "sds", "--out", str(tmp_path / "cmp"))
+    assert result.exit_code == 2
+    assert "--prompt" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_shapes_pairs_are_fixed_and_distinct():
     pairs = shapes_pairs(8)
     assert pairs == shapes_pairs(8) and [s for _, s in pairs] == list(range(8))

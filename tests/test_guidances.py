@@ -127,7 +127,8 @@ def test_nfsd_score_in_both_regimes(prior, recipe, t, large):
     # HiFA's image target: the CFG prediction's one-step denoised estimate
     a = prior.alphas_cumprod[t]
     guided = e[""] + 7.5 * classifier
-    torch.testing.assert_close(out.denoised, (z_t - (1 - a).sqrt() * guided) / a.sqrt(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.denoised_estimate(),
+                               (z_t - (1 - a).sqrt() * guided) / a.sqrt(), rtol=1e-5, atol=1e-5)
 
 
 def test_nfsd_y_neg_is_the_recipes_negative_prompt(prior, recipe_file):
@@ -191,7 +192,8 @@ def test_robust_nfsd_one_call_of_three_rows_and_its_formula(prior, recipe):
     assert float(correction.norm() / classifier.norm()) == pytest.approx(2.0, abs=1e-5)
     a = prior.alphas_cumprod[t]
     guided = fake.eps("", z_t, t) + classifier
-    torch.testing.assert_close(out.denoised, (z_t - (1 - a).sqrt() * guided) / a.sqrt(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.denoised_estimate(),
+                               (z_t - (1 - a).sqrt() * guided) / a.sqrt(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 2.0, 3.0])
@@ -307,7 +309,8 @@ def test_sds_score_is_diffusers_cfg_minus_the_sampled_noise(prior, plain, monkey
     threestudio_form = cond + 30.0 * (cond - uncond)
     assert not torch.allclose(out.score, threestudio_form - eps, atol=1e-3)
     a = prior.alphas_cumprod[t]  # HiFA's x̂₀, by hand
-    torch.testing.assert_close(out.denoised, (z_t - (1 - a).sqrt() * diffusers_form) / a.sqrt(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.denoised_estimate(),
+                               (z_t - (1 - a).sqrt() * diffusers_form) / a.sqrt(), rtol=1e-5, atol=1e-5)
 
 
 def test_cfg_formula():
@@ -408,7 +411,8 @@ def test_vsd_score_is_the_pretrained_cfg_minus_the_lora_estimate(tiny_prior, pla
     pretrained = uncond + 4.0 * (cond - uncond)
     torch.testing.assert_close(out.score, pretrained - lora, rtol=1e-5, atol=1e-5)
     a = prior.alphas_cumprod[t]
-    torch.testing.assert_close(out.denoised, (z_t - (1 - a).sqrt() * pretrained) / a.sqrt(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.denoised_estimate(),
+                               (z_t - (1 - a).sqrt() * pretrained) / a.sqrt(), rtol=1e-5, atol=1e-5)
 
 
 def test_vsd_leaves_the_shared_unet_as_it_found_it(tiny_prior, plain):

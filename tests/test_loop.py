@@ -115,12 +115,12 @@ def test_gradient_of_the_surrogate_loss_is_the_weighted_score(recipe_file, tiny_
     seen = {}
     original_fit = opt.adam_step
 
-    def fit(z, target):
+    def fit(z, target, *terms):
         assert target.image is None  # latent-pixels: the latent loss only
         loss = 0.5 * (z - target.latent).pow(2).sum()
         (grad,) = torch.autograd.grad(loss, z, retain_graph=True)
         seen["grad"], seen["g"] = grad, (z - target.latent).detach()
-        return original_fit(z, target)
+        return original_fit(z, target, *terms)
 
     opt.adam_step = fit
     record = opt.step(0).fetched()
@@ -389,11 +389,11 @@ def test_image_fit_fits_the_rgb_to_the_decoded_target(recipe_file, tiny_prior):
         seen["z"], seen["score"], seen["t"] = z.clone(), out.score.clone(), times.t
         return out
 
-    def fit(z, target):
+    def fit(z, target, *terms):
         seen["target"], seen["z_grad"] = target, z.requires_grad
         seen["loss"] = float(opt.fit_loss(z, target).detach())
         seen["x"] = opt.last_rgb.detach().clone()
-        return original_fit(z, target)
+        return original_fit(z, target, *terms)
 
     opt.guidance.score, opt.adam_step = score, fit
     opt.step(0)
@@ -412,7 +412,7 @@ def test_fit_space_both_adds_the_weighted_image_loss_to_the_latent_loss(recipe_f
     seen = {}
     original_fit = opt.adam_step
 
-    def fit(z, target):
+    def fit(z, target, *terms):
         x = opt.last_rgb
         seen["z_grad"] = z.requires_grad
         latent = 0.5 * (z - target.latent).pow(2).sum()
@@ -420,7 +420,7 @@ def test_fit_space_both_adds_the_weighted_image_loss_to_the_latent_loss(recipe_f
         torch.testing.assert_close(target.image, prior.decode_latents(target.latent))
         seen["expected"] = float((latent + 0.25 * image).detach())
         seen["loss"] = float(opt.fit_loss(z, target).detach())
-        return original_fit(z, target)
+        return original_fit(z, target, *terms)
 
     opt.adam_step = fit
     before = opt.param.image().detach().clone()
@@ -436,6 +436,64 @@ def test_image_fit_needs_an_rgb_parameterization(recipe_file, space):
 
     with pytest.raises(RecipeError, match="fit_space"):
         load_recipe(recipe_file({"optimizer": {"fit_space": space}}))
+
+
+@pytest.mark.parametrize("optimizer, computed", [
+    ({}, 0),
+    ({"fit_space": "image", "image_target": "decoded-target"}, 0),
+    ({"fit_space": "image", "image_target": "hifa"}, 1),
+    ({"fit_space": "both", "image_target": "hifa"}, 1),
+], ids=["latent", "decoded-target", "hifa-image", "hifa-both"])
+def test_the_denoised_estimate_is_computed_only_for_hifa_s_image_target(recipe_file, tiny_prior, optimizer, computed):
+    """A guidance may give ẑ₀ as a function: the loop calls it once on steps whose fit decodes
+    it, and never on the others; the estimate it decodes is the function's."""
+    space = {"parameterization": {"name": "rgb-pixels"}} if optimizer else {}
+    opt = _started(recipe_file, tiny_prior, {**space, "optimizer": optimizer})
+    calls, decoded = [], []
+    original_score, original_decode = opt.guidance.score, opt.prior.decode_latents
+
+    def score(z, times):
+        out = original_score(z, times)
+        function = out.denoised
+        assert callable(function)  # the bundled guidances defer it
+
+        def counting():
+            calls.append(function())
+            return calls[-1]
+        out.denoised = counting
+        return out
+
+    def decode(z):
+        decoded.append(z)
+        return original_decode(z)
+
+    opt.guidance.score, opt.prior.decode_latents = score, decode
+    opt.step(0)
+    opt.step(1)
+    assert len(calls) == 2 * computed
+    if computed:
+        assert all(torch.equal(a, b) for a, b in zip(calls, decoded))
+
+
+def test_a_guidance_may_give_the_denoised_estimate_as_a_tensor(recipe_file, tiny_prior):
+    """Third-party guidances written before the deferred form keep working."""
+    opt = _started(recipe_file, tiny_prior, {"parameterization": {"name": "rgb-pixels"},
+                                             "optimizer": {"fit_space": "image", "image_target": "hifa"}})
+    original_score, original_decode = opt.guidance.score, opt.prior.decode_latents
+    seen = {}
+
+    def score(z, times):
+        out = original_score(z, times)
+        out.denoised = seen["given"] = out.denoised_estimate()
+        return out
+
+    def decode(z):
+        seen["decoded"] = z
+        return original_decode(z)
+
+    opt.guidance.score, opt.prior.decode_latents = score, decode
+    opt.step(0)
+    assert torch.equal(seen["given"], seen["decoded"])
 
 
 @pytest.mark.parametrize("space, encodes", [("image", 1), ("both", 3)])

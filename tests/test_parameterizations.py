@@ -212,9 +212,9 @@ def _fit_error_after_one_step(recipe_file, prior, parameterization: dict, inner_
     targets = []
     original = opt.adam_step
 
-    def fit(z, target):
+    def fit(z, target, *terms):
         targets.append(target.latent)
-        return original(z, target)
+        return original(z, target, *terms)
 
     opt.adam_step = fit
     opt.step(0)
