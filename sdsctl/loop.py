@@ -8,7 +8,8 @@ One step::
     out    = guidance.score(z.detach(), times)       # under no_grad: no gradient through the UNet
     g      = weighting(times.t) * out.score
     target = (z - score_scale * g).detach()          # z* = z − k·g
-    loss   = 0.5 * ||z - target||^2                  # its gradient w.r.t. z is k·g
+    loss   = 0.5 * ||z - target||^2                  # its gradient w.r.t. z is z − target = k·g,
+                                                     # back-propagated from z directly
     fit θ to target                                  # optimizer.fit: one Adam step (adam) or until
                                                      # R(θ) ≈ z* (full: assignment or inner steps)
 
