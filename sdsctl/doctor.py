@@ -53,6 +53,10 @@ class Finding:
     knob: str = ""
 
 
+#: a guidance scale from which raising it is no advice for smoothness (DreamFusion's SDS: 100)
+HIGH_CFG = 30.0
+
+
 def _knobs(recipe: dict[str, Any]) -> dict[str, str]:
     """What to turn, in this recipe's own keys."""
     g, sched = recipe.get("guidance", {}), recipe.get("schedule", {})
@@ -66,8 +70,13 @@ def _knobs(recipe: dict[str, Any]) -> dict[str, str]:
     else:
         out["more_correction"] = (f"a lower guidance.guidance_scale (now {scale}), or a guidance with a correction "
                                   "term (robust-nfsd, nfsd) whose weight balances it")
-        out["less_correction"] = (f"a higher guidance.guidance_scale (now {scale}; NFSD: at 7.5 the unconditional "
-                                  "term smooths the image), or nfsd / robust-nfsd, which leave that term out")
+        if scale is not None and scale >= HIGH_CFG:  # raising it further over-saturates
+            out["less_correction"] = (f"nfsd / robust-nfsd, which leave the smoothing unconditional term out "
+                                      f"(guidance.guidance_scale is already {scale}: higher over-saturates)")
+        else:
+            out["less_correction"] = (f"a higher guidance.guidance_scale (now {scale}; NFSD: at 7.5 the "
+                                      "unconditional term smooths the image), or nfsd / robust-nfsd, which leave "
+                                      "that term out")
     out["fewer_warmup"] = f"fewer warm-up steps: {warm}" if warm else ""
     out["more_warmup"] = f"more warm-up steps: {warm}" if warm else ""
     return out

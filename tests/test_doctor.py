@@ -84,3 +84,14 @@ def test_an_interrupted_run_is_read_and_resume_is_named(cli, recipe_file, tmp_pa
 def test_doctor_on_a_folder_that_is_no_run(cli, tmp_path):
     result = cli("doctor", tmp_path)
     assert result.exit_code == 2 and "is not a run directory" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("scale, raise_it", [(7.5, True), (100.0, False)])
+def test_over_smooth_advice_raises_the_guidance_scale_only_where_it_is_low(scale, raise_it):
+    """At DreamFusion's CFG 100 a higher scale over-saturates: the advice is a guidance
+    without the smoothing term instead."""
+    from sdsctl.doctor import _knobs
+
+    advice = _knobs({"guidance": {"name": "sds", "guidance_scale": scale}})["less_correction"]
+    assert ("a higher guidance.guidance_scale" in advice) is raise_it
+    assert "robust-nfsd" in advice
