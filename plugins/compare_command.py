@@ -14,7 +14,8 @@ from sdsctl.devices import ACCEPTED
 from sdsctl.executors import AddressOption, CpusPerRunOption, ExecutorOption, JobsOption
 
 
-def pairs_for(recipes: list[str], pairs: int | None, prompts: list[str] | None, seeds: int | None) -> list[tuple[str, int]]:
+def pairs_for(recipes: list[str], pairs: int | None, prompts: list[str] | None,
+              seeds: int | None) -> list[tuple[str, int]]:
     """The (prompt, seed) pairs (``sdsctl.plan.pairs_for``; ``--seeds`` alone: the first recipe's prompt)."""
     from sdsctl.plan import pairs_for as pairs_of
 
@@ -22,18 +23,26 @@ def pairs_for(recipes: list[str], pairs: int | None, prompts: list[str] | None, 
 
 
 def compare(
-    recipes: Annotated[list[str], typer.Argument(metavar="RECIPE...", help="Recipe files or bundled recipe names.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: runs/compare-<timestamp>); "
-                                                "the same folder again reuses its finished runs.")] = None,
+    recipes: Annotated[list[str], typer.Argument(metavar="RECIPE...",
+                                                 help="Recipe files or bundled recipe names.")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o",
+        help="Output folder (default: runs/compare-<timestamp>); "
+             "the same folder again reuses its finished runs.")] = None,
     pairs: Annotated[Optional[int], typer.Option(help="Number of prompts from the shapes world (default 8).")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", metavar="TEXT", help="Use this prompt instead of shapes-world ones. Repeatable.")] = None,
-    seeds: Annotated[Optional[int], typer.Option(help="Seeds 0..N-1 for every prompt (alone: the first recipe's prompt).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
-                                                      help="Override a recipe value in every recipe. Repeatable.")] = None,
-    model: Annotated[Optional[str], typer.Option(metavar="MODEL", help="Model for every recipe (shortcut for --set model=...).")] = None,
-    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help=f"{ACCEPTED}, for every recipe (shortcut for --set device=...).")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", metavar="TEXT", help="Use this prompt instead of shapes-world ones. Repeatable.")] = None,
+    seeds: Annotated[Optional[int], typer.Option(
+        help="Seeds 0..N-1 for every prompt (alone: the first recipe's prompt).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", metavar="KEY=VALUE", help="Override a recipe value in every recipe. Repeatable.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        metavar="MODEL", help="Model for every recipe (shortcut for --set model=...).")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        metavar="DEVICE", help=f"{ACCEPTED}, for every recipe (shortcut for --set device=...).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Steps for every recipe (shortcut for --set steps=...).")] = None,
-    clip: Annotated[Optional[Path], typer.Option(metavar="DIR", help="A local CLIP folder (transformers CLIPModel): adds a CLIP score.")] = None,
+    clip: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", help="A local CLIP folder (transformers CLIPModel): adds a CLIP score.")] = None,
     executor: ExecutorOption = "local",
     jobs: JobsOption = None,
     address: AddressOption = None,

@@ -22,21 +22,28 @@ def sweep(
         "--grid", "-g", metavar="KEY=V1,V2,...",
         help="Values of one recipe key to sweep (parsed as --set parses them; KEY=[a, \"b, c\"] for values "
              "with commas). Repeatable: the settings are the Cartesian product of every --grid.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: runs/sweep-<timestamp>); "
-                                                "the same folder again reuses its finished runs.")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", metavar="TEXT", help="Use this prompt (with each seed). Repeatable.")] = None,
-    pairs: Annotated[Optional[int], typer.Option(help="Number of prompts from the shapes world (default 8 without --prompt or --seeds).")] = None,
-    seeds: Annotated[Optional[int], typer.Option(help="Seeds 0..N-1 for every prompt (alone: the recipe's prompt).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
-                                                      help="Override a recipe value in every setting. Repeatable.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o",
+        help="Output folder (default: runs/sweep-<timestamp>); "
+             "the same folder again reuses its finished runs.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", metavar="TEXT", help="Use this prompt (with each seed). Repeatable.")] = None,
+    pairs: Annotated[Optional[int], typer.Option(
+        help="Number of prompts from the shapes world (default 8 without --prompt or --seeds).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(
+        help="Seeds 0..N-1 for every prompt (alone: the recipe's prompt).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", metavar="KEY=VALUE", help="Override a recipe value in every setting. Repeatable.")] = None,
     rank_by: Annotated[Optional[str], typer.Option(
         "--rank-by", metavar="METRIC[:min|:max]",
         help="Rank the settings by this number of the runs (e.g. shapes-judge.shape_iou, image-stats.clipped:min); "
              "default: the judge's match rate then palette error, or clip.score with --clip.")] = None,
     model: Annotated[Optional[str], typer.Option(metavar="MODEL", help="Model (shortcut for --set model=...).")] = None,
-    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help=f"{ACCEPTED} (shortcut for --set device=...).")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        metavar="DEVICE", help=f"{ACCEPTED} (shortcut for --set device=...).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Steps (shortcut for --set steps=...).")] = None,
-    clip: Annotated[Optional[Path], typer.Option(metavar="DIR", help="A local CLIP folder (transformers CLIPModel): adds a CLIP score.")] = None,
+    clip: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", help="A local CLIP folder (transformers CLIPModel): adds a CLIP score.")] = None,
     executor: ExecutorOption = "local",
     jobs: JobsOption = None,
     address: AddressOption = None,

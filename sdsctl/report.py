@@ -33,14 +33,20 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c
 CSS = """
 body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #222; max-width: 1400px; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 6px 0; } th, td { padding: 3px 8px; border-bottom: 1px solid #eee; text-align: left; vertical-align: top; }
+table { border-collapse: collapse; margin: 6px 0; }
+th, td { padding: 3px 8px; border-bottom: 1px solid #eee; text-align: left; vertical-align: top; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-table.grid th.col { font-weight: normal; font-size: 12px; width: 104px; } table.grid td { text-align: center; padding: 2px; }
+table.grid th.col { font-weight: normal; font-size: 12px; width: 104px; }
+table.grid td { text-align: center; padding: 2px; }
 table.grid img, .pair img { image-rendering: pixelated; display: block; margin: auto; border: 1px solid #ccc; }
-.small { font-size: 11px; color: #666; } .note { color: #8a5a00; } .better { color: #1a7f37; } .worse { color: #b42318; }
-.plots { display: flex; flex-wrap: wrap; gap: 12px; } .plots figure { margin: 0; } figcaption { font-size: 12px; text-align: center; }
-.legend span { display: inline-block; margin-right: 14px; } .legend i { display: inline-block; width: 14px; height: 3px; vertical-align: middle; margin-right: 4px; }
-.diff { display: flex; gap: 24px; flex-wrap: wrap; } .pair { display: inline-block; margin: 2px 8px 2px 0; text-align: center; }
+.small { font-size: 11px; color: #666; } .note { color: #8a5a00; } .better { color: #1a7f37; }
+.worse { color: #b42318; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; } .plots figure { margin: 0; }
+figcaption { font-size: 12px; text-align: center; }
+.legend span { display: inline-block; margin-right: 14px; }
+.legend i { display: inline-block; width: 14px; height: 3px; vertical-align: middle; margin-right: 4px; }
+.diff { display: flex; gap: 24px; flex-wrap: wrap; }
+.pair { display: inline-block; margin: 2px 8px 2px 0; text-align: center; }
 """
 
 
@@ -119,7 +125,8 @@ def svg_plot(title: str, curves: dict[str, list[tuple[int, float]]], colors: dic
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
-             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="#fafafa" stroke="#ccc"/>']
+             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+             'fill="#fafafa" stroke="#ccc"/>']
     for frac in (0.0, 0.5, 1.0):
         v = lo + frac * (hi - lo)
         label = fmt(10**v if log else v)
@@ -134,7 +141,8 @@ def svg_plot(title: str, curves: dict[str, list[tuple[int, float]]], colors: dic
     for name, curve in curves.items():
         if curve:
             pts = " ".join(xy(s, v) for s, v in curve)
-            parts.append(f'<polyline fill="none" stroke="{colors[name]}" stroke-width="1.6" points="{pts}"><title>{_e(name)}</title></polyline>')
+            parts.append(f'<polyline fill="none" stroke="{colors[name]}" stroke-width="1.6" points="{pts}">'
+                         f'<title>{_e(name)}</title></polyline>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -164,7 +172,8 @@ def _ranking(rows, by) -> list[str]:
 
     h = ["<h2>Ranking</h2>", f'<p class="small">Ranked by {_e(by.describe())}; mean ± sample standard deviation '
          "over seeds (each seed's value the mean over the prompts).</p>",
-         '<table class="ranking"><thead><tr>' + "".join(f"<th>{_e(x)}</th>" for x in headers(by)) + "</tr></thead><tbody>"]
+         '<table class="ranking"><thead><tr>' + "".join(f"<th>{_e(x)}</th>" for x in headers(by))
+         + "</tr></thead><tbody>"]
     for row in rows:
         values = cells(row, by)
         h.append("<tr>" + "".join(f"<td>{_e(v)}</td>" if i == 1 else f'<td class="num">{_e(v)}</td>'
@@ -175,7 +184,8 @@ def _ranking(rows, by) -> list[str]:
         h.append(f'<p class="note">{_e(why)}</p>')
     failures = [(row.label, e) for row in rows for e in row.errors]
     if failures:
-        h.append('<p class="worse">Failed runs:</p><ul>' + "".join(f"<li>{_e(lab)}: {_e(e)}</li>" for lab, e in failures) + "</ul>")
+        h.append('<p class="worse">Failed runs:</p><ul>'
+                 + "".join(f"<li>{_e(lab)}: {_e(e)}</li>" for lab, e in failures) + "</ul>")
     return h
 
 
@@ -222,7 +232,8 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
                      f'{_img(run_dir / "final.png", 96, title)}</a>'
                      f'<span class="small">{verdict}</span></td>')
         h.append("</tr>")
-    h.append('</tbody></table><p class="small">Click an image for the run\'s progress sheet (previews over the steps).</p>')
+    h.append('</tbody></table><p class="small">Click an image for the run\'s progress sheet '
+             '(previews over the steps).</p>')
 
     # 2. metrics
     h.append("<h2>Metrics per recipe</h2>")
@@ -232,16 +243,19 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
     h.append('<table class="metrics"><thead><tr><th>metric</th>'
              + "".join(f"<th>{_e(lab)}</th>" for lab in labels) + "</tr></thead><tbody>")
     h.append("<tr><td>judge match</td>" + "".join(
-        f'<td class="num">{res["summary"]["matches"]}/{res["summary"]["runs"]}</td>' if res["summary"]["match_rate"] is not None
-        else '<td class="num">n/a</td>' for res in results.values()) + "</tr>")
+        f'<td class="num">{res["summary"]["matches"]}/{res["summary"]["runs"]}</td>'
+        if res["summary"]["match_rate"] is not None else '<td class="num">n/a</td>'
+        for res in results.values()) + "</tr>")
     names = list(dict.fromkeys(k for res in results.values() for k in res["summary"]["metrics"]))
     for k in names:
-        h.append(f"<tr><td>{_e(k)}</td>" + "".join(_metric_cell(res["summary"]["metrics"].get(k)) for res in results.values()) + "</tr>")
+        cells = "".join(_metric_cell(res["summary"]["metrics"].get(k)) for res in results.values())
+        h.append(f"<tr><td>{_e(k)}</td>{cells}</tr>")
     h.append("</tbody></table>")
 
     # 3. curves
     h.append("<h2>Curves over steps</h2>")
-    h.append('<p class="legend">' + "".join(f'<span><i style="background:{colors[lab]}"></i>{_e(lab)}</span>' for lab in labels)
+    h.append('<p class="legend">'
+             + "".join(f'<span><i style="background:{colors[lab]}"></i>{_e(lab)}</span>' for lab in labels)
              + '<span class="small">mean over the recipe\'s runs, moving average over 1/50 of the steps</span></p>')
     series = {lab: [_series(d.records) for d in data] for lab, data in runs_data.items()}
     keys = list(dict.fromkeys(k for runs in series.values() for s in runs for k in s))
@@ -261,7 +275,8 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
         h.append(f"<h2>Differences from {_e(first)}</h2>")
         for lab in labels[1:]:
             this = _flat(results[lab].get("resolved", {}))
-            keys_diff = [k for k in dict.fromkeys([*base, *this]) if base.get(k) != this.get(k) and k not in ("prompt", "seed")]
+            keys_diff = [k for k in dict.fromkeys([*base, *this])
+                         if base.get(k) != this.get(k) and k not in ("prompt", "seed")]
             h.append(f'<h3><span style="color:{colors[lab]}">■</span> {_e(lab)}</h3><div class="diff">')
             h.append(f"<table><thead><tr><th>recipe key</th><th>{_e(first)}</th><th>{_e(lab)}</th></tr></thead><tbody>")
             for k in keys_diff or []:
@@ -274,7 +289,8 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
             for k in [k for k in names if k in a and k in b]:
                 d = b[k]["mean"] - a[k]["mean"]
                 h.append(f'<tr><td>{_e(k)}</td><td class="num">{fmt(a[k]["mean"])}</td>'
-                         f'<td class="num">{fmt(b[k]["mean"])}</td><td class="num">{"+" if d > 0 else ""}{fmt(d)}</td></tr>')
+                         f'<td class="num">{fmt(b[k]["mean"])}</td>'
+                         f'<td class="num">{"+" if d > 0 else ""}{fmt(d)}</td></tr>')
             h.append("</tbody></table><div>")
             for ra, rb in zip(results[first]["runs"], results[lab]["runs"]):
                 if not (_ok(ra) and _ok(rb)):
@@ -285,7 +301,8 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
             h.append("</div></div>")
 
     # 5. runs
-    h.append(f"<h2>Runs</h2><table><thead><tr><th>{'setting' if kind == 'sweep' else 'recipe'}</th><th>prompt</th><th>seed</th><th>s</th>"
+    h.append(f"<h2>Runs</h2><table><thead><tr><th>{'setting' if kind == 'sweep' else 'recipe'}</th>"
+             "<th>prompt</th><th>seed</th><th>s</th>"
              "<th>s/step</th><th>convergence</th><th></th><th>run</th></tr></thead><tbody>")
     for lab, res in results.items():
         for r in res["runs"]:
@@ -293,7 +310,8 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
             run_dir = Path(r["run_dir"])
             if not _ok(r):
                 h.append(f"<tr><td>{_e(lab)}</td><td>{_e(r['prompt'])}</td><td class=\"num\">{r['seed']}</td>"
-                         f'<td colspan="4" class="worse">failed after {r.get("attempts", 1)} attempt(s): {_e(r.get("error"))}</td>'
+                         f'<td colspan="4" class="worse">failed after {r.get("attempts", 1)} attempt(s): '
+                         f'{_e(r.get("error"))}</td>'
                          f'<td><span class="small">{_e(_rel(run_dir, out))}</span></td></tr>')
                 continue
             h.append(f"<tr><td>{_e(lab)}</td><td>{_e(r['prompt'])}</td><td class=\"num\">{r['seed']}</td>"

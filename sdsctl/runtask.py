@@ -115,8 +115,9 @@ def run_task(task: RunTask, path: Path | None = None, *, loaded=None, prior=None
                        steps_done=_steps_done(path))
     seconds = time.perf_counter() - started
     if result.status != "completed":
-        return Outcome("interrupted", error=f"interrupted at step {result.steps_done}/{result.steps}"
-                       + (f" ({result.signal})" if result.signal else ""), steps_done=result.steps_done, seconds=seconds)
+        error = f"interrupted at step {result.steps_done}/{result.steps}"
+        error += f" ({result.signal})" if result.signal else ""
+        return Outcome("interrupted", error=error, steps_done=result.steps_done, seconds=seconds)
     return Outcome("completed", steps_done=result.steps_done, seconds=seconds)
 
 

@@ -73,7 +73,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(results: dict[str, dict[str, Any]], name: str = "recipe") -> str:
     failures = any(res["summary"].get("failed") for res in results.values())
-    lines = [f"| {name} | judge match | median shape IoU | median palette error | s/run |" + (" failed |" if failures else ""),
+    lines = [f"| {name} | judge match | median shape IoU | median palette error | s/run |"
+             + (" failed |" if failures else ""),
              "|---|---|---|---|---|" + ("---|" if failures else "")]
 
     def number(value, fmt: str) -> str:

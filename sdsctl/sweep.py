@@ -50,7 +50,8 @@ def parse_grid(expr: str) -> Grid:
     if not sep or not key:
         raise _bad(expr, "expected KEY=V1,V2,... with a dotted recipe KEY, e.g. --grid guidance.guidance_scale=7.5,20")
     if not _KEY.fullmatch(key):
-        raise _bad(expr, f"{key!r} is not a dotted recipe key (letters, digits, _ and dots), e.g. schedule.warmup_steps")
+        raise _bad(expr, f"{key!r} is not a dotted recipe key (letters, digits, _ and dots), "
+                         "e.g. schedule.warmup_steps")
     rest = rest.strip()
     if not rest:
         raise _bad(expr, "no values; list one or more after '=', separated by commas")
@@ -79,7 +80,8 @@ def parse_grid(expr: str) -> Grid:
 def parse_grids(exprs: list[str], sets: list[str]) -> list[Grid]:
     """Every ``--grid``; a key swept twice, or also fixed by ``--set``, is an input error."""
     if not exprs:
-        raise SdsctlError("a sweep needs at least one --grid KEY=V1,V2,... (e.g. --grid guidance.guidance_scale=7.5,20)")
+        raise SdsctlError("a sweep needs at least one --grid KEY=V1,V2,... "
+                          "(e.g. --grid guidance.guidance_scale=7.5,20)")
     grids = [parse_grid(e) for e in exprs]
     keys = [g.key for g in grids]
     for g in grids:

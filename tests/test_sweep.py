@@ -101,14 +101,18 @@ def _failed(seed: int, error: str) -> dict:
 def test_ranking_by_the_judge_with_the_spread_over_seeds():
     results = {
         # seed 0: both prompts match (1.0), seed 1: one of two (0.5) -> 0.75 ± 0.354
-        "a": {"runs": [_run(0, True, 0.2, "p"), _run(0, True, 0.2, "q"), _run(1, True, 0.3, "p"), _run(1, False, 0.3, "q")]},
-        "b": {"runs": [_run(0, True, 0.1, "p"), _run(0, True, 0.1, "q"), _run(1, True, 0.1, "p"), _run(1, True, 0.1, "q")]},
-        "c": {"runs": [_run(0, True, 0.05, "p"), _run(0, True, 0.05, "q"), _run(1, True, 0.05, "p"), _run(1, False, 0.05, "q")]},
+        "a": {"runs": [_run(0, True, 0.2, "p"), _run(0, True, 0.2, "q"),
+                       _run(1, True, 0.3, "p"), _run(1, False, 0.3, "q")]},
+        "b": {"runs": [_run(0, True, 0.1, "p"), _run(0, True, 0.1, "q"),
+                       _run(1, True, 0.1, "p"), _run(1, True, 0.1, "q")]},
+        "c": {"runs": [_run(0, True, 0.05, "p"), _run(0, True, 0.05, "q"),
+                       _run(1, True, 0.05, "p"), _run(1, False, 0.05, "q")]},
         "d": {"runs": [_failed(0, "RunFailed: non-finite"), _failed(1, "RunFailed: non-finite")]},
     }
     by = parse_rank_by(None)
     rows = rank(results, by)
-    assert [(r.label, r.rank) for r in rows] == [("b", 1), ("c", 2), ("a", 3), ("d", None)]  # c beats a on palette error
+    # c beats a on palette error
+    assert [(r.label, r.rank) for r in rows] == [("b", 1), ("c", 2), ("a", 3), ("d", None)]
     a = rows[2]
     assert a.seeds == {0: 1.0, 1: 0.5} and a.value["mean"] == pytest.approx(0.75)
     assert a.value["std"] == pytest.approx(0.35355, abs=1e-4)
@@ -126,7 +130,8 @@ def test_ranking_by_a_chosen_number_and_by_clip_score():
     assert by_error.lower and [r.label for r in rank(results, by_error)] == ["lo", "hi"]
     assert [r.label for r in rank(results, parse_rank_by("shapes-judge.palette_error:max"))] == ["hi", "lo"]
     rows = rank(results, parse_rank_by("no.such"))
-    assert all(r.rank is None for r in rows) and "no run has a number named no.such" in ranked_table(rows, parse_rank_by("no.such"))
+    assert all(r.rank is None for r in rows)
+    assert "no run has a number named no.such" in ranked_table(rows, parse_rank_by("no.such"))
     with pytest.raises(SdsctlError, match="expected judge"):
         parse_rank_by("clip.score:up")
 
@@ -142,7 +147,8 @@ def test_a_sweep_end_to_end_then_every_run_reused(cli, recipe_file, tmp_path):
     results = json.loads((out / "compare.json").read_text())
     assert list(results) == ["guidance_scale=7.5", "guidance_scale=20"]
     for res, scale in zip(results.values(), (7.5, 20)):
-        assert res["grid"] == {"guidance.guidance_scale": scale} and res["resolved"]["guidance"]["guidance_scale"] == scale
+        assert res["grid"] == {"guidance.guidance_scale": scale}
+        assert res["resolved"]["guidance"]["guidance_scale"] == scale
         assert [r["seed"] for r in res["runs"]] == [0, 1] and {r["status"] for r in res["runs"]} == {"completed"}
         assert res["summary"]["rank"]["rank"] in (1, 2) and set(res["summary"]["rank"]["per_seed"]) == {"0", "1"}
     md = (out / "compare.md").read_text()
@@ -195,7 +201,8 @@ def flaky(register_plugin):
 def test_a_failed_run_is_retried_once_then_reported(cli, recipe_file, tmp_path, flaky):
     recipe = recipe_file({"guidance": {"name": "flaky", "guidance_scale": 20}})
     out = tmp_path / "sweep"
-    args = ("sweep", recipe, "--grid", "guidance.failures=0,1,5", "--seeds", "1", "--steps", "2", "--no-live", "--out", out)
+    args = ("sweep", recipe, "--grid", "guidance.failures=0,1,5", "--seeds", "1", "--steps", "2", "--no-live",
+            "--out", out)
     result = cli(*args)
     assert result.exit_code == 1, result.output  # a run failed twice: all outputs written, then exit 1
     runs = {label: res["runs"][0] for label, res in json.loads((out / "compare.json").read_text()).items()}
@@ -273,8 +280,10 @@ def test_ctrl_c_stops_the_worker_processes_and_keeps_every_finished_run(cli, rec
 
 # ----------------------------------------------------------------------------- Ray
 
-def test_ray_gives_the_local_images_and_either_executor_reuses_the_other_s_runs(cli, recipe_file, tmp_path, ray_session):
-    args = ("sweep", recipe_file(), "--grid", "guidance.guidance_scale=7.5,20", "--seeds", "2", "--steps", "2", "--no-live")
+def test_ray_gives_the_local_images_and_either_executor_reuses_the_other_s_runs(cli, recipe_file, tmp_path,
+                                                                                 ray_session):
+    args = ("sweep", recipe_file(), "--grid", "guidance.guidance_scale=7.5,20", "--seeds", "2", "--steps", "2",
+            "--no-live")
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     assert cli(*args, "--out", local).exit_code == 0
     result = cli(*args, "--executor", "ray", "--out", on_ray)
@@ -292,7 +301,8 @@ def test_ray_continues_an_interrupted_run_from_the_files_it_ships(cli, recipe_fi
     assert cli("compare", r, "--seeds", "1", "--steps", "2", "--out", tmp_path / "short").exit_code == 0
     out = tmp_path / "cmp"
     assert cli("compare", r, "--seeds", "1", "--steps", "4", "--out", out).exit_code == 0
-    (short,) = [Path(x["run_dir"]) for x in json.loads((tmp_path / "short" / "compare.json").read_text())["recipe"]["runs"]]
+    short_runs = json.loads((tmp_path / "short" / "compare.json").read_text())["recipe"]["runs"]
+    (short,) = [Path(x["run_dir"]) for x in short_runs]
     (run,) = [Path(x["run_dir"]) for x in json.loads((out / "compare.json").read_text())["recipe"]["runs"]]
     final = (run / "final.png").read_bytes()
     shutil.copy(short / "state.pt", run / "state.pt")  # the 4-step run, as if interrupted after step 2
