@@ -17,9 +17,10 @@ Three measurements, in one process, on the same model and inputs:
    as VSD's LoRA update does), plus the VAE encoder's forward and backward for
    parameterizations that render RGB through it, plus the VAE decoder's forward where the fit
    needs an image target (``fit_space: image | both``). It is measured after every step of
-   (1), so that a step and its floor see the same machine load; ``floor_ratio`` = the steps'
-   total time ÷ the floors' total time: 1.0 would mean the step is nothing but its model
-   evaluations.
+   (1) on the CPU (after every ``output.log_every`` steps on a GPU, where the steps in between
+   overlap host and device as in a run), so that the steps and their floor see the same
+   machine load; ``floor_ratio`` = the steps' total time ÷ the floors' total time: 1.0 would
+   mean the step is nothing but its model evaluations.
 """
 
 from __future__ import annotations
@@ -225,19 +226,24 @@ def bench(loaded: LoadedRecipe, *, steps: int = 50, warmup: int = 5, prior=None)
         with _instrumented(opt, None, calls):  # one step's model evaluations, on its real inputs
             _run_steps(opt, warmup, 1, 1)
         unet_calls = sum(1 for kind, _, _ in calls if kind == "unet")
-        # Each step is followed by the floor's model evaluations, so that the two see the same
-        # machine load (a shared machine's load changes from one tenth of a second to the next).
-        step_ms, floor_ms = [], []
+        # The steps in chunks, each followed by the floor's model evaluations, so that the two
+        # see the same machine load. On the CPU a chunk is one step: a shared machine's load
+        # changes from one tenth of a second to the next. On a GPU it is ``log_every`` steps: a
+        # run synchronizes only on logging steps, so the host queues a step while the device
+        # still computes the previous one, and a synchronize after every step would hide that.
+        chunk = 1 if device.type == "cpu" else max(1, min(log_every, steps))
+        step_ms, floor_ms = 0.0, 0.0
         pending = PendingRecords()
-        for k in range(warmup + 1, warmup + 1 + steps):
+        for first in range(warmup + 1, warmup + 1 + steps, chunk):
+            n = min(chunk, warmup + 1 + steps - first)
             synchronize(device)
             start = time.perf_counter()
-            _run_steps(opt, k, 1, log_every, pending)
+            _run_steps(opt, first, n, log_every, pending)
             synchronize(device)
-            step_ms.append((time.perf_counter() - start) * 1000)
-            floor_ms.append(_floor_ms(prior, calls, device, repeats=1))
+            step_ms += (time.perf_counter() - start) * 1000
+            floor_ms += _floor_ms(prior, calls, device, repeats=n) * n
         pending.flush()
-        ms_per_step, floor = sum(step_ms) / steps, sum(floor_ms) / steps
+        ms_per_step, floor = step_ms / steps, floor_ms / steps
 
         timer = PhaseTimer(Clock(device))
         synchronize(device)

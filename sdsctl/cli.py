@@ -196,6 +196,10 @@ LogOption = Annotated[list[str], typer.Option(
     help="Also send the run to a logger: tensorboard, wandb (offline), or a plugin's (see `sdsctl plugins`). "
          "Repeatable.")]
 NoLiveOption = Annotated[bool, typer.Option("--no-live", help="Plain log lines instead of the live panel.")]
+ViewSizeOption = Annotated[int | None, typer.Option(
+    "--view-size", metavar="PX",
+    help="Also write the final image and the previews enlarged to PX for viewing (shortcut for --set "
+         "output.view_size=PX; 0: none).")]
 RecipeArgument = Annotated[str, typer.Argument(
     metavar="RECIPE", help="A recipe file, or the name of a bundled recipe (see `sdsctl recipes`).",
     autocompletion=_complete_recipe)]
@@ -205,8 +209,14 @@ def _overrides(prompt, seed, steps, model, device) -> dict[str, Any]:
     return {"prompt": prompt, "seed": seed, "steps": steps, "model": model, "device": device}
 
 
-def _sets(sets: list[str], allow_download: bool) -> list[str]:
-    return [*sets, "model.allow_download=true"] if allow_download else list(sets)
+def _sets(sets: list[str], allow_download: bool = False, view_size: int | None = None) -> list[str]:
+    """The --set expressions with the shortcuts that set nested keys."""
+    out = list(sets)
+    if allow_download:
+        out.append("model.allow_download=true")
+    if view_size is not None:
+        out.append(f"output.view_size={view_size}")
+    return out
 
 
 def _warn(warnings: list[str]) -> None:
@@ -295,6 +305,7 @@ def create_app() -> typer.Typer:
         model: ModelOption = None,
         device: DeviceOption = None,
         allow_download: AllowDownloadOption = False,
+        view_size: ViewSizeOption = None,
         log: LogOption = [],  # noqa: B006
     ) -> None:
         """Run a recipe: optimize an image and write a run directory."""
@@ -306,7 +317,8 @@ def create_app() -> typer.Typer:
         try:
             if isinstance(reporter, LivePanel):  # from the first moment; plain logs start with the model
                 reporter.loading(f"reading recipe {recipe}")
-            loaded = load_recipe(recipe, _sets(set_, allow_download), _overrides(prompt, seed, steps, model, device))
+            loaded = load_recipe(recipe, _sets(set_, allow_download, view_size),
+                                 _overrides(prompt, seed, steps, model, device))
             path = out if out is not None else default_path(loaded.recipe.output.dir, loaded.name)
             check_target(path, overwrite)
         except BaseException:
@@ -325,6 +337,7 @@ def create_app() -> typer.Typer:
         steps: StepsOption = None,
         device: DeviceOption = None,
         no_live: NoLiveOption = False,
+        view_size: ViewSizeOption = None,
         log: LogOption = [],  # noqa: B006
     ) -> None:
         """Continue a run from its state.pt: interrupted, failed, or completed with more --steps."""
@@ -343,7 +356,8 @@ def create_app() -> typer.Typer:
         try:
             if isinstance(reporter, LivePanel):
                 reporter.loading(f"reading {run_dir / 'recipe.yaml'}")
-            loaded = load_recipe(run_dir / "recipe.yaml", list(set_), {"steps": steps, "device": device})
+            loaded = load_recipe(run_dir / "recipe.yaml", _sets(set_, view_size=view_size),
+                                 {"steps": steps, "device": device})
         except BaseException:
             reporter.close()
             raise

@@ -89,6 +89,31 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Hold Ctrl-C and SIGTERM while a worker process starts: a signal that arrived while
+    ``Popen`` ran would otherwise leave a started worker unknown to the pool, never asked to
+    stop nor waited for. A held signal is acted on as it would have been, once the worker is
+    registered (the main thread only; elsewhere signals do not reach Python code)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in held[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)  # delivered again, to its default action
+
+
 # ----------------------------------------------------------------------------- local
 
 class Models:
@@ -247,7 +272,8 @@ class LocalExecutor:
                     slot = free.pop(0)
                     if attempt == 1:
                         events.started(spec)
-                    running[slot] = _Worker(spec, mode, attempt, slot, worker_env(slot, gpus, self.jobs), done)
+                    with _signals_held():
+                        running[slot] = _Worker(spec, mode, attempt, slot, worker_env(slot, gpus, self.jobs), done)
                 worker, outcome = _next(done)
                 del running[worker.slot]
                 free.append(worker.slot)

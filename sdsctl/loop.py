@@ -610,6 +610,8 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
                     if preview:
                         image = opt.image()
                         save_image(image, run.preview_path(done))
+                        if max(image.shape[-2:]) < out.view_size:  # an enlarged copy, where it enlarges
+                            save_view(image, run.preview_view_path(done, out.view_size), out.view_size)
                         reporter.preview(done, image)
                     if done % ckpt == 0:
                         save(done)

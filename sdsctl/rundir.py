@@ -276,7 +276,7 @@ class RunDir:
         for name in RUN_FILES:
             (run.path / name).unlink(missing_ok=True)
         if run.previews.is_dir():
-            for old in run.previews.glob("step_*.png"):
+            for old in [*run.preview_paths(), *run._preview_views()]:
                 old.unlink()
         return run._make_previews()
 
@@ -304,6 +304,15 @@ class RunDir:
 
     def preview_paths(self) -> list[Path]:
         return sorted(self.previews.glob("step_*.png"))
+
+    def preview_view_path(self, step: int, size: int) -> Path:
+        """The enlarged copy of a preview, ``previews/view_<size>/step_NNNNNN.png``."""
+        folder = self.previews / f"view_{size}"
+        folder.mkdir(exist_ok=True)
+        return folder / f"step_{step:06d}.png"
+
+    def _preview_views(self) -> list[Path]:
+        return sorted(self.previews.glob("view_*/step_*.png"))
 
     def write_recipe(self, text: str) -> None:
         atomic_write_text(self.file("recipe.yaml"), text)
@@ -341,7 +350,8 @@ class RunDir:
         self.metrics = [line for line in self.metrics if json.loads(line).get("step", 0) <= up_to_step]
 
     def drop_previews_after(self, step: int) -> None:
-        for path in self.preview_paths():
+        """Forget the previews (and their enlarged copies) of steps after ``step``."""
+        for path in [*self.preview_paths(), *self._preview_views()]:
             if int(path.stem.split("_")[1]) > step:
                 path.unlink()
 

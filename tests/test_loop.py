@@ -26,8 +26,9 @@ def test_run_writes_every_file(cli, recipe_file, tmp_path):
     result = cli("run", recipe_file(), "--out", out, "--no-live")
     assert result.exit_code == 0, result.output
     assert RUN_FILES <= {p.name for p in out.iterdir()}
-    assert sorted(p.name for p in (out / "previews").iterdir()) == [
-        "step_000002.png", "step_000004.png", "step_000006.png"]
+    previews = ["step_000002.png", "step_000004.png", "step_000006.png"]
+    assert sorted(p.name for p in (out / "previews").iterdir()) == [*previews, "view_512"]
+    assert sorted(p.name for p in (out / "previews" / "view_512").iterdir()) == previews
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps_done"] == 6 and summary["device"] == "cpu"
     assert {"seconds", "steps_per_second", "versions", "metrics"} <= set(summary)
@@ -600,3 +601,34 @@ def test_final_image_has_an_enlarged_copy_and_progress_is_labelled(cli, recipe_f
     assert cli("run", recipe_file(), "--out", tmp_path / "none", "--no-live", "--set",
                "output.view_size=0").exit_code == 0
     assert not list((tmp_path / "none").glob("final_*.png"))
+
+
+def test_previews_have_enlarged_copies_and_view_size_sets_every_copy(cli, recipe_file, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    assert cli("run", recipe_file(), "--out", out, "--no-live", "--view-size", "256").exit_code == 0
+    natives = sorted((out / "previews").glob("step_*.png"))
+    views = sorted((out / "previews" / "view_256").glob("step_*.png"))
+    assert natives and [p.name for p in views] == [p.name for p in natives]
+    for native, view in zip(natives, views):
+        assert Image.open(view).size == (256, 256)
+        assert (Image.open(view).resize((64, 64), Image.Resampling.NEAREST).tobytes()
+                == Image.open(native).convert("RGB").tobytes())
+    assert (out / "final_256.png").exists() and not (out / "final_512.png").exists()
+    progress_rows = Image.open(out / "progress.png").size
+    assert cli("run", recipe_file(), "--out", tmp_path / "none", "--no-live", "--view-size", "0").exit_code == 0
+    assert not (tmp_path / "none" / "previews" / "view_0").exists()
+    assert Image.open(tmp_path / "none" / "progress.png").size == progress_rows  # the sheet shows natives only
+
+
+def test_going_back_to_a_step_drops_later_previews_and_their_copies(tmp_path):
+    from sdsctl.rundir import RunDir
+
+    run = RunDir.create(tmp_path / "run", overwrite=False)
+    for step in (10, 20):
+        run.preview_path(step).write_bytes(b"png")
+        run.preview_view_path(step, 512).write_bytes(b"png")
+    run.drop_previews_after(10)
+    assert [p.name for p in run.preview_paths()] == ["step_000010.png"]
+    assert [p.name for p in (run.previews / "view_512").iterdir()] == ["step_000010.png"]

@@ -278,6 +278,53 @@ def test_ctrl_c_stops_the_worker_processes_and_keeps_every_finished_run(cli, rec
     assert f"reused {done} of 3 runs, continued {interrupted} interrupted, ran {3 - done - interrupted}" in again.output
 
 
+def test_ctrl_c_while_a_worker_starts_still_stops_and_waits_for_it(monkeypatch):
+    """A Ctrl-C that lands while a worker process is being started (inside its Popen) is held
+    until the pool knows the worker: the worker is then asked to stop and waited for, instead
+    of running on, unknown, after the driver has exited."""
+    import threading
+
+    from sdsctl import executors
+    from sdsctl.runtask import Outcome
+
+    started = []
+    child = ("import json, signal, sys, time\n"
+             "signal.signal(signal.SIGINT, lambda *a: (print(json.dumps({'status': 'interrupted'})), sys.exit(0)))\n"
+             "sys.stdin.read()\n"
+             "time.sleep(60)\n")
+
+    class StartingWorker:
+        def __init__(self, spec, mode, attempt, slot, env, done):
+            self.spec, self.attempt, self.slot = spec, attempt, slot
+            self.reported = threading.Event()
+            self.proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+            started.append(self)
+            threading.Thread(target=self._wait, args=(done,), daemon=True).start()
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, while the worker is still being started
+
+        def _wait(self, done):
+            out, _ = self.proc.communicate("{}")
+            lines = out.strip().splitlines()  # none when the signal came before the child's handler
+            done.put((self, Outcome(**json.loads(lines[-1])) if lines else Outcome("failed")))
+            self.reported.set()
+
+        def interrupt(self):
+            self.proc.send_signal(signal.SIGINT)
+
+    monkeypatch.setattr(executors, "_Worker", StartingWorker)
+    monkeypatch.setattr(executors, "visible_gpus", lambda: [])
+    try:
+        with pytest.raises(executors.Interrupted, match="stopped 1 running run"):
+            spec = type("Spec", (), {"state": "new"})()
+            executors.LocalExecutor(jobs=2)._pool([spec], executors.Events())
+        assert len(started) == 1 and started[0].proc.poll() is not None  # asked to stop, and ended
+    finally:
+        for worker in started:
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+
+
 # ----------------------------------------------------------------------------- Ray
 
 def test_ray_gives_the_local_images_and_either_executor_reuses_the_other_s_runs(cli, recipe_file, tmp_path,
