@@ -428,3 +428,35 @@ def test_ray_refuses_more_cpus_per_run_than_any_node_has(recipe_file, tmp_path, 
                 echo=lambda *_: None, executor=RayExecutor(cpus_per_run=64))
     assert not (tmp_path / "cmp" / "runs").exists()  # refused before any run
 
+
+
+def test_ctrl_c_on_ray_cancels_the_outstanding_tasks_and_keeps_every_finished_run(cli, recipe_file, tmp_path,
+                                                                                  ray_session):
+    """The driver in its own process, with its own local Ray instance: Ctrl-C after the first
+    run cancels the two outstanding tasks (a cancelled run ran in a scratch folder of its
+    worker: nothing of it is left half-written), exits 130, and the same command again reuses
+    the finished run and runs the other two."""
+    recipe = recipe_file({"output": {"preview_every": 100, "checkpoint_every": 100}})
+    out = tmp_path / "sweep"
+    args = ["sweep", str(recipe), "--grid", "steps=20,300,301", "--seeds", "1", "--out", str(out), "--executor", "ray"]
+    driver = subprocess.Popen([*SDSCTL, *args, "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=ENV)
+    try:
+        for line in driver.stdout:
+            if "[1/3]" in line:
+                driver.send_signal(signal.SIGINT)
+                break
+        else:
+            pytest.fail(f"no run finished: {driver.stderr.read()}")
+        _, err = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, err
+    assert "cancelled 2 outstanding Ray task(s)" in err and "run the same command again" in err
+    folders = list((out / "runs").glob("*/*"))
+    assert [json.loads((f / "summary.json").read_text())["status"] for f in folders] == ["completed"]
+    assert not (folders[0] / ".lock").exists()
+    again = cli(*args, "--no-live")
+    assert again.exit_code == 0, again.output
+    assert "reused 1 of 3 runs, continued 0 interrupted, ran 2" in again.output
