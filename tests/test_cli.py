@@ -103,6 +103,7 @@ BAD_INPUT = [
     (f"run {{recipe}} --device {NO_DEVICE}", f"--device: {NO_DEVICE} is not available", None),
     ("run {recipe} --device tpu", "--device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'", None),
     ("run {recipe} -s seed=-1", "--set seed=-1: ", None),
+    ("run {recipe} --view-size -8", "output.view_size=-8: Input should be greater than or equal to 0", None),
     ("run {tmp}", "is a directory, not a recipe file", "resume"),
     ("run {recipe} --out {file}", "is a file, not a folder", None),
     ("run {recipe} --out {full}", "is not empty", "resume"),
