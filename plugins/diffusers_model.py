@@ -33,19 +33,23 @@ class DiffusersModel(Model):
         allow_download: bool = Field(False, description="download a hub id missing from the local cache")
         without: list[str] = Field(default_factory=list, description="text encoders to leave out where the family "
                                    "allows it, e.g. [text_encoder_3]: SD3 without T5")
+        config: str | None = Field(None, description="for a single-file checkpoint (path: a .safetensors or .ckpt "
+                                   "file as model sites share them): a diffusers folder or hub id of the same "
+                                   "architecture, e.g. the base model it was fine-tuned from")
 
     def describe(self) -> ModelInfo:
         from sdsctl.models import Prior
 
         c = self.config
-        return Prior.describe(c.path, variant=c.variant, allow_download=c.allow_download, without=tuple(c.without))
+        return Prior.describe(c.path, variant=c.variant, allow_download=c.allow_download, without=tuple(c.without),
+                              config=c.config)
 
     def load(self, device: torch.device, dtype: torch.dtype) -> Prior:
         from sdsctl.models import Prior
 
         c = self.config
         return Prior.load(c.path, device, dtype, variant=c.variant, allow_download=c.allow_download,
-                          without=tuple(c.without))
+                          without=tuple(c.without), config=c.config)
 
 
 @sdsctl.hookimpl

@@ -22,20 +22,24 @@ def _count(n: int | None) -> str:
 
 
 def model(
-    path: Annotated[str, typer.Argument(metavar="PATH_OR_ID", help="shapes, a diffusers pipeline folder or a hub id.")],
+    path: Annotated[str, typer.Argument(
+        metavar="PATH_OR_ID", help="shapes, a diffusers pipeline folder, a hub id, or a single-file checkpoint.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     variant: Annotated[Optional[str], typer.Option(help="Weight files' variant to count, e.g. fp16.")] = None,
     allow_download: Annotated[bool, typer.Option(
         "--allow-download", help="Download the configuration files of a hub id missing from the local cache.")] = False,
     without: Annotated[Optional[list[str]], typer.Option(
         help="A text encoder to leave out, where the family allows it (SD3: text_encoder_3).")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        metavar="DIR_OR_ID", help="A single-file checkpoint's architecture: a diffusers folder or hub id.")] = None,
 ) -> None:
     """Describe a model (family, space, resolution, text encoders, parameters) without loading it."""
     from sdsctl.errors import InvalidConfig, SdsctlError
     from sdsctl.models import Prior
 
     try:
-        info = Prior.describe(path, variant=variant, allow_download=allow_download, without=tuple(without or ()))
+        info = Prior.describe(path, variant=variant, allow_download=allow_download, without=tuple(without or ()),
+                              config=config)
     except InvalidConfig as exc:  # its message names the model already
         raise SdsctlError(str(exc)) from exc
     data = info.to_dict()

@@ -250,3 +250,47 @@ def test_hub_ids_come_from_the_cache_unless_downloading_is_allowed(cli, monkeypa
     result = cli("validate", "sds", "--model", "someone/some-model", "--allow-download")
     assert result.exit_code == 2 and "could not download it" in result.stderr
     assert calls == [True, False]
+
+
+@pytest.fixture(scope="module")
+def sd1_single_file(tiny_families, tmp_path_factory):
+    """The tiny SD 1.x pipeline as one .safetensors file in the original layout (model sites')."""
+    from safetensors.torch import save_file
+
+    from tiny_pipelines import original_sd_checkpoint
+
+    path = tmp_path_factory.mktemp("single") / "tiny-sd1.safetensors"
+    save_file(original_sd_checkpoint(tiny_families["sd1"]), str(path))
+    return path
+
+
+def test_a_single_file_checkpoint_runs_as_its_folder_does(cli, tmp_path, tiny_families, sd1_single_file):
+    """model.path a .safetensors in the original layout, model.config the folder of its
+    architecture: the same weights, so the same image, byte for byte."""
+    images = []
+    for name, sets in [("folder", [f"model={tiny_families['sd1']}"]),
+                       ("file", [f"model={sd1_single_file}", f"model.config={tiny_families['sd1']}"])]:
+        out = tmp_path / name
+        args = [a for s in [*sets, "steps=2", "device=cpu"] for a in ("--set", s)]
+        result = cli("run", "sds", *args, "--no-live", "--out", out)
+        assert result.exit_code == 0, result.output + result.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["model"]["family"] == "stable-diffusion"
+        images.append((out / "final.png").read_bytes())
+    assert images[0] == images[1]
+    assert str(sd1_single_file) in summary["model"]["source"]
+
+
+def test_a_single_file_checkpoint_without_its_architecture_is_one_clear_error(cli, sd1_single_file, no_load):
+    result = cli("validate", "sds", "--set", f"model={sd1_single_file}")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "single-file checkpoint" in result.stderr and "model.config" in result.stderr
+
+
+def test_model_command_describes_a_single_file_checkpoint_by_its_architecture(cli, tiny_families, sd1_single_file):
+    result = cli("model", str(sd1_single_file), "--config", str(tiny_families["sd1"]), "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["family"] == "stable-diffusion" and str(sd1_single_file) in info["source"]
+    bare = cli("model", str(sd1_single_file))
+    assert bare.exit_code == 2 and "--config DIR" in bare.stderr

@@ -220,3 +220,87 @@ def build_all(root: Path, builders: dict | None = None) -> dict[str, Path]:
         log.disable_progress_bar()
         log.set_verbosity_error()
     return {name: build(root / name) for name, build in (builders or BUILDERS).items()}
+
+
+# ----------------------------------------------------------------------------- single-file checkpoints
+
+_RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+                  ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+_VAE_ATTENTION_TO_LDM = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
+                         ("to_out.0.", "proj_out."))
+
+
+def _renamed(state: dict, old: str, new: str, renames=()) -> dict:
+    out = {}
+    for key, value in state.items():
+        if key.startswith(old + "."):
+            rest = key[len(old) + 1:]
+            for a, b in renames:
+                rest = rest.replace(a, b)
+            out[f"{new}.{rest}"] = value
+    return out
+
+
+def original_sd_checkpoint(folder: Path) -> dict:
+    """The SD 1.x pipeline saved in ``folder`` as one state dict in the original (CompVis /
+    model sites') layout -- ``model.diffusion_model.*``, ``first_stage_model.*``,
+    ``cond_stage_model.transformer.*`` -- the inverse of diffusers' single-file conversion,
+    for this miniature's blocks (a test checks the round trip through ``from_single_file``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    u, cfg = unet.state_dict(), unet.config
+    ldm = {}
+    for new, old in (("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
+                     ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out")):
+        ldm.update(_renamed(u, old, new))
+    layers, levels = cfg.layers_per_block, len(cfg.block_out_channels)
+    i = 1
+    for b in range(levels):
+        for j in range(layers):
+            ldm.update(_renamed(u, f"down_blocks.{b}.resnets.{j}", f"input_blocks.{i}.0", _RESNET_TO_LDM))
+            ldm.update(_renamed(u, f"down_blocks.{b}.attentions.{j}", f"input_blocks.{i}.1"))
+            i += 1
+        if f"down_blocks.{b}.downsamplers.0.conv.weight" in u:
+            ldm.update(_renamed(u, f"down_blocks.{b}.downsamplers.0.conv", f"input_blocks.{i}.0.op"))
+            i += 1
+    ldm.update(_renamed(u, "mid_block.resnets.0", "middle_block.0", _RESNET_TO_LDM))
+    ldm.update(_renamed(u, "mid_block.attentions.0", "middle_block.1"))
+    ldm.update(_renamed(u, "mid_block.resnets.1", "middle_block.2", _RESNET_TO_LDM))
+    o = 0
+    for b in range(levels):
+        for j in range(layers + 1):
+            ldm.update(_renamed(u, f"up_blocks.{b}.resnets.{j}", f"output_blocks.{o}.0", _RESNET_TO_LDM))
+            attention = _renamed(u, f"up_blocks.{b}.attentions.{j}", f"output_blocks.{o}.1")
+            ldm.update(attention)
+            if j == layers:
+                upsampler = f"output_blocks.{o}.{2 if attention else 1}.conv"
+                ldm.update(_renamed(u, f"up_blocks.{b}.upsamplers.0.conv", upsampler))
+            o += 1
+    out = {f"model.diffusion_model.{k}": v for k, v in ldm.items()}
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    v, n = vae.state_dict(), len(vae.config.down_block_types)
+    ldm = {k: v[k] for k in v if k.startswith(("encoder.conv_", "decoder.conv_", "quant_conv", "post_quant_conv"))
+           and "norm_out" not in k}
+    for part in ("encoder", "decoder"):
+        ldm.update(_renamed(v, f"{part}.conv_norm_out", f"{part}.norm_out"))
+        for k in (0, 1):
+            ldm.update(_renamed(v, f"{part}.mid_block.resnets.{k}", f"{part}.mid.block_{k + 1}",
+                                (("conv_shortcut", "nin_shortcut"),)))
+        attention = _renamed(v, f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", _VAE_ATTENTION_TO_LDM)
+        ldm.update({k: t[:, :, None, None] if t.dim() == 2 else t for k, t in attention.items()})  # 1×1 convs
+    for b in range(n):
+        ldm.update(_renamed(v, f"encoder.down_blocks.{b}.resnets", f"encoder.down.{b}.block",
+                            (("conv_shortcut", "nin_shortcut"),)))
+        ldm.update(_renamed(v, f"encoder.down_blocks.{b}.downsamplers.0.conv", f"encoder.down.{b}.downsample.conv"))
+        ldm.update(_renamed(v, f"decoder.up_blocks.{b}.resnets", f"decoder.up.{n - 1 - b}.block",
+                            (("conv_shortcut", "nin_shortcut"),)))
+        ldm.update(_renamed(v, f"decoder.up_blocks.{b}.upsamplers.0.conv", f"decoder.up.{n - 1 - b}.upsample.conv"))
+    out.update({f"first_stage_model.{k}": t for k, t in ldm.items()})
+
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict()
+    # the original layout names the CLIP text model's weights text_model.* (transformers 5 dropped that level)
+    out.update({f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": t for k, t in text.items()})
+    return {k: t.contiguous() for k, t in out.items()}

@@ -43,6 +43,7 @@ Both are also in :class:`ModelInfo`, for the guidance terms' ``check``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,7 +53,7 @@ from torch import Tensor
 from .. import diffusion
 from ..errors import InvalidConfig, SdsctlError
 from ..modelinfo import ModelInfo, unknown_words
-from .sources import config_folder, hub_hint, read_json, resolve_source, weights_summary
+from .sources import config_folder, hub_hint, read_json, resolve_source, single_file, weights_summary
 
 #: model_index.json ``_class_name`` -> the Prior subclass of that family (filled by subclassing)
 FAMILIES: dict[str, type[Prior]] = {}
@@ -197,29 +198,38 @@ class Prior:
     # -- where models come from
     @classmethod
     def load(cls, path: str, device: torch.device, dtype: torch.dtype, *, variant: str | None = None,
-             allow_download: bool = False, without: tuple[str, ...] = ()) -> Prior:
+             allow_download: bool = False, without: tuple[str, ...] = (), config: str | None = None) -> Prior:
         """Load ``shapes``, a folder or a hub id, weights read directly in ``dtype`` (and ``variant``);
-        ``without``: text encoders to leave out, where the family allows it (SD3's T5)."""
-        kind, source = resolve_source(path)
+        ``without``: text encoders to leave out, where the family allows it (SD3's T5). A
+        single-file checkpoint (``path`` a .safetensors or .ckpt file in the original layout, as
+        model sites share them) is read by diffusers' ``from_single_file`` with the architecture
+        of ``config``, a folder or hub id of the same model."""
+        file = single_file(path)
+        kind, source = resolve_source(config if file and config else path)
         family = detect(config_folder(kind, source, allow_download))
         family._check_without(without)
         _quiet_loading()
         try:
-            pipe = family._pipeline_type().from_pretrained(
-                source, **{_dtype_keyword(): dtype}, variant=variant, local_files_only=not allow_download,
-                **family._load_kwargs(), **family._without_kwargs(without))
+            if file:
+                pipe = family._single_file(file, source, dtype, allow_download, without)
+            else:
+                pipe = family._pipeline_type().from_pretrained(
+                    source, **{_dtype_keyword(): dtype}, variant=variant, local_files_only=not allow_download,
+                    **family._load_kwargs(), **family._without_kwargs(without))
         except (OSError, ValueError) as exc:
             hint = hub_hint(source, allow_download) if kind == "hub" else f"cannot load the model in {source}"
             if variant:
                 hint += f" (variant {variant!r}: are its files, e.g. unet/*.{variant}.safetensors, there?)"
             raise SdsctlError(f"{hint}\n  ({type(exc).__name__}: {exc})") from exc
-        return family(pipe, device=device, dtype=dtype, source=source)
+        return family(pipe, device=device, dtype=dtype, source=f"{file} (architecture: {source})" if file else source)
 
     @classmethod
     def describe(cls, path: str, *, variant: str | None = None, allow_download: bool = False,
-                 without: tuple[str, ...] = ()) -> ModelInfo:
-        """Read a model's configuration files (no weights) for validation and ``sdsctl model``."""
-        kind, source = resolve_source(path)
+                 without: tuple[str, ...] = (), config: str | None = None) -> ModelInfo:
+        """Read a model's configuration files (no weights) for validation and ``sdsctl model``
+        (a single-file checkpoint's: ``config``'s, with the file as its source)."""
+        file = single_file(path)
+        kind, source = resolve_source(config if file and config else path)
         folder = config_folder(kind, source, allow_download)
         family = detect(folder)
         family._check_without(without)
@@ -227,7 +237,8 @@ class Prior:
         if missing:
             raise SdsctlError(f"{source} is not a complete {family.pipeline_class} folder: it has no "
                               f"{', '.join(missing)} subfolder(s)")
-        return family._describe(folder, source, variant, tuple(without))
+        info = family._describe(folder, source, variant, tuple(without))
+        return dataclasses.replace(info, source=f"{file} (architecture: {source})") if file else info
 
     @classmethod
     def _check_without(cls, without) -> None:
@@ -245,6 +256,17 @@ class Prior:
             out[name] = None
             out[cls.tokenizer_names[cls.text_encoder_names.index(name)]] = None
         return out
+
+    @classmethod
+    def _single_file(cls, file: Path, config: str, dtype: torch.dtype, allow_download: bool, without) -> Any:
+        """The pipeline of a single-file checkpoint, its architecture read from ``config``."""
+        pipeline = cls._pipeline_type()
+        if not hasattr(pipeline, "from_single_file"):
+            raise SdsctlError(f"{cls.pipeline_class} ({cls.family}) cannot load single-file checkpoints in diffusers; "
+                              "use a diffusers folder")
+        return pipeline.from_single_file(str(file), config=config, **{_dtype_keyword(): dtype},
+                                         local_files_only=not allow_download, **cls._load_kwargs(),
+                                         **cls._without_kwargs(without))
 
     @classmethod
     def _pipeline_type(cls):

@@ -22,6 +22,8 @@ from pathlib import Path
 from ..errors import InvalidConfig, SdsctlError
 
 SHAPES_PRIOR = Path(__file__).resolve().parent.parent / "shapes" / "prior"
+#: single-file checkpoints as model sites share them (the original, non-diffusers layout)
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: the configuration files describe() reads (and, for a hub id, takes from the cache)
 CONFIG_PATTERNS = ["model_index.json", "*/config.json", "*/*_config.json", "scheduler/*.json", "tokenizer*/*",
@@ -29,6 +31,12 @@ CONFIG_PATTERNS = ["model_index.json", "*/config.json", "*/*_config.json", "sche
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
                        "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def single_file(path: str) -> Path | None:
+    """``path`` as a single-file checkpoint, or None when it is not one."""
+    file = Path(path).expanduser()
+    return file if file.suffix in SINGLE_FILE_SUFFIXES and file.is_file() else None
 
 
 def resolve_source(path: str) -> tuple[str, str]:
@@ -52,7 +60,13 @@ def resolve_source(path: str) -> tuple[str, str]:
             )
         return "folder", str(folder)
     if folder.exists():
-        raise InvalidConfig(f"{path} is a file; the model is a diffusers folder or a hub id", field="path")
+        if folder.suffix in SINGLE_FILE_SUFFIXES:
+            raise InvalidConfig(f"{path} is a single-file checkpoint: say which architecture it is with model.config, "
+                                "a diffusers folder or hub id of the same model, e.g. the base model it was "
+                                "fine-tuned from (--set model.config=DIR; sdsctl model FILE --config DIR)",
+                                field="path")
+        raise InvalidConfig(f"{path} is a file; the model is a diffusers folder, a hub id, or a single-file "
+                            f"checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}) with model.config", field="path")
     if _HUB_ID.match(path) and not path.startswith((".", "~")):
         return "hub", path
     raise InvalidConfig(f"model folder {path} not found (nor is it a hub id like 'owner/name')", field="path")
