@@ -294,3 +294,9 @@ def test_model_command_describes_a_single_file_checkpoint_by_its_architecture(cl
     assert info["family"] == "stable-diffusion" and str(sd1_single_file) in info["source"]
     bare = cli("model", str(sd1_single_file))
     assert bare.exit_code == 2 and "--config DIR" in bare.stderr
+
+
+def test_config_without_a_single_file_is_refused(cli, tiny_families, no_load):
+    result = cli("validate", "sds", "--set", f"model={tiny_families['sd1']}", "--set",
+                 f"model.config={tiny_families['sd2']}")
+    assert result.exit_code == 2 and "leave config out" in result.stderr

@@ -85,6 +85,16 @@ def _quiet_loading() -> None:
         log.set_verbosity_error()
 
 
+def _single_file_with(path: str, config: str | None) -> Path | None:
+    """``path`` as a single-file checkpoint (None: a folder, hub id or ``shapes``); ``config``
+    belongs to single files only."""
+    file = single_file(path)
+    if config and not file:
+        raise InvalidConfig(f"config ({config}) describes a single-file checkpoint's architecture; model.path "
+                            f"{path!r} is not a .safetensors or .ckpt file, so leave config out", field="config")
+    return file
+
+
 def _dtype_keyword() -> str:
     """diffusers 0.42 renamed ``from_pretrained``'s ``torch_dtype`` to ``dtype`` (the old name warns)."""
     from importlib.metadata import version
@@ -204,7 +214,7 @@ class Prior:
         single-file checkpoint (``path`` a .safetensors or .ckpt file in the original layout, as
         model sites share them) is read by diffusers' ``from_single_file`` with the architecture
         of ``config``, a folder or hub id of the same model."""
-        file = single_file(path)
+        file = _single_file_with(path, config)
         kind, source = resolve_source(config if file and config else path)
         family = detect(config_folder(kind, source, allow_download))
         family._check_without(without)
@@ -228,7 +238,7 @@ class Prior:
                  without: tuple[str, ...] = (), config: str | None = None) -> ModelInfo:
         """Read a model's configuration files (no weights) for validation and ``sdsctl model``
         (a single-file checkpoint's: ``config``'s, with the file as its source)."""
-        file = single_file(path)
+        file = _single_file_with(path, config)
         kind, source = resolve_source(config if file and config else path)
         folder = config_folder(kind, source, allow_download)
         family = detect(folder)
