@@ -170,13 +170,14 @@ def _run_steps(opt: Optimization, first: int, count: int, log_every: int,
     fetching their numbers on logging steps as a run does. With ``pending`` (records carried
     over between calls) the last step's numbers wait for the next logging step; without, they
     are fetched at the end."""
-    keep = pending
-    pending = pending if pending is not None else PendingRecords()
+    own = pending is None
+    if own:
+        pending = PendingRecords()
     for k in range(first, first + count):
         pending.add(opt.step(k % opt.recipe.steps))
         if (k + 1) % log_every == 0:
             pending.flush()
-    if keep is None:
+    if own:
         pending.flush()
 
 

@@ -106,12 +106,12 @@ def _signals_held():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for signum in held[:1]:
-            handler = previous[signum]
+        if held:  # the first signal held is acted on; a second would only repeat it
+            handler = previous[held[0]]
             if callable(handler):
-                handler(signum, None)
+                handler(held[0], None)
             elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), signum)  # delivered again, to its default action
+                os.kill(os.getpid(), held[0])  # delivered again, to its default action
 
 
 # ----------------------------------------------------------------------------- local

@@ -243,13 +243,10 @@ def test_jobs_workers_give_the_same_images_as_one_process(cli, recipe_file, tmp_
     assert len(one) == 2 and one == two
 
 
-def test_ctrl_c_stops_the_worker_processes_and_keeps_every_finished_run(cli, recipe_file, tmp_path):
-    recipe = recipe_file({"output": {"preview_every": 100, "checkpoint_every": 100}})
-    out = tmp_path / "sweep"
-    # three runs on two workers: the short one ends first, the long one is then mid-run, the last waits
-    args = ["sweep", str(recipe), "--grid", "steps=20,300,301", "--seeds", "1", "--out", str(out)]
-    driver = subprocess.Popen([*SDSCTL, *args, "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=ENV)
+def _ctrl_c_after_the_first_run(args: list[str]) -> tuple[int, str]:
+    """Run ``sdsctl ARGS`` in its own process, press Ctrl-C when its first run is reported
+    finished, and return its exit code and stderr."""
+    driver = subprocess.Popen([*SDSCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         for line in driver.stdout:
             if "[1/3]" in line:
@@ -261,7 +258,16 @@ def test_ctrl_c_stops_the_worker_processes_and_keeps_every_finished_run(cli, rec
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert driver.returncode == 130, err
+    return driver.returncode, err
+
+
+def test_ctrl_c_stops_the_worker_processes_and_keeps_every_finished_run(cli, recipe_file, tmp_path):
+    recipe = recipe_file({"output": {"preview_every": 100, "checkpoint_every": 100}})
+    out = tmp_path / "sweep"
+    # three runs on two workers: the short one ends first, the long one is then mid-run, the last waits
+    args = ["sweep", str(recipe), "--grid", "steps=20,300,301", "--seeds", "1", "--out", str(out)]
+    returncode, err = _ctrl_c_after_the_first_run([*args, "--jobs", "2"])
+    assert returncode == 130, err
     assert "run the same command again" in err
     states = []
     for folder in (out / "runs").glob("*/*"):
@@ -439,20 +445,8 @@ def test_ctrl_c_on_ray_cancels_the_outstanding_tasks_and_keeps_every_finished_ru
     recipe = recipe_file({"output": {"preview_every": 100, "checkpoint_every": 100}})
     out = tmp_path / "sweep"
     args = ["sweep", str(recipe), "--grid", "steps=20,300,301", "--seeds", "1", "--out", str(out), "--executor", "ray"]
-    driver = subprocess.Popen([*SDSCTL, *args, "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=ENV)
-    try:
-        for line in driver.stdout:
-            if "[1/3]" in line:
-                driver.send_signal(signal.SIGINT)
-                break
-        else:
-            pytest.fail(f"no run finished: {driver.stderr.read()}")
-        _, err = driver.communicate(timeout=180)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 130, err
+    returncode, err = _ctrl_c_after_the_first_run([*args, "--no-live"])
+    assert returncode == 130, err
     assert "cancelled 2 outstanding Ray task(s)" in err and "run the same command again" in err
     folders = list((out / "runs").glob("*/*"))
     assert [json.loads((f / "summary.json").read_text())["status"] for f in folders] == ["completed"]

@@ -85,14 +85,20 @@ def _quiet_loading() -> None:
         log.set_verbosity_error()
 
 
-def _single_file_with(path: str, config: str | None) -> Path | None:
-    """``path`` as a single-file checkpoint (None: a folder, hub id or ``shapes``); ``config``
-    belongs to single files only."""
+def _where(path: str, config: str | None) -> tuple[Path | None, str, str, str]:
+    """(the single-file checkpoint or None, the kind and source of the configuration files,
+    the source a summary names) for ``model.path`` and ``model.config``; ``config`` belongs to
+    single files, and a single file needs it."""
     file = single_file(path)
     if config and not file:
         raise InvalidConfig(f"config ({config}) describes a single-file checkpoint's architecture; model.path "
                             f"{path!r} is not a .safetensors or .ckpt file, so leave config out", field="config")
-    return file
+    if file and not config:
+        raise InvalidConfig(f"{path} is a single-file checkpoint: say which architecture it is with model.config, "
+                            "a diffusers folder or hub id of the same model, e.g. the base model it was "
+                            "fine-tuned from (--set model.config=DIR; sdsctl model FILE --config DIR)", field="path")
+    kind, source = resolve_source(config if file else path)
+    return file, kind, source, f"{file} (architecture: {source})" if file else source
 
 
 def _dtype_keyword() -> str:
@@ -214,8 +220,7 @@ class Prior:
         single-file checkpoint (``path`` a .safetensors or .ckpt file in the original layout, as
         model sites share them) is read by diffusers' ``from_single_file`` with the architecture
         of ``config``, a folder or hub id of the same model."""
-        file = _single_file_with(path, config)
-        kind, source = resolve_source(config if file and config else path)
+        file, kind, source, named = _where(path, config)
         family = detect(config_folder(kind, source, allow_download))
         family._check_without(without)
         _quiet_loading()
@@ -231,15 +236,14 @@ class Prior:
             if variant:
                 hint += f" (variant {variant!r}: are its files, e.g. unet/*.{variant}.safetensors, there?)"
             raise SdsctlError(f"{hint}\n  ({type(exc).__name__}: {exc})") from exc
-        return family(pipe, device=device, dtype=dtype, source=f"{file} (architecture: {source})" if file else source)
+        return family(pipe, device=device, dtype=dtype, source=named)
 
     @classmethod
     def describe(cls, path: str, *, variant: str | None = None, allow_download: bool = False,
                  without: tuple[str, ...] = (), config: str | None = None) -> ModelInfo:
         """Read a model's configuration files (no weights) for validation and ``sdsctl model``
         (a single-file checkpoint's: ``config``'s, with the file as its source)."""
-        file = _single_file_with(path, config)
-        kind, source = resolve_source(config if file and config else path)
+        file, kind, source, named = _where(path, config)
         folder = config_folder(kind, source, allow_download)
         family = detect(folder)
         family._check_without(without)
@@ -248,7 +252,7 @@ class Prior:
             raise SdsctlError(f"{source} is not a complete {family.pipeline_class} folder: it has no "
                               f"{', '.join(missing)} subfolder(s)")
         info = family._describe(folder, source, variant, tuple(without))
-        return dataclasses.replace(info, source=f"{file} (architecture: {source})") if file else info
+        return dataclasses.replace(info, source=named) if file else info
 
     @classmethod
     def _check_without(cls, without) -> None:

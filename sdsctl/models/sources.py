@@ -60,11 +60,6 @@ def resolve_source(path: str) -> tuple[str, str]:
             )
         return "folder", str(folder)
     if folder.exists():
-        if folder.suffix in SINGLE_FILE_SUFFIXES:
-            raise InvalidConfig(f"{path} is a single-file checkpoint: say which architecture it is with model.config, "
-                                "a diffusers folder or hub id of the same model, e.g. the base model it was "
-                                "fine-tuned from (--set model.config=DIR; sdsctl model FILE --config DIR)",
-                                field="path")
         raise InvalidConfig(f"{path} is a file; the model is a diffusers folder, a hub id, or a single-file "
                             f"checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}) with model.config", field="path")
     if _HUB_ID.match(path) and not path.startswith((".", "~")):
