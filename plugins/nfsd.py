@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import sdsctl
 from sdsctl.components import GuidanceOutput, StepTimes
-from sdsctl.diffusion import true_cfg_note
 
 from .nfsd_terms import NFSD_NEGATIVE_PROMPT, NFSDConfig, NFSDTerms
 
@@ -40,9 +39,8 @@ class NFSD(NFSDTerms):
     Config = NFSDConfig
 
     @classmethod
-    def check(cls, config, recipe, model) -> list[str]:
+    def check(cls, config, recipe, model) -> None:
         cls.check_negative_prompt(config, recipe, model)
-        return [n for n in [true_cfg_note("NFSD", model)] if n]
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         return self.nfsd(z, times.t, self.config.correction_scale)

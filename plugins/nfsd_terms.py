@@ -42,6 +42,7 @@ class NFSDTerms(Guidance):
 
     Config = NFSDConfig
     gives_denoised = True
+    unconditional_rows = True
 
     @classmethod
     def check_negative_prompt(cls, config, recipe, model) -> None:

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 import sdsctl
 from sdsctl.components import GuidanceOutput, InvalidConfig, StepTimes
-from sdsctl.diffusion import eps_to_x0, true_cfg_note
+from sdsctl.diffusion import eps_to_x0
 
 from .nfsd_terms import NFSDConfig, NFSDTerms
 
@@ -52,13 +52,12 @@ class RobustNFSD(NFSDTerms):
     Config = RobustNFSDConfig
 
     @classmethod
-    def check(cls, config, recipe, model) -> list[str]:
+    def check(cls, config, recipe, model) -> None:
         if config.warmup_correction_scale > 0:
             cls.check_negative_prompt(config, recipe, model)
         if config.correction_t_max > model.num_train_timesteps:
             raise InvalidConfig(f"{config.correction_t_max} is outside the model's timesteps "
                                 f"0..{model.num_train_timesteps - 1}", field="correction_t_max")
-        return [n for n in [true_cfg_note("robust NFSD", model)] if n]
 
     def __init__(self, config, ctx):
         import torch

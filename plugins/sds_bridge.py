@@ -40,6 +40,7 @@ TARGET_TEXT = "detailed high resolution, high quality, sharp"
 
 class SDSBridge(Guidance):
     gives_denoised = True
+    unconditional_rows = True
 
     class Config(ComponentConfig):
         name: str = "sds-bridge"

@@ -15,7 +15,7 @@ class UniformSchedule(Schedule):
         model.check_timestep(config.t_max, "t_max")
 
     def __call__(self, step: int) -> StepTimes:
-        return StepTimes(t=self.ctx.randint(self.config.t_min, self.config.t_max + 1))
+        return StepTimes(t=self.ctx.randint(self.config.t_min, self.config.t_max + 1), t_min=self.config.t_min)
 
 
 @sdsctl.hookimpl

@@ -23,7 +23,7 @@ from pydantic import Field
 
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, StepTimes
-from sdsctl.diffusion import cfg, eps_to_x0, true_cfg_note
+from sdsctl.diffusion import cfg, eps_to_x0
 
 if TYPE_CHECKING:  # torch is imported where it is used: loading the plugin stays light
     import torch
@@ -33,6 +33,7 @@ ADAPTER = "sdsctl_vsd"
 
 class VSD(Guidance):
     gives_denoised = True
+    unconditional_rows = True
 
     class Config(ComponentConfig):
         name: str = "vsd"
@@ -42,10 +43,6 @@ class VSD(Guidance):
         lora_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the LoRA")
         lora_updates: int = Field(1, ge=0, description="LoRA updates per step")
         target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-
-    @classmethod
-    def check(cls, config, recipe, model) -> list[str]:
-        return [n for n in [true_cfg_note("VSD", model)] if n]
 
     def __init__(self, config, ctx):
         import torch

@@ -38,7 +38,7 @@ class WarmupSchedule(Schedule):
         cfg = self.config
         warm = step < cfg.warmup_steps
         lo, hi = (cfg.warmup_t_min, cfg.warmup_t_max) if warm else (cfg.t_min, cfg.t_max)
-        return StepTimes(t=self.ctx.randint(lo, hi + 1), phase="warmup" if warm else "main")
+        return StepTimes(t=self.ctx.randint(lo, hi + 1), phase="warmup" if warm else "main", t_min=lo)
 
 
 @sdsctl.hookimpl

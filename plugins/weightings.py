@@ -3,6 +3,11 @@
 * ``one-minus-alpha-bar`` (default): w = 1 − ᾱ_t = σ_t² (DreamFusion, Poole et al. 2022);
 * ``uniform``: w = 1;
 * ``fantasia3d``: w = √ᾱ_t · (1 − ᾱ_t) (Fantasia3D, Chen et al. 2023);
+* ``sigma-over-alpha``: w = √((1 − ᾱ_t)/ᾱ_t) = σ_t/α_t, the weight of fitting the one-step
+  denoised estimate x̂₀ instead of the noise: x₀ − x̂₀ = (σ_t/α_t)·(ε̂ − ε). LucidDreamer's ISM
+  (EnVision-Research/LucidDreamer@2ecf093, guidance/sd_utils.py ``train_step``:
+  ``w = lambda alphas: (((1 - alphas) / alphas) ** 0.5)``) and threestudio's SDI (a loss on
+  x̂₀, ``stable_diffusion_sdi_guidance.py``) weight this way (tests/test_references.py);
 * ``rfds``: w = 1/(1 − σ_t), σ_t the flow σ of ᾱ_t (``sdsctl.diffusion.sigma_from_alpha_bar``).
   On a flow-matching model SDS's ε residual is (1 − σ)·(v̂ − (ε − x₀)), so this weight makes
   the step RFDS's velocity residual v̂ − (ε − x₀) (Yang et al. 2024, arXiv 2406.03293, with
@@ -50,6 +55,22 @@ class Fantasia3D(Weighting):
         return self.table[t]
 
 
+class SigmaOverAlpha(Weighting):
+    class Config(ComponentConfig):
+        name: str = "sigma-over-alpha"
+
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        a = self.alpha_bar
+        self.table = ((1 - a) / a).sqrt().tolist()
+
+    def __call__(self, t: int) -> float:
+        if self.table[t] == float("inf"):
+            raise SdsctlError(f"weighting sigma-over-alpha: t={t} is pure noise on this model (ᾱ = 0), where "
+                              "√((1 − ᾱ)/ᾱ) is infinite; keep the schedule's t_max below it")
+        return self.table[t]
+
+
 class RFDSWeighting(Weighting):
     class Config(ComponentConfig):
         name: str = "rfds"
@@ -71,4 +92,5 @@ def register_weightings(register):
     register("one-minus-alpha-bar", OneMinusAlphaBar)
     register("uniform", UniformWeighting)
     register("fantasia3d", Fantasia3D)
+    register("sigma-over-alpha", SigmaOverAlpha)
     register("rfds", RFDSWeighting)

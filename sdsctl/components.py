@@ -21,7 +21,7 @@ import dataclasses
 import sys
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .errors import InvalidConfig  # noqa: F401 -- re-exported: components raise it
 from .modelinfo import ModelInfo  # noqa: F401 -- re-exported: components' checks read it
@@ -42,6 +42,49 @@ class StepTimes:
 
     t: int  # the step's timestep
     phase: str = "main"  # e.g. "warmup" / "main"; shown in the panel and metrics.jsonl
+    #: the lower end of the range ``t`` was drawn from, for a term that measures from it (ASD's
+    #: shift; an annealed range moves it); None when the schedule has no range (``linear``)
+    t_min: int | None = None
+    #: how far the run is, step / steps (0 at the first step; threestudio's ``global_step /
+    #: max_steps``), filled in by the loop: terms that anneal a setting read their :class:`Ramp`
+    #: at it. Derived from the step index, so a resumed run continues every ramp exactly.
+    progress: float = 0.0
+
+
+class Ramp(BaseModel):
+    """A setting that changes over the run, as threestudio's ``[start_step, start, end, end_step]``
+    values (``threestudio/utils/misc.py::C``): ``start`` until the fraction ``begin`` of the run,
+    ``end`` from ``until`` on, linear between (``begin == until``: a switch at that fraction).
+    A recipe may write a number for a constant; ``{start, end}`` ramps over the whole run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: float
+    end: float
+    begin: float = Field(0.0, ge=0, le=1, description="fraction of the run where the ramp leaves start")
+    until: float = Field(1.0, ge=0, le=1, description="fraction of the run where it reaches end")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _constant(cls, value):
+        return {"start": value, "end": value} if isinstance(value, (int, float)) else value
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.until < self.begin:
+            raise ValueError(f"until ({self.until}) must not come before begin ({self.begin})")
+        return self
+
+    def at(self, progress: float) -> float:
+        """The value at ``progress`` (step / steps)."""
+        if self.until == self.begin:
+            return self.start if progress < self.begin else self.end
+        fraction = min(max((progress - self.begin) / (self.until - self.begin), 0.0), 1.0)
+        return self.start + (self.end - self.start) * fraction
+
+    @property
+    def constant(self) -> bool:
+        return self.start == self.end
 
 
 @dataclasses.dataclass
@@ -186,6 +229,11 @@ class Guidance(Component):
     kind = "guidance"
     #: whether ``score`` fills ``GuidanceOutput.denoised`` (HiFA's image target needs it)
     gives_denoised: ClassVar[bool] = False
+    #: whether the term evaluates unconditional or negative-prompt rows (ε(∅), ε(y_neg)) -- the
+    #: rows CFG needs. On a guidance-distilled model (FLUX.1) they run as "true CFG" rows, off
+    #: the distribution the model was distilled on; validation warns about it for every term
+    #: that says True here (``sdsctl.diffusion.true_cfg_note``), so a term need not check itself.
+    unconditional_rows: ClassVar[bool] = False
 
     def score(self, z: Tensor, times: StepTimes) -> GuidanceOutput:
         raise NotImplementedError

@@ -82,12 +82,13 @@ def ddim_invert(predict, z: Tensor, timesteps: list[int], alphas_cumprod: Tensor
     return z, eps
 
 
-def even_path(start: int, end: int, steps: int) -> list[int]:
-    """``steps`` + 1 timesteps from ``start`` to ``end``, evenly spaced and rounded (repeats dropped)."""
-    if steps < 1:
-        raise ValueError(f"a path needs at least one step, got {steps}")
-    path = [round(start + (end - start) * i / steps) for i in range(steps + 1)]
-    return [t for i, t in enumerate(path) if i == 0 or t != path[i - 1]]
+def strided_path(start: int, end: int, stride: int) -> list[int]:
+    """Timesteps from ``start`` to ``end`` in steps of ``stride``, the last step shorter
+    (LucidDreamer's ``add_noise_with_cfg``: ``next = min(cur + delta_t, end)``); ``[start]``
+    when they are equal."""
+    if stride < 1:
+        raise ValueError(f"a stride must be at least 1, got {stride}")
+    return [*range(start, end, stride), end]
 
 
 # ----------------------------------------------------------------------------- flow matching

@@ -396,7 +396,7 @@ class Optimization:
         sync here unless the fit itself needs one (``fit: full``'s stop test)."""
         regs = self.regs
         with blame(regs["schedule"], f"giving step {k + 1} its timestep"):
-            times = self.schedule(k)
+            times = dataclasses.replace(self.schedule(k), progress=k / self.recipe.steps)
         z = self.render()
         with torch.no_grad(), blame(regs["guidance"], f"computing the score at step {k + 1}"):
             out = self.guidance.score(z.detach(), times)

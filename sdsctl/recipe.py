@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import plugins
 from .errors import InvalidConfig, Location, PluginError, Problem, RecipeError, SdsctlError
+from .diffusion import true_cfg_note
 from .modelinfo import ModelInfo
 from .schema import ComponentConfig, OptimizerConfig, OutputConfig, Recipe  # noqa: F401 -- the sections' types, re-exported
 
@@ -383,6 +384,13 @@ def _order(p: Problem):
     return (loc.source if loc else "", loc.line or 0 if loc else 0, loc.column or 0 if loc else 0, p.key)
 
 
+def _true_cfg_notes(guidance: type, recipe: Recipe, info: ModelInfo) -> list[str]:
+    """The one warning every guidance term with unconditional or negative rows
+    (``Guidance.unconditional_rows``) gets on a guidance-distilled model."""
+    note = true_cfg_note(recipe.guidance.name, info) if getattr(guidance, "unconditional_rows", False) else None
+    return [f"guidance: {note}"] if note else []
+
+
 def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Locator) -> tuple[ModelInfo, list[str]]:
     """Read the model's configuration and let every component check its options against it."""
     model_reg = found["model"]
@@ -414,6 +422,7 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
         said = run_check(section,
                          lambda reg=reg, section=section: reg.obj.check(getattr(recipe, section), recipe, info))
         notes += [f"{section}: {note}" for note in said or ()]
+    notes += _true_cfg_notes(found["guidance"].obj, recipe, info)
     if info.space == "pixel" and found["parameterization"].obj.space != "rgb":
         fits = sorted(n for n, r in plugins.components("parameterizations").items() if r.obj.space == "rgb")
         problems.append(Problem(where(("parameterization", "name")), "parameterization.name",
