@@ -56,7 +56,7 @@ class SDI(Guidance):
 
     class Config(ComponentConfig):
         name: str = "sdi"
-        guidance_scale: float = Field(8.5, description="CFG scale s at t (threestudio's 7.5 in its ε_y + s'(ε_y − ε_∅))")
+        guidance_scale: float = Field(8.5, description="CFG scale s at t (threestudio: 7.5 in its form)")
         inversion_steps: int = Field(10, ge=1, description="n: the inversion's timestep spacing is T/n")
         inversion_guidance_scale: float = Field(
             -6.5, description="CFG scale of the inversion's predictions (threestudio's -7.5 in its form)")

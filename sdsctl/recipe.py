@@ -26,8 +26,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from . import plugins
-from .errors import InvalidConfig, Location, PluginError, Problem, RecipeError, SdsctlError
 from .diffusion import true_cfg_note
+from .errors import InvalidConfig, Location, PluginError, Problem, RecipeError, SdsctlError
 from .modelinfo import ModelInfo
 from .schema import ComponentConfig, OptimizerConfig, OutputConfig, Recipe  # noqa: F401 -- the sections' types, re-exported
 

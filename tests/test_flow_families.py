@@ -234,12 +234,58 @@ def test_sds_on_flux_dev_is_one_row_with_the_scale_as_input(cli, tmp_path, tiny_
     assert calls == [(3, None)]  # true CFG rows: unconditional, conditional, negative
 
 
-def test_rfds_weighting_is_one_recipe_line_and_vsd_adapts_the_transformer(cli, tmp_path, tiny_flow):
-    summary, _ = _run(cli, tmp_path / "rfds", "sds", tiny_flow["sd3"], "steps=2", "weighting.name=rfds",
-                      "guidance.guidance_scale=7")
-    assert summary["status"] == "completed"
-    summary, _ = _run(cli, tmp_path / "vsd", "vsd", tiny_flow["sd3"], "steps=1")
-    assert summary["status"] == "completed" and summary["model"]["prediction_type"] == "flow"
+def test_rfds_weighting_is_one_recipe_line_and_vsd_adapts_the_transformer(cli, tmp_path, tiny_flow, priors):
+    """RFDS: every step's recorded weight is 1/(1 − σ_t) of its t (the residual it multiplies:
+    ``test_sds_eps_residual_is_the_velocity_residual_weighted_and_rfds_undoes_the_weight``). VSD:
+    the LoRA sits on the SD3 transformer's attention, starts at zero and moves with its updates."""
+    out = tmp_path / "rfds" / "run"
+    _run(cli, tmp_path / "rfds", "sds", tiny_flow["sd3"], "steps=3", "weighting.name=rfds",
+         "guidance.guidance_scale=7")
+    sigma = diffusion.sigma_from_alpha_bar(priors["sd3"].alphas_cumprod.double())
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and len({r["t"] for r in records}) > 1
+    for r in records:
+        assert r["weight"] == pytest.approx(1 / (1 - float(sigma[r["t"]])), rel=1e-6)
+        assert r["weight"] > 1
+
+    from sdsctl.loop import Optimization
+    from sdsctl.recipe import load_recipe
+    from sdsctl_plugins.vsd import ADAPTER
+
+    loaded = load_recipe("vsd", [f"model={tiny_flow['sd3']}", "device=cpu", "parameterization.resolution=64",
+                                 "steps=2"])
+    prior = priors["sd3"]
+    opt = Optimization(loaded, prior, CPU, torch.float32)
+    try:
+        opt.initialize()
+        transformer = prior.denoiser
+        assert ADAPTER in transformer.peft_config
+        lora = opt.guidance.lora
+        assert lora and all(".attn." in n for n in lora)  # the transformer's attention projections
+        assert all(float(p.detach().abs().max()) == 0 for n, p in lora.items() if "lora_B" in n)
+        record = opt.step(0)
+        norms = dict(zip(record.names, record.values.tolist()))
+        assert norms["lora"] > 0 and norms["lora_loss"] > 0
+        assert any(float(p.detach().abs().max()) > 0 for n, p in lora.items() if "lora_B" in n)  # the update moved B
+    finally:
+        opt.close()
+    assert ADAPTER not in getattr(prior.denoiser, "peft_config", {})  # closed: the shared prior is clean
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux-dev"])
+@pytest.mark.parametrize("term", ["ism", "csd", "sds_bridge", "sdi", "asd"])
+def test_the_terms_after_the_study_run_on_flow_families(term, name, cli, tmp_path, tiny_flow):
+    """Their bundled recipes a few steps on SD3 and FLUX.1-dev; on FLUX their ∅ and negative rows
+    are true-CFG rows, which validation says."""
+    sets = {"ism": ["guidance.inversion_steps=1"], "sdi": ["guidance.inversion_steps=2"],
+            "sds_bridge": ["schedule.warmup_steps=1"]}.get(term, [])
+    summary, stderr = _run(cli, tmp_path, term, tiny_flow[name], "steps=2", *sets)
+    assert summary["status"] == "completed" and summary["steps_done"] == 2
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) and all(np.isfinite(v) for v in r["norms"].values()) for r in records)
+    assert ("true classifier-free guidance" in stderr) == name.startswith("flux")
+    if name.startswith("flux"):
+        assert f"{term.replace('_', '-')} on FluxPipeline" in stderr
 
 
 @pytest.mark.parametrize("name", FLOW)

@@ -431,6 +431,42 @@ def test_fit_space_both_adds_the_weighted_image_loss_to_the_latent_loss(recipe_f
     assert not torch.equal(before, opt.param.image())
 
 
+@pytest.mark.parametrize("fit_space, image_weight, image_target", [
+    ("latent", 0.1, "decoded-target"), ("image", 0.1, "decoded-target"), ("both", 0.25, "decoded-target"),
+    ("both", 0.1, "hifa"), ("both", 1.0, "hifa")])
+def test_direct_back_propagation_is_autograd_through_the_written_out_loss(recipe_file, tiny_prior, fit_space,
+                                                                         image_weight, image_target):
+    """``adam_step`` back-propagates each term's residual from its rendering; θ's gradient must be
+    autograd's through [latent] 0.5‖z − z*‖² + [image] w·0.5‖x − x*‖² (w = image_weight with
+    ``both``, 1 with ``image``) -- a dropped or misplaced image_weight fails here."""
+    opt = _started(recipe_file, tiny_prior, {
+        "parameterization": {"name": "rgb-hashgrid"},
+        "optimizer": {"fit_space": fit_space, "image_weight": image_weight, "image_target": image_target}})
+    seen = {}
+    original_fit, original_step = opt.adam_step, opt.optimizer.step
+
+    def fit(z, target, *terms):
+        loss = 0.0
+        if fit_space != "image":
+            loss = loss + 0.5 * (z - target.latent).pow(2).sum()
+        if fit_space != "latent":
+            weight = image_weight if fit_space == "both" else 1.0
+            loss = loss + weight * 0.5 * (opt.last_rgb - target.image).pow(2).sum()
+        seen["expected"] = torch.autograd.grad(loss, opt.theta, retain_graph=True)
+        return original_fit(z, target, *terms)
+
+    def step(*args, **kwargs):
+        seen["got"] = [p.grad.detach().clone() for p in opt.theta]
+        return original_step(*args, **kwargs)
+
+    opt.adam_step, opt.optimizer.step = fit, step
+    opt.step(0)
+    assert len(seen["got"]) == len(seen["expected"]) > 0
+    for got, expected in zip(seen["got"], seen["expected"]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert any(float(g.abs().max()) > 0 for g in seen["got"])
+
+
 @pytest.mark.parametrize("space", ["image", "both"])
 def test_image_fit_needs_an_rgb_parameterization(recipe_file, space):
     from sdsctl.errors import RecipeError

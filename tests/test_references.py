@@ -32,8 +32,9 @@ NEG = "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull,
 
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction"], ids=["sd1", "sd2-v"])
 def pipeline(request, tmp_path_factory):
-    import tiny_pipelines
     from diffusers import StableDiffusionPipeline
+
+    import tiny_pipelines
 
     folder = tiny_pipelines.sd(tmp_path_factory.mktemp("ref") / "sd", prediction_type=request.param)
     return folder, StableDiffusionPipeline.from_pretrained(folder)
