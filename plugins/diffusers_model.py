@@ -2,8 +2,8 @@
 
 ``path: shapes`` (the default) is the small prior shipped in ``sdsctl/shapes/prior/``, trained
 on the procedural shapes world; a folder is a diffusers pipeline folder of a supported
-family (SD 1.x/2.x, SDXL, DeepFloyd IF stage I, SD3/3.5, FLUX.1: ``docs/models.md``), detected from its
-``model_index.json``; anything else of the form ``owner/name`` is a Hugging Face Hub id,
+family (SD 1.x/2.x, SDXL, DeepFloyd IF stage I, SD3/3.5, FLUX.1: ``docs/models.md``; or a plugin's:
+the ``register_families`` hook), detected from its ``model_index.json``; anything else of the form ``owner/name`` is a Hugging Face Hub id,
 taken from the local cache unless ``allow_download`` is set. ``variant`` picks the weight
 files (e.g. ``fp16`` for ``*.fp16.safetensors``); the recipe's ``dtype`` is the dtype the
 weights are loaded in. ``without`` leaves out text encoders the family can do without (SD3's
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 import sdsctl
+from sdsctl import plugins
 from sdsctl.components import ComponentConfig, Model, ModelInfo
 
 if TYPE_CHECKING:  # the models layer (torch, diffusers) is imported where it is used: loading the plugin stays light
@@ -42,14 +43,14 @@ class DiffusersModel(Model):
 
         c = self.config
         return Prior.describe(c.path, variant=c.variant, allow_download=c.allow_download, without=tuple(c.without),
-                              config=c.config)
+                              config=c.config, families=plugins.families())
 
     def load(self, device: torch.device, dtype: torch.dtype) -> Prior:
         from sdsctl.models import Prior
 
         c = self.config
         return Prior.load(c.path, device, dtype, variant=c.variant, allow_download=c.allow_download,
-                          without=tuple(c.without), config=c.config)
+                          without=tuple(c.without), config=c.config, families=plugins.families())
 
 
 @sdsctl.hookimpl

@@ -1,6 +1,6 @@
 """Command ``model``: describe a model from its configuration files alone (no weights load).
 
-Family, pipeline class, prediction type, space, latent channels and downscale factor,
+Family (and the plugin that registered it), pipeline class, prediction type, space, latent channels and downscale factor,
 default resolution, text encoders with their token limits, parameter counts and dtype on
 disk (from the safetensors headers). ``--json`` prints the same as one JSON object.
 """
@@ -34,21 +34,26 @@ def model(
         metavar="DIR_OR_ID", help="A single-file checkpoint's architecture: a diffusers folder or hub id.")] = None,
 ) -> None:
     """Describe a model (family, space, resolution, text encoders, parameters) without loading it."""
+    from sdsctl import plugins
     from sdsctl.errors import InvalidConfig, SdsctlError
     from sdsctl.models import Prior
 
     try:
         info = Prior.describe(path, variant=variant, allow_download=allow_download, without=tuple(without or ()),
-                              config=config)
+                              config=config, families=plugins.families())
     except InvalidConfig as exc:  # its message names the model already
         raise SdsctlError(str(exc)) from exc
     data = info.to_dict()
+    family = plugins.components("families").get(data["family"])
+    data["family_plugin"] = {"plugin": family.plugin, "distribution": family.distribution} if family else None
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
     lines = [
         f"model            {data['source']}",
-        f"family           {data['family']} ({data['pipeline']})",
+        f"family           {data['family']} ({data['pipeline']})" + (
+            f", plugin {data['family_plugin']['plugin']} ({data['family_plugin']['distribution'] or 'not installed'})"
+            if data["family_plugin"] else ""),
         f"prediction       {data['prediction_type']}",
         f"space            {data['space']}" + (f", {data['latent_channels']} latent channels, downscale factor "
                                                f"{data['downscale_factor']}" if data["space"] == "latent" else ""),

@@ -208,6 +208,30 @@ def _floor_ms(prior, calls: list, device: torch.device, repeats: int) -> float:
     return (time.perf_counter() - start) * 1000 / repeats
 
 
+def _timed_against_floor(opt: Optimization, prior, calls: list, device: torch.device, warmup: int,
+                         steps: int) -> tuple[float, float]:
+    """ms per step and ms of its floor (the same model evaluations alone), over ``steps`` steps."""
+    log_every = opt.recipe.output.log_every
+    # The steps in chunks, each followed by the floor's model evaluations, so that the two
+    # see the same machine load. On the CPU a chunk is one step: a shared machine's load
+    # changes from one tenth of a second to the next. On a GPU it is ``log_every`` steps: a
+    # run synchronizes only on logging steps, so the host queues a step while the device
+    # still computes the previous one, and a synchronize after every step would hide that.
+    chunk = 1 if device.type == "cpu" else max(1, min(log_every, steps))
+    step_ms, floor_ms = 0.0, 0.0
+    pending = PendingRecords()
+    for first in range(warmup + 1, warmup + 1 + steps, chunk):
+        n = min(chunk, warmup + 1 + steps - first)
+        synchronize(device)
+        start = time.perf_counter()
+        _run_steps(opt, first, n, log_every, pending)
+        synchronize(device)
+        step_ms += (time.perf_counter() - start) * 1000
+        floor_ms += _floor_ms(prior, calls, device, repeats=n) * n
+    pending.flush()
+    return step_ms / steps, floor_ms / steps
+
+
 def bench(loaded: LoadedRecipe, *, steps: int = 50, warmup: int = 5, prior=None) -> dict[str, Any]:
     """Measure ``loaded``'s step (see the module docstring); returns the report's fields."""
     recipe = loaded.recipe
@@ -227,24 +251,7 @@ def bench(loaded: LoadedRecipe, *, steps: int = 50, warmup: int = 5, prior=None)
         with _instrumented(opt, None, calls):  # one step's model evaluations, on its real inputs
             _run_steps(opt, warmup, 1, 1)
         unet_calls = sum(1 for kind, _, _ in calls if kind == "unet")
-        # The steps in chunks, each followed by the floor's model evaluations, so that the two
-        # see the same machine load. On the CPU a chunk is one step: a shared machine's load
-        # changes from one tenth of a second to the next. On a GPU it is ``log_every`` steps: a
-        # run synchronizes only on logging steps, so the host queues a step while the device
-        # still computes the previous one, and a synchronize after every step would hide that.
-        chunk = 1 if device.type == "cpu" else max(1, min(log_every, steps))
-        step_ms, floor_ms = 0.0, 0.0
-        pending = PendingRecords()
-        for first in range(warmup + 1, warmup + 1 + steps, chunk):
-            n = min(chunk, warmup + 1 + steps - first)
-            synchronize(device)
-            start = time.perf_counter()
-            _run_steps(opt, first, n, log_every, pending)
-            synchronize(device)
-            step_ms += (time.perf_counter() - start) * 1000
-            floor_ms += _floor_ms(prior, calls, device, repeats=n) * n
-        pending.flush()
-        ms_per_step, floor = step_ms / steps, floor_ms / steps
+        ms_per_step, floor = _timed_against_floor(opt, prior, calls, device, warmup, steps)
 
         timer = PhaseTimer(Clock(device))
         synchronize(device)

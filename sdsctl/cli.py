@@ -27,7 +27,7 @@ from .errors import PluginError, RunFailed, SdsctlError
 CORE_COMMANDS = ("run", "resume", "validate", "recipes", "plugins")
 #: what `resume --set` may change besides output.*: the rest of a run's recipe is its identity
 RESUMABLE_KEYS = ("steps", "device", "dtype")
-KIND_ORDER = ("models", "parameterizations", "guidances", "schedules", "weightings", "metrics", "loggers", "commands")
+KIND_ORDER = ("models", "families", "parameterizations", "guidances", "schedules", "weightings", "metrics", "loggers", "commands")
 
 
 def _print_error(exc: SdsctlError) -> None:
@@ -226,7 +226,8 @@ def _warn(warnings: list[str]) -> None:
 
 def _run(loaded, path: Path, reporter, overwrite: bool, resume: bool, log: list[str] = ()) -> None:
     from .loggers import RunLoggers, build
-    from .loop import OOM, StopNow, execute, oom_message
+    from .loop import OOM
+    from .run import StopNow, execute, oom_message
 
     command = f"sdsctl {'resume' if resume else 'run'}"
     loggers, skipped = build(list(log), path, loaded.recipe)
@@ -254,7 +255,7 @@ def _run(loaded, path: Path, reporter, overwrite: bool, resume: bool, log: list[
 
 
 def _result_from_summary(path: Path):
-    from .loop import RunResult
+    from .run import RunResult
     from .rundir import RunDir
 
     summary = RunDir(path).read_summary()
@@ -268,136 +269,126 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-def create_app() -> typer.Typer:
-    """The sdsctl CLI with the core commands and every plugin's commands."""
-    app = typer.Typer(
-        name="sdsctl",
-        help="Score distillation (SDS, NFSD, VSD, ...) from recipes: run, resume, validate.",
-        no_args_is_help=True,
-        context_settings={"help_option_names": ["-h", "--help"]},
-        pretty_exceptions_enable=False,
-        rich_markup_mode=None,
-    )
-    plugin_commands: list[plugins.Registered] = []
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show the libraries' own warnings (transformers, diffusers).")] = False,
+) -> None:
+    """Score distillation from the command line."""
+    _quiet_libraries(verbose)
 
-    @app.callback()
-    def root(
-        version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
-                                              help="Show the version and exit.")] = False,
-        verbose: Annotated[bool, typer.Option(
-            "--verbose", "-v", help="Show the libraries' own warnings (transformers, diffusers).")] = False,
-    ) -> None:
-        """Score distillation from the command line."""
-        _quiet_libraries(verbose)
 
-    @app.command()
-    def run(
-        recipe: RecipeArgument,
-        set_: SetOption = [],  # noqa: B006 - typer reads the default
-        out: Annotated[Path | None, typer.Option(
-            "--out", "-o", metavar="PATH", help="Run directory (default: <output.dir>/<recipe>-<timestamp>).")] = None,
-        overwrite: Annotated[bool, typer.Option(
-            "--overwrite", help="Replace the run files in an existing --out directory.")] = False,
-        no_live: NoLiveOption = False,
-        prompt: PromptOption = None,
-        seed: SeedOption = None,
-        steps: StepsOption = None,
-        model: ModelOption = None,
-        device: DeviceOption = None,
-        allow_download: AllowDownloadOption = False,
-        view_size: ViewSizeOption = None,
-        log: LogOption = [],  # noqa: B006
-    ) -> None:
-        """Run a recipe: optimize an image and write a run directory."""
-        from .panel import LivePanel, make_reporter
-        from .recipe import load_recipe
-        from .rundir import check_target, default_path
+def run(
+    recipe: RecipeArgument,
+    set_: SetOption = [],  # noqa: B006 - typer reads the default
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", metavar="PATH", help="Run directory (default: <output.dir>/<recipe>-<timestamp>).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the run files in an existing --out directory.")] = False,
+    no_live: NoLiveOption = False,
+    prompt: PromptOption = None,
+    seed: SeedOption = None,
+    steps: StepsOption = None,
+    model: ModelOption = None,
+    device: DeviceOption = None,
+    allow_download: AllowDownloadOption = False,
+    view_size: ViewSizeOption = None,
+    log: LogOption = [],  # noqa: B006
+) -> None:
+    """Run a recipe: optimize an image and write a run directory."""
+    from .panel import LivePanel, make_reporter
+    from .recipe import load_recipe
+    from .rundir import check_target, default_path
 
-        reporter = make_reporter(not no_live)
-        try:
-            if isinstance(reporter, LivePanel):  # from the first moment; plain logs start with the model
-                reporter.loading(f"reading recipe {recipe}")
-            loaded = load_recipe(recipe, _sets(set_, allow_download, view_size),
-                                 _overrides(prompt, seed, steps, model, device))
-            path = out if out is not None else default_path(loaded.recipe.output.dir, loaded.name)
-            check_target(path, overwrite)
-        except BaseException:
-            reporter.close()
-            raise
-        _warn(loaded.warnings)
-        _run(loaded, path, reporter, overwrite=overwrite, resume=False, log=log)
+    reporter = make_reporter(not no_live)
+    try:
+        if isinstance(reporter, LivePanel):  # from the first moment; plain logs start with the model
+            reporter.loading(f"reading recipe {recipe}")
+        loaded = load_recipe(recipe, _sets(set_, allow_download, view_size),
+                             _overrides(prompt, seed, steps, model, device))
+        path = out if out is not None else default_path(loaded.recipe.output.dir, loaded.name)
+        check_target(path, overwrite)
+    except BaseException:
+        reporter.close()
+        raise
+    _warn(loaded.warnings)
+    _run(loaded, path, reporter, overwrite=overwrite, resume=False, log=log)
 
-    @app.command()
-    def resume(
-        run_dir: Annotated[Path, typer.Argument(
-            metavar="RUN_DIR", help="The directory of an interrupted, failed or completed run.")],
-        set_: Annotated[list[str], typer.Option(
-            "--set", "-s", metavar="KEY=VALUE",
-            help="Change steps (to continue a completed run) or output.*, e.g. --set steps=1000. Repeatable.")] = [],  # noqa: B006
-        steps: StepsOption = None,
-        device: DeviceOption = None,
-        no_live: NoLiveOption = False,
-        view_size: ViewSizeOption = None,
-        log: LogOption = [],  # noqa: B006
-    ) -> None:
-        """Continue a run from its state.pt: interrupted, failed, or completed with more --steps."""
-        from .panel import LivePanel, make_reporter
-        from .recipe import load_recipe
-        from .rundir import RunDir
 
-        RunDir.open(run_dir)
-        for expr in set_:
-            key = expr.split("=", 1)[0].strip()
-            if key not in RESUMABLE_KEYS and not key.startswith("output."):
-                raise SdsctlError(f"--set {expr}: a resumed run keeps its recipe; only {', '.join(RESUMABLE_KEYS)} "
-                                  "and output.* can change (for anything else start a new run: sdsctl run "
-                                  f"{run_dir / 'recipe.yaml'} --set {expr} --out NEW_DIR)")
-        reporter = make_reporter(not no_live)
-        try:
-            if isinstance(reporter, LivePanel):
-                reporter.loading(f"reading {run_dir / 'recipe.yaml'}")
-            loaded = load_recipe(run_dir / "recipe.yaml", _sets(set_, view_size=view_size),
-                                 {"steps": steps, "device": device})
-        except BaseException:
-            reporter.close()
-            raise
-        _warn(loaded.warnings)
-        _run(loaded, run_dir, reporter, overwrite=False, resume=True, log=log)
+def resume(
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", help="The directory of an interrupted, failed or completed run.")],
+    set_: Annotated[list[str], typer.Option(
+        "--set", "-s", metavar="KEY=VALUE",
+        help="Change steps (to continue a completed run) or output.*, e.g. --set steps=1000. Repeatable.")] = [],  # noqa: B006
+    steps: StepsOption = None,
+    device: DeviceOption = None,
+    no_live: NoLiveOption = False,
+    view_size: ViewSizeOption = None,
+    log: LogOption = [],  # noqa: B006
+) -> None:
+    """Continue a run from its state.pt: interrupted, failed, or completed with more --steps."""
+    from .panel import LivePanel, make_reporter
+    from .recipe import load_recipe
+    from .rundir import RunDir
 
-    @app.command()
-    def validate(
-        recipe: RecipeArgument,
-        set_: SetOption = [],  # noqa: B006
-        prompt: PromptOption = None,
-        seed: SeedOption = None,
-        steps: StepsOption = None,
-        model: ModelOption = None,
-        device: DeviceOption = None,
-        show: Annotated[bool, typer.Option("--show", help="Print the fully resolved recipe.")] = False,
-        allow_download: AllowDownloadOption = False,
-    ) -> None:
-        """Check a recipe and the device without running it (no model weights are loaded)."""
-        from .recipe import load_recipe, to_yaml
+    RunDir.open(run_dir)
+    for expr in set_:
+        key = expr.split("=", 1)[0].strip()
+        if key not in RESUMABLE_KEYS and not key.startswith("output."):
+            raise SdsctlError(f"--set {expr}: a resumed run keeps its recipe; only {', '.join(RESUMABLE_KEYS)} "
+                              "and output.* can change (for anything else start a new run: sdsctl run "
+                              f"{run_dir / 'recipe.yaml'} --set {expr} --out NEW_DIR)")
+    reporter = make_reporter(not no_live)
+    try:
+        if isinstance(reporter, LivePanel):
+            reporter.loading(f"reading {run_dir / 'recipe.yaml'}")
+        loaded = load_recipe(run_dir / "recipe.yaml", _sets(set_, view_size=view_size),
+                             {"steps": steps, "device": device})
+    except BaseException:
+        reporter.close()
+        raise
+    _warn(loaded.warnings)
+    _run(loaded, run_dir, reporter, overwrite=False, resume=True, log=log)
 
-        loaded = load_recipe(recipe, _sets(set_, allow_download), _overrides(prompt, seed, steps, model, device))
-        _warn(loaded.warnings)
-        r = loaded.recipe
-        if show:
-            print(to_yaml(r), end="")
-        print(f"ok: {recipe} -- {r.guidance.name} on {r.parameterization.name}, {r.steps} steps, "
-              f"model {loaded.model_info.source}")
 
-    @app.command()
-    def recipes() -> None:
-        """List the bundled recipes (run one by name: `sdsctl run NAME`)."""
-        from .recipe import bundled_recipes
+def validate(
+    recipe: RecipeArgument,
+    set_: SetOption = [],  # noqa: B006
+    prompt: PromptOption = None,
+    seed: SeedOption = None,
+    steps: StepsOption = None,
+    model: ModelOption = None,
+    device: DeviceOption = None,
+    show: Annotated[bool, typer.Option("--show", help="Print the fully resolved recipe.")] = False,
+    allow_download: AllowDownloadOption = False,
+) -> None:
+    """Check a recipe and the device without running it (no model weights are loaded)."""
+    from .recipe import load_recipe, to_yaml
 
-        found = bundled_recipes()
-        width = max((len(n) for n, _, _ in found), default=0)
-        for name, _, desc in found:
-            print(f"{name:<{width}}  {desc}")
+    loaded = load_recipe(recipe, _sets(set_, allow_download), _overrides(prompt, seed, steps, model, device))
+    _warn(loaded.warnings)
+    r = loaded.recipe
+    if show:
+        print(to_yaml(r), end="")
+    print(f"ok: {recipe} -- {r.guidance.name} on {r.parameterization.name}, {r.steps} steps, "
+          f"model {loaded.model_info.source}")
 
-    @app.command("plugins")
+
+def recipes() -> None:
+    """List the bundled recipes (run one by name: `sdsctl run NAME`)."""
+    from .recipe import bundled_recipes
+
+    found = bundled_recipes()
+    width = max((len(n) for n, _, _ in found), default=0)
+    for name, _, desc in found:
+        print(f"{name:<{width}}  {desc}")
+
+
+def _plugins_command(plugin_commands: list[plugins.Registered]):
+    """`sdsctl plugins`, seeing the plugin commands the app registered."""
+
     def list_plugins(
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON: an object keyed by kind.")] = False,
     ) -> None:
@@ -426,7 +417,11 @@ def create_app() -> typer.Typer:
             if not entries:
                 print("  (none)")
 
-    # -- plugin commands
+    return list_plugins
+
+
+def _add_plugin_commands(app: typer.Typer, plugin_commands: list[plugins.Registered]) -> None:
+    """Every plugin's ``register_commands``; a name already taken keeps its first owner (a warning)."""
     plugins.load_plugins()
     owners = {name: "sdsctl" for name in CORE_COMMANDS}
     for plugin, dist, call in plugins.each_plugin("register_commands"):
@@ -447,6 +442,24 @@ def create_app() -> typer.Typer:
                 continue
             owners[name] = plugin
             plugin_commands.append(plugins.Registered("commands", name, None, plugin, dist))
+
+
+def create_app() -> typer.Typer:
+    """The sdsctl CLI with the core commands and every plugin's commands."""
+    app = typer.Typer(
+        name="sdsctl",
+        help="Score distillation (SDS, NFSD, VSD, ...) from recipes: run, resume, validate.",
+        no_args_is_help=True,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+    plugin_commands: list[plugins.Registered] = []
+    app.callback()(root)
+    for command in (run, resume, validate, recipes):
+        app.command()(command)
+    app.command("plugins")(_plugins_command(plugin_commands))
+    _add_plugin_commands(app, plugin_commands)
     _guard_all(app)
     _describe_commands(app)
     return app

@@ -364,6 +364,7 @@ class Logger(Component):
 #: kind (plural, as in ``sdsctl plugins --json``) -> (hook name, name of its base class here)
 KINDS: dict[str, tuple[str, str]] = {
     "models": ("register_models", "Model"),
+    "families": ("register_families", "Prior"),
     "parameterizations": ("register_parameterizations", "Parameterization"),
     "guidances": ("register_guidances", "Guidance"),
     "schedules": ("register_schedules", "Schedule"),
@@ -374,7 +375,12 @@ KINDS: dict[str, tuple[str, str]] = {
 
 
 def base_class(kind: str) -> type:
-    """The class every component of ``kind`` derives from (``"parameterizations"``: imports torch)."""
+    """The class every component of ``kind`` derives from (``"parameterizations"`` and
+    ``"families"``: imports torch)."""
+    if kind == "families":  # the models layer's interface, not a component with a Config
+        from .models.base import Prior
+
+        return Prior
     return getattr(sys.modules[__name__], KINDS[kind][1])
 
 

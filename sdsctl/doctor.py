@@ -89,87 +89,103 @@ def _median(values: list[float]) -> float:
 def diagnose(path: Path) -> dict[str, Any]:
     """Every check on the run in ``path``; ``healthy`` when none found a problem."""
     run = RunData.read(path)
-    recipe, summary, records = run.recipe, run.summary, run.records
+    recipe, summary = run.recipe, run.summary
     steps = recipe.get("steps") or summary.get("steps") or 0
     knobs = _knobs(recipe)
-    findings: list[Finding] = []
-    status = summary.get("status", "unknown")
-    done = run.steps_done
-    if status == "failed":
-        findings.append(Finding("status", False, "the run failed", summary.get("error", "see error.log"),
-                                "the error names the knob; `sdsctl resume` continues from the last good state"))
-    elif done < steps:
-        findings.append(Finding("status", False, f"the run stopped at step {done} of {steps} ({status})",
-                                "the checks below read the run so far", f"continue it: sdsctl resume {path}"))
-
-    # warm-up: a global structure at its end, not over-saturated
-    warm = [r["step"] for r in records if r.get("phase") == "warmup"]
-    warm_saturated = False
-    if warm and (at := run.image_at(warm[-1])):
-        step, image = at
-        st = imagestats.stats(image)
-        start = run.image_at(min(run.previews)) if run.previews else None
-        start_tt = imagestats.stats(start[1])["two_tone"] if start else None
-        evidence = (f"two-tone share {st['two_tone']:.2f} at step {step}, the warm-up's end"
-                    + (f" ({start_tt:.2f} at step {start[0]})" if start else "")
-                    + f"; clipped pixels {st['clipped']:.0%}" + _judged(image, recipe.get("prompt", "")))
-        # A warm-up at large t leaves the image saturated (robust NFSD's: 44 % clipped at step 300);
-        # that is a problem only if the main phase does not remove it (the saturation check below).
-        warm_saturated = st["clipped"] >= OVERSATURATED_CLIPPED
-        if st["two_tone"] < WARMUP_TWO_TONE:
-            findings.append(Finding("warmup", False, "the warm-up built no global structure", evidence,
-                                    knobs["more_warmup"]))
-        else:
-            findings.append(Finding("warmup", True, "the warm-up built a global structure", evidence))
-    else:
-        findings.append(Finding("warmup", None, "no warm-up phase",
-                                f"schedule {recipe.get('schedule', {}).get('name')!r} has no warm-up phase"))
-
-    final = run.final
-    if final is not None:
-        st = imagestats.stats(final)
-        sat_evidence = (f"{st['clipped']:.0%} of pixels have a channel at 0 or 1 (limit {OVERSATURATED_CLIPPED:.0%}); "
-                        f"saturation {st['saturation']:.2f}, colourfulness {st['colorfulness']:.2f}, "
-                        f"two-tone share {st['two_tone']:.2f}")
-        over = st["clipped"] >= OVERSATURATED_CLIPPED
-        knob = "; or ".join(k for k in (knobs["more_correction"], warm_saturated and knobs["fewer_warmup"]) if k)
-        findings.append(Finding("saturation", not over, "over-saturated" if over else "not over-saturated",
-                                sat_evidence, knob if over else ""))
-        smooth = st["sharpness"] < OVERSMOOTH_SHARPNESS and not over
-        findings.append(Finding("smoothness", not smooth, "over-smooth" if smooth else "not over-smooth",
-                                f"edge sharpness {st['sharpness']:.3f} (over-smooth below {OVERSMOOTH_SHARPNESS})"
-                                + (" -- not judged: the image is over-saturated" if over else ""),
-                                knobs["less_correction"] if smooth else ""))
-        conv = run.convergence()
-        if conv:
-            moving = conv["change"] > CONVERGED_CHANGE
-            findings.append(Finding(
-                "convergence", not moving, "not converged" if moving else "converged",
-                f"the image changed by {conv['change']:.4f} from step {conv['from_step']} to {conv['to_step']} "
-                f"(the last tenth; limit {CONVERGED_CHANGE})",
-                f"more steps: steps (now {steps}), e.g. --set steps={int(steps * 1.5)}" if moving else ""))
-
-    norms = [r["norms"]["score"] for r in records if "score" in r.get("norms", {})]
-    if len(norms) >= 10:
-        k = max(1, len(norms) // 10)
-        first, last = _median(norms[:k]), _median(norms[-k:])
-        ratio = last / first if first > 0 else math.inf
-        evidence = (f"median score norm {first:.3g} over steps 1-{k}, {last:.3g} over steps "
-                    f"{records[-k]['step']}-{records[-1]['step']} (×{ratio:.2g})")
-        if not math.isfinite(last) or ratio > NORM_EXPLODED:
-            findings.append(Finding("score-norm", False, "the score norm exploded", evidence,
-                                    "a lower optimizer.lr or guidance.guidance_scale, or optimizer.score_scale"))
-        elif ratio < NORM_VANISHED:
-            findings.append(Finding("score-norm", False, "the score norm vanished", evidence,
-                                    "the guidance stopped pulling: check the weighting and the schedule's t range"))
-        else:
-            findings.append(Finding("score-norm", True, "the score norm stayed in range", evidence))
+    findings = _status_findings(path, run, steps)
+    warm, warm_saturated = _warmup_finding(run, knobs)
+    findings.append(warm)
+    findings += _final_image_findings(run, knobs, steps, warm_saturated)
+    findings += _score_norm_findings(run.records)
     healthy = all(f.ok is not False for f in findings)
     return {
-        "run_dir": str(path), "status": status, "steps_done": done, "steps": steps,
-        "guidance": recipe.get("guidance", {}).get("name"), "healthy": healthy,
+        "run_dir": str(path), "status": summary.get("status", "unknown"), "steps_done": run.steps_done,
+        "steps": steps, "guidance": recipe.get("guidance", {}).get("name"), "healthy": healthy,
         "findings": [dataclasses.asdict(f) for f in findings],
     }
+
+
+def _status_findings(path: Path, run: RunData, steps: int) -> list[Finding]:
+    """A failed run, or one stopped before its last step."""
+    status, done = run.summary.get("status", "unknown"), run.steps_done
+    if status == "failed":
+        return [Finding("status", False, "the run failed", run.summary.get("error", "see error.log"),
+                        "the error names the knob; `sdsctl resume` continues from the last good state")]
+    if done < steps:
+        return [Finding("status", False, f"the run stopped at step {done} of {steps} ({status})",
+                        "the checks below read the run so far", f"continue it: sdsctl resume {path}")]
+    return []
+
+
+def _warmup_finding(run: RunData, knobs: dict[str, str]) -> tuple[Finding, bool]:
+    """The warm-up: a global structure at its end; and whether it left the image saturated."""
+    recipe = run.recipe
+    warm = [r["step"] for r in run.records if r.get("phase") == "warmup"]
+    if not (warm and (at := run.image_at(warm[-1]))):
+        return Finding("warmup", None, "no warm-up phase",
+                       f"schedule {recipe.get('schedule', {}).get('name')!r} has no warm-up phase"), False
+    step, image = at
+    st = imagestats.stats(image)
+    start = run.image_at(min(run.previews)) if run.previews else None
+    start_tt = imagestats.stats(start[1])["two_tone"] if start else None
+    evidence = (f"two-tone share {st['two_tone']:.2f} at step {step}, the warm-up's end"
+                + (f" ({start_tt:.2f} at step {start[0]})" if start else "")
+                + f"; clipped pixels {st['clipped']:.0%}" + _judged(image, recipe.get("prompt", "")))
+    # A warm-up at large t leaves the image saturated (robust NFSD's: 44 % clipped at step 300);
+    # that is a problem only if the main phase does not remove it (the saturation check).
+    warm_saturated = st["clipped"] >= OVERSATURATED_CLIPPED
+    if st["two_tone"] < WARMUP_TWO_TONE:
+        return Finding("warmup", False, "the warm-up built no global structure", evidence,
+                       knobs["more_warmup"]), warm_saturated
+    return Finding("warmup", True, "the warm-up built a global structure", evidence), warm_saturated
+
+
+def _final_image_findings(run: RunData, knobs: dict[str, str], steps: int, warm_saturated: bool) -> list[Finding]:
+    """Saturation, smoothness and convergence of the final image."""
+    final = run.final
+    if final is None:
+        return []
+    st = imagestats.stats(final)
+    sat_evidence = (f"{st['clipped']:.0%} of pixels have a channel at 0 or 1 (limit {OVERSATURATED_CLIPPED:.0%}); "
+                    f"saturation {st['saturation']:.2f}, colourfulness {st['colorfulness']:.2f}, "
+                    f"two-tone share {st['two_tone']:.2f}")
+    over = st["clipped"] >= OVERSATURATED_CLIPPED
+    knob = "; or ".join(k for k in (knobs["more_correction"], warm_saturated and knobs["fewer_warmup"]) if k)
+    findings = [Finding("saturation", not over, "over-saturated" if over else "not over-saturated",
+                        sat_evidence, knob if over else "")]
+    smooth = st["sharpness"] < OVERSMOOTH_SHARPNESS and not over
+    findings.append(Finding("smoothness", not smooth, "over-smooth" if smooth else "not over-smooth",
+                            f"edge sharpness {st['sharpness']:.3f} (over-smooth below {OVERSMOOTH_SHARPNESS})"
+                            + (" -- not judged: the image is over-saturated" if over else ""),
+                            knobs["less_correction"] if smooth else ""))
+    conv = run.convergence()
+    if conv:
+        moving = conv["change"] > CONVERGED_CHANGE
+        findings.append(Finding(
+            "convergence", not moving, "not converged" if moving else "converged",
+            f"the image changed by {conv['change']:.4f} from step {conv['from_step']} to {conv['to_step']} "
+            f"(the last tenth; limit {CONVERGED_CHANGE})",
+            f"more steps: steps (now {steps}), e.g. --set steps={int(steps * 1.5)}" if moving else ""))
+    return findings
+
+
+def _score_norm_findings(records: list[dict[str, Any]]) -> list[Finding]:
+    """The score norm over the run: exploded, vanished or in range (from ten records on)."""
+    norms = [r["norms"]["score"] for r in records if "score" in r.get("norms", {})]
+    if len(norms) < 10:
+        return []
+    k = max(1, len(norms) // 10)
+    first, last = _median(norms[:k]), _median(norms[-k:])
+    ratio = last / first if first > 0 else math.inf
+    evidence = (f"median score norm {first:.3g} over steps 1-{k}, {last:.3g} over steps "
+                f"{records[-k]['step']}-{records[-1]['step']} (×{ratio:.2g})")
+    if not math.isfinite(last) or ratio > NORM_EXPLODED:
+        return [Finding("score-norm", False, "the score norm exploded", evidence,
+                        "a lower optimizer.lr or guidance.guidance_scale, or optimizer.score_scale")]
+    if ratio < NORM_VANISHED:
+        return [Finding("score-norm", False, "the score norm vanished", evidence,
+                        "the guidance stopped pulling: check the weighting and the schedule's t range")]
+    return [Finding("score-norm", True, "the score norm stayed in range", evidence)]
 
 
 def _judged(image: Path, prompt: str) -> str:

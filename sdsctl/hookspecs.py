@@ -32,6 +32,19 @@ def register_models(register):
 
 
 @hookspec
+def register_families(register):
+    """Register model families (subclasses of ``sdsctl.models.Prior``), one per diffusers pipeline class.
+
+    Called when a model is described or loaded through a recipe (``sdsctl run``, ``validate``,
+    ``model``) and by ``sdsctl plugins``. Call ``register(name, cls)`` for each family; ``name``
+    is the family's name (``cls.family``), and ``cls.pipeline_class`` the ``_class_name`` of the
+    ``model_index.json`` it handles. Import the family's module inside the hook: it imports
+    torch, which ``sdsctl --help`` does not. The contract a family fulfils is in
+    docs/plugins.md ("model family"). The return value is ignored.
+    """
+
+
+@hookspec
 def register_parameterizations(register):
     """Register parameterizations (subclasses of ``sdsctl.components.Parameterization``).
 

@@ -60,7 +60,7 @@ class Registered:
 
 
 def singular(kind: str) -> str:
-    return kind[:-1]
+    return "family" if kind == "families" else kind[:-1]
 
 
 def load_plugins() -> pluggy.PluginManager:
@@ -153,8 +153,10 @@ def registrations(kind: str) -> list[Registered]:
                 raise PluginError(f"plugin {_plugin!r} registered a {singular(kind)} with the name {name!r}; "
                                   "names are non-empty strings without ':'")
             if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise PluginError(f"{what} as {cls!r}, which is not a subclass of sdsctl.components.{base.__name__}")
-            if not (isinstance(cls.Config, type) and issubclass(cls.Config, ComponentConfig)):
+                public = "sdsctl.models" if base.__module__ == "sdsctl.models.base" else base.__module__
+                raise PluginError(f"{what} as {cls!r}, which is not a subclass of {public}.{base.__name__}")
+            if hasattr(base, "Config") and not (isinstance(cls.Config, type)
+                                                and issubclass(cls.Config, ComponentConfig)):
                 raise PluginError(f"{what}, whose Config is not a subclass of sdsctl.components.ComponentConfig")
             found.append(Registered(kind, name, cls, _plugin, _dist))
 
@@ -237,3 +239,17 @@ def lookup(kind: str, name: str) -> Registered | None:
     qualifier, bare = name.split(":", 1)
     matches = [r for r in registrations(kind) if r.name == bare and qualifier in (r.distribution, r.plugin)]
     return dataclasses.replace(matches[0], name=name) if len(matches) == 1 else None
+
+
+def families() -> dict[str, type]:
+    """Every registered model family by the pipeline class it handles (``model_index.json``'s
+    ``_class_name``). Two families claiming one pipeline class: the first keeps it (a warning)."""
+    table: dict[str, Registered] = {}
+    for reg in components("families").values():
+        pipeline = reg.obj.pipeline_class
+        if pipeline in table:
+            warn_once(f"family {reg.name!r} of plugin {reg.plugin!r} is ignored: {pipeline} is handled by family "
+                      f"{table[pipeline].name!r} of plugin {table[pipeline].plugin!r}; uninstall one of them")
+            continue
+        table[pipeline] = reg
+    return {pipeline: reg.obj for pipeline, reg in table.items()}

@@ -391,6 +391,58 @@ def _true_cfg_notes(guidance: type, recipe: Recipe, info: ModelInfo) -> list[str
     return [f"guidance: {note}"] if note else []
 
 
+def _fit_problems(recipe: Recipe, found: dict[str, plugins.Registered], info: ModelInfo,
+                  where: _Locator) -> list[Problem]:
+    """Combinations of sections that cannot run: a latent parameterization on a pixel model, an
+    image fit without RGB, HiFA's target without a denoised estimate, inner steps with a full fit."""
+    problems: list[Problem] = []
+    if info.space == "pixel" and found["parameterization"].obj.space != "rgb":
+        fits = sorted(n for n, r in plugins.components("parameterizations").items() if r.obj.space == "rgb")
+        problems.append(Problem(where(("parameterization", "name")), "parameterization.name",
+                                f"{recipe.parameterization.name!r} renders latents, but "
+                                f"{info.pipeline} ({info.family}) denoises pixels (it has no VAE); "
+                                f"use a parameterization that renders RGB: "
+                                f"{', '.join(fits)} (--set parameterization.name={fits[0] if fits else '...'})"))
+    opt = recipe.optimizer
+    if opt.fit_space != "latent" and found["parameterization"].obj.space != "rgb":
+        problems.append(Problem(where(("optimizer", "fit_space")), "optimizer.fit_space",
+                                f"{opt.fit_space!r} needs an RGB parameterization; "
+                                f"{recipe.parameterization.name!r} renders latents "
+                                "(use fit_space: latent, or an rgb-* parameterization)"))
+    if opt.fit_space != "latent" and opt.image_target == "hifa" and not found["guidance"].obj.gives_denoised:
+        problems.append(Problem(where(("optimizer", "image_target")), "optimizer.image_target",
+                                f"'hifa' needs the guidance's denoised estimate, which {recipe.guidance.name!r} "
+                                "does not give (use image_target: decoded-target)"))
+    if opt.fit == "full" and opt.inner_steps != 1:
+        problems.append(Problem(where(("optimizer", "inner_steps")), "optimizer.inner_steps",
+                                "inner_steps is for fit: adam; with fit: full the fit stops at fit_tolerance "
+                                "or max_fit_steps"))
+    return problems
+
+
+def _text_warnings(recipe: Recipe, info: ModelInfo) -> list[str]:
+    """Settings that run but mean little: a score scale under Adam, words or prompt lengths the
+    model does not know."""
+    warnings: list[str] = []
+    opt = recipe.optimizer
+    if opt.fit == "adam" and opt.score_scale != 1:
+        warnings.append(f"optimizer.score_scale {opt.score_scale:g} has almost no effect with fit: adam (Adam "
+                        "normalises the gradient's scale away); amplification needs fit: full")
+    for key in ("prompt", "negative_prompt"):
+        text = getattr(recipe, key)
+        unknown = info.unknown_words(text)
+        if unknown:
+            warnings.append(f"{key}: the model's tokenizer has no whole-word token for "
+                            f"{', '.join(map(repr, unknown))}; the prior has probably never seen "
+                            f"{'it' if len(unknown) == 1 else 'them'}")
+        if info.tokenizer is not None and text:
+            n = len(info.tokenizer(text).input_ids)
+            if n > info.max_prompt_tokens:
+                warnings.append(f"{key}: {n} tokens, more than the model's {info.max_prompt_tokens}; "
+                                "the rest is cut off")
+    return warnings
+
+
 def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Locator) -> tuple[ModelInfo, list[str]]:
     """Read the model's configuration and let every component check its options against it."""
     model_reg = found["model"]
@@ -423,46 +475,10 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
                          lambda reg=reg, section=section: reg.obj.check(getattr(recipe, section), recipe, info))
         notes += [f"{section}: {note}" for note in said or ()]
     notes += _true_cfg_notes(found["guidance"].obj, recipe, info)
-    if info.space == "pixel" and found["parameterization"].obj.space != "rgb":
-        fits = sorted(n for n, r in plugins.components("parameterizations").items() if r.obj.space == "rgb")
-        problems.append(Problem(where(("parameterization", "name")), "parameterization.name",
-                                f"{recipe.parameterization.name!r} renders latents, but "
-                                f"{info.pipeline} ({info.family}) denoises pixels (it has no VAE); "
-                                f"use a parameterization that renders RGB: "
-                                f"{', '.join(fits)} (--set parameterization.name={fits[0] if fits else '...'})"))
-    opt = recipe.optimizer
-    if opt.fit_space != "latent" and found["parameterization"].obj.space != "rgb":
-        problems.append(Problem(where(("optimizer", "fit_space")), "optimizer.fit_space",
-                                f"{opt.fit_space!r} needs an RGB parameterization; "
-                                f"{recipe.parameterization.name!r} renders latents "
-                                "(use fit_space: latent, or an rgb-* parameterization)"))
-    if opt.fit_space != "latent" and opt.image_target == "hifa" and not found["guidance"].obj.gives_denoised:
-        problems.append(Problem(where(("optimizer", "image_target")), "optimizer.image_target",
-                                f"'hifa' needs the guidance's denoised estimate, which {recipe.guidance.name!r} "
-                                "does not give (use image_target: decoded-target)"))
-    if opt.fit == "full" and opt.inner_steps != 1:
-        problems.append(Problem(where(("optimizer", "inner_steps")), "optimizer.inner_steps",
-                                "inner_steps is for fit: adam; with fit: full the fit stops at fit_tolerance "
-                                "or max_fit_steps"))
+    problems += _fit_problems(recipe, found, info, where)
     if problems:
         raise RecipeError(sorted(problems, key=_order))
-    warnings = notes
-    if opt.fit == "adam" and opt.score_scale != 1:
-        warnings.append(f"optimizer.score_scale {opt.score_scale:g} has almost no effect with fit: adam (Adam "
-                        "normalises the gradient's scale away); amplification needs fit: full")
-    for key in ("prompt", "negative_prompt"):
-        text = getattr(recipe, key)
-        unknown = info.unknown_words(text)
-        if unknown:
-            warnings.append(f"{key}: the model's tokenizer has no whole-word token for "
-                            f"{', '.join(map(repr, unknown))}; the prior has probably never seen "
-                            f"{'it' if len(unknown) == 1 else 'them'}")
-        if info.tokenizer is not None and text:
-            n = len(info.tokenizer(text).input_ids)
-            if n > info.max_prompt_tokens:
-                warnings.append(f"{key}: {n} tokens, more than the model's {info.max_prompt_tokens}; "
-                                "the rest is cut off")
-    return info, warnings
+    return info, notes + _text_warnings(recipe, info)
 
 
 def load_recipe(ref: str | Path, sets: list[str] | tuple[str, ...] = (),

@@ -189,12 +189,10 @@ def _ranking(rows, by) -> list[str]:
     return h
 
 
-def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, int]],
-           notes: list[str] = (), unknown: dict[str, list[str]] | None = None, ranking=None,
-           kind: str = "compare") -> str:
+def _head(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, int]], notes: list[str],
+          unknown: dict[str, list[str]] | None, kind: str) -> list[str]:
+    """The page's head, title line and notes (words the model does not know)."""
     labels = list(results)
-    colors = {lab: COLORS[i % len(COLORS)] for i, lab in enumerate(labels)}
-    runs_data = {lab: [RunData.read(Path(r["run_dir"])) for r in res["runs"] if _ok(r)] for lab, res in results.items()}
     h: list[str] = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
                     f"<title>sdsctl {_e(kind)}</title>", f"<style>{CSS}</style></head><body>"]
     n_runs = sum(len(res["runs"]) for res in results.values())
@@ -208,11 +206,13 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
     for prompt, words in (unknown or {}).items():
         h.append(f'<p class="note">{_e(prompt)!s}: the model has no whole-word token for {_e(", ".join(words))}; '
                  "it has never seen these words.</p>")
+    return h
 
-    if ranking is not None:
-        h += _ranking(*ranking)
 
-    # 1. grid
+def _grid(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, int]],
+          colors: dict[str, str]) -> list[str]:
+    """1. The final images, one row per recipe, one column per (prompt, seed) pair."""
+    h: list[str] = []
     h.append("<h2>Final images</h2>")
     h.append('<table class="grid"><thead><tr><th></th>')
     for prompt, seed in pairs:
@@ -234,25 +234,35 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
         h.append("</tr>")
     h.append('</tbody></table><p class="small">Click an image for the run\'s progress sheet '
              '(previews over the steps).</p>')
+    return h
 
-    # 2. metrics
+
+def _metrics_table(results: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    """2. Every metric's mean and spread per recipe."""
+    h: list[str] = []
     h.append("<h2>Metrics per recipe</h2>")
     h.append('<p class="small">Mean ± sample standard deviation over each recipe\'s runs; true/false figures '
              "(judge matches) as rates. convergence: mean absolute change of the image over the last tenth "
              "of the run; peak_memory_mb on the CPU is the process's peak RSS.</p>")
     h.append('<table class="metrics"><thead><tr><th>metric</th>'
-             + "".join(f"<th>{_e(lab)}</th>" for lab in labels) + "</tr></thead><tbody>")
+             + "".join(f"<th>{_e(lab)}</th>" for lab in results) + "</tr></thead><tbody>")
     h.append("<tr><td>judge match</td>" + "".join(
         f'<td class="num">{res["summary"]["matches"]}/{res["summary"]["runs"]}</td>'
         if res["summary"]["match_rate"] is not None else '<td class="num">n/a</td>'
         for res in results.values()) + "</tr>")
-    names = list(dict.fromkeys(k for res in results.values() for k in res["summary"]["metrics"]))
     for k in names:
         cells = "".join(_metric_cell(res["summary"]["metrics"].get(k)) for res in results.values())
         h.append(f"<tr><td>{_e(k)}</td>{cells}</tr>")
     h.append("</tbody></table>")
+    return h
 
-    # 3. curves
+
+def _curves(results: dict[str, dict[str, Any]], colors: dict[str, str]) -> list[str]:
+    """3. The curves over steps, each recipe's mean over its runs."""
+    h: list[str] = []
+    labels = list(results)
+    runs_data = {lab: [RunData.read(Path(r["run_dir"])) for r in res["runs"] if _ok(r)]
+                 for lab, res in results.items()}
     h.append("<h2>Curves over steps</h2>")
     h.append('<p class="legend">'
              + "".join(f'<span><i style="background:{colors[lab]}"></i>{_e(lab)}</span>' for lab in labels)
@@ -267,40 +277,48 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
             continue
         h.append(f"<figure>{svg_plot(key, curves, colors)}<figcaption>{_e(key)}</figcaption></figure>")
     h.append("</div>")
+    return h
 
-    # 4. differences from the first
-    if len(labels) > 1:
-        first = labels[0]
-        base = _flat(results[first].get("resolved", {}))
-        h.append(f"<h2>Differences from {_e(first)}</h2>")
-        for lab in labels[1:]:
-            this = _flat(results[lab].get("resolved", {}))
-            keys_diff = [k for k in dict.fromkeys([*base, *this])
-                         if base.get(k) != this.get(k) and k not in ("prompt", "seed")]
-            h.append(f'<h3><span style="color:{colors[lab]}">■</span> {_e(lab)}</h3><div class="diff">')
-            h.append(f"<table><thead><tr><th>recipe key</th><th>{_e(first)}</th><th>{_e(lab)}</th></tr></thead><tbody>")
-            for k in keys_diff or []:
-                h.append(f"<tr><td>{_e(k)}</td><td>{_e(base.get(k, '—'))}</td><td>{_e(this.get(k, '—'))}</td></tr>")
-            if not keys_diff:
-                h.append('<tr><td colspan="3">same resolved recipe</td></tr>')
-            h.append("</tbody></table>")
-            h.append(f"<table><thead><tr><th>metric</th><th>{_e(first)}</th><th>{_e(lab)}</th><th>Δ</th></tr></thead><tbody>")
-            a, b = results[first]["summary"]["metrics"], results[lab]["summary"]["metrics"]
-            for k in [k for k in names if k in a and k in b]:
-                d = b[k]["mean"] - a[k]["mean"]
-                h.append(f'<tr><td>{_e(k)}</td><td class="num">{fmt(a[k]["mean"])}</td>'
-                         f'<td class="num">{fmt(b[k]["mean"])}</td>'
-                         f'<td class="num">{"+" if d > 0 else ""}{fmt(d)}</td></tr>')
-            h.append("</tbody></table><div>")
-            for ra, rb in zip(results[first]["runs"], results[lab]["runs"]):
-                if not (_ok(ra) and _ok(rb)):
-                    continue
-                h.append(f'<div class="pair">{_img(Path(ra["run_dir"]) / "final.png", 64, first)}'
-                         f'{_img(Path(rb["run_dir"]) / "final.png", 64, lab)}'
-                         f'<span class="small">seed {ra["seed"]}</span></div>')
-            h.append("</div></div>")
 
-    # 5. runs
+def _differences(results: dict[str, dict[str, Any]], colors: dict[str, str], names: list[str]) -> list[str]:
+    """4. Each recipe against the first: its recipe keys that differ, its metrics' Δ, its images beside."""
+    h: list[str] = []
+    labels = list(results)
+    first = labels[0]
+    base = _flat(results[first].get("resolved", {}))
+    h.append(f"<h2>Differences from {_e(first)}</h2>")
+    for lab in labels[1:]:
+        this = _flat(results[lab].get("resolved", {}))
+        keys_diff = [k for k in dict.fromkeys([*base, *this])
+                     if base.get(k) != this.get(k) and k not in ("prompt", "seed")]
+        h.append(f'<h3><span style="color:{colors[lab]}">■</span> {_e(lab)}</h3><div class="diff">')
+        h.append(f"<table><thead><tr><th>recipe key</th><th>{_e(first)}</th><th>{_e(lab)}</th></tr></thead><tbody>")
+        for k in keys_diff or []:
+            h.append(f"<tr><td>{_e(k)}</td><td>{_e(base.get(k, '—'))}</td><td>{_e(this.get(k, '—'))}</td></tr>")
+        if not keys_diff:
+            h.append('<tr><td colspan="3">same resolved recipe</td></tr>')
+        h.append("</tbody></table>")
+        h.append(f"<table><thead><tr><th>metric</th><th>{_e(first)}</th><th>{_e(lab)}</th><th>Δ</th></tr></thead><tbody>")
+        a, b = results[first]["summary"]["metrics"], results[lab]["summary"]["metrics"]
+        for k in [k for k in names if k in a and k in b]:
+            d = b[k]["mean"] - a[k]["mean"]
+            h.append(f'<tr><td>{_e(k)}</td><td class="num">{fmt(a[k]["mean"])}</td>'
+                     f'<td class="num">{fmt(b[k]["mean"])}</td>'
+                     f'<td class="num">{"+" if d > 0 else ""}{fmt(d)}</td></tr>')
+        h.append("</tbody></table><div>")
+        for ra, rb in zip(results[first]["runs"], results[lab]["runs"]):
+            if not (_ok(ra) and _ok(rb)):
+                continue
+            h.append(f'<div class="pair">{_img(Path(ra["run_dir"]) / "final.png", 64, first)}'
+                     f'{_img(Path(rb["run_dir"]) / "final.png", 64, lab)}'
+                     f'<span class="small">seed {ra["seed"]}</span></div>')
+        h.append("</div></div>")
+    return h
+
+
+def _runs_table(out: Path, results: dict[str, dict[str, Any]], kind: str) -> list[str]:
+    """5. Every run with its figures and a link to its progress image."""
+    h: list[str] = []
     h.append(f"<h2>Runs</h2><table><thead><tr><th>{'setting' if kind == 'sweep' else 'recipe'}</th>"
              "<th>prompt</th><th>seed</th><th>s</th>"
              "<th>s/step</th><th>convergence</th><th></th><th>run</th></tr></thead><tbody>")
@@ -321,6 +339,24 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
                      f'<td class="small">{"reused" if r.get("reused") else ""}</td>'
                      f'<td><a href="{_e(_rel(run_dir / "progress.png", out))}">progress.png</a> · '
                      f'<span class="small">{_e(_rel(run_dir, out))}</span></td></tr>')
+    return h
+
+
+def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, int]],
+           notes: list[str] = (), unknown: dict[str, list[str]] | None = None, ranking=None,
+           kind: str = "compare") -> str:
+    labels = list(results)
+    colors = {lab: COLORS[i % len(COLORS)] for i, lab in enumerate(labels)}
+    names = list(dict.fromkeys(k for res in results.values() for k in res["summary"]["metrics"]))
+    h = _head(out, results, pairs, notes, unknown, kind)
+    if ranking is not None:
+        h += _ranking(*ranking)
+    h += _grid(out, results, pairs, colors)
+    h += _metrics_table(results, names)
+    h += _curves(results, colors)
+    if len(labels) > 1:
+        h += _differences(results, colors, names)
+    h += _runs_table(out, results, kind)
     h.append("</tbody></table></body></html>")
     return "\n".join(h) + "\n"
 

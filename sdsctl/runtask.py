@@ -5,7 +5,7 @@ A :class:`RunTask` carries the run's fully resolved recipe as text, not a path: 
 another node need not see the driver's files. It says what to do with the run's folder
 (``new``, ``resume``, ``restart``) and, for a worker without the driver's filesystem, carries
 the files of a partial run to continue. The worker runs it with the one run loop
-(:func:`sdsctl.loop.execute`) and answers with an :class:`Outcome`: a failure is an answer
+(:func:`sdsctl.run.execute`) and answers with an :class:`Outcome`: a failure is an answer
 (its error, as the run's summary states it), not an exception, so a driver can retry it and
 report it. :func:`run_shipped` runs a task in a scratch folder and returns the run
 directory's files as bytes; :func:`install` writes them into the driver's folder.
@@ -102,7 +102,7 @@ def run_task(task: RunTask, path: Path | None = None, *, loaded=None, prior=None
     ``loaded`` / ``prior``: the recipe and model already loaded (the in-process executor
     shares one model among runs). Every exception of the run becomes a failed outcome with
     its message; a Ctrl-C (KeyboardInterrupt) is not caught."""
-    from .loop import execute
+    from .run import execute
 
     started = time.perf_counter()
     path = Path(path or task.run_dir)

@@ -147,7 +147,7 @@ DOUBLED = re.compile(r"--([\w-]+)(?: \S+)?: \1:|error: error")
 def bad_input_places(tmp_path_factory, tiny_prior):
     import yaml
 
-    from sdsctl.loop import execute
+    from sdsctl.run import execute
     from sdsctl.panel import PlainLog
     from sdsctl.recipe import load_recipe
 

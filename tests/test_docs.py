@@ -115,7 +115,7 @@ def test_the_plugin_example_in_the_docs_works(register_plugin, recipe_file, tmp_
     module = types.ModuleType("docs_example_plugin")
     exec(compile(code, "docs/plugins.md", "exec"), module.__dict__)
     register_plugin(module, "docs-example")
-    from sdsctl.loop import execute
+    from sdsctl.run import execute
     from sdsctl.panel import PlainLog
 
     loaded = load_recipe(recipe_file({"guidance": {"name": "mine", "guidance_scale": 5}, "steps": 2}))

@@ -57,11 +57,13 @@ def test_the_example_is_not_installed_in_the_test_environment():
 
 def test_plugins_json_lists_its_components_with_their_distribution(venv_python, tmp_path):
     listing = json.loads(_call([str(venv_python), "-c", SDSCTL, "plugins", "--json"], tmp_path).stdout)
-    expected = {("guidances", "sds-rescaled"), ("schedules", "linear-decay"), ("metrics", "brightness-contrast")}
+    expected = {("guidances", "sds-rescaled"), ("schedules", "linear-decay"), ("metrics", "brightness-contrast"),
+                ("families", "example-tiny")}
     found = {(kind, e["name"]): e for kind, entries in listing.items() for e in entries}
     for key in expected:
         assert found[key]["distribution"] == "sdsctl-example-plugin" and found[key]["plugin"] == "example"
     assert found[("guidances", "sds")]["distribution"] == "sdsctl"  # sdsctl's own, beside it
+    assert found[("families", "stable-diffusion")]["plugin"] == "model_families"  # the bundled families too
 
 
 def test_a_short_recipe_runs_with_its_components(venv_python, tmp_path):
@@ -75,6 +77,33 @@ def test_a_short_recipe_runs_with_its_components(venv_python, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert set(summary["metrics"]["brightness-contrast"]) == {"brightness", "contrast"}
+
+
+def test_a_recipe_runs_on_its_model_family(venv_python, tmp_path):
+    """The package's family (``ExamplePipeline``, a pipeline class of its own) is found by
+    ``sdsctl model`` and ``sdsctl run`` through its entry point alone."""
+    folder = tmp_path / "example-tiny"
+    _call([str(venv_python), "-c", "import sys; from pathlib import Path; "
+           "from sdsctl_example_plugin.family import build_tiny; build_tiny(Path(sys.argv[1]))", str(folder)], tmp_path)
+    info = json.loads(_call([str(venv_python), "-c", SDSCTL, "model", str(folder), "--json"], tmp_path).stdout)
+    assert (info["family"], info["pipeline"]) == ("example-tiny", "ExamplePipeline")
+    assert info["family_plugin"] == {"plugin": "example", "distribution": "sdsctl-example-plugin"}
+    out = tmp_path / "run"
+    _call([str(venv_python), "-c", SDSCTL, "run", "sds", "--model", str(folder), "--steps", "3", "--device", "cpu",
+           "--out", str(out), "--no-live"], tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["model"]["family"] == "example-tiny"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_without_the_package_its_pipeline_is_refused_with_the_supported_families(cli, tmp_path):
+    folder = tmp_path / "not-a-family"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "ExamplePipeline"}))
+    result = cli("model", folder)
+    assert result.exit_code == 2
+    assert "'ExamplePipeline'" in result.stderr and "stable-diffusion (StableDiffusionPipeline)" in result.stderr
+    assert "A plugin adds a family" in result.stderr
 
 
 def test_the_plugins_own_tests_pass_there(venv_python, tmp_path):

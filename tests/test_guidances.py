@@ -433,7 +433,7 @@ def test_vsd_leaves_the_shared_unet_as_it_found_it(tiny_prior, plain):
 
 
 def test_a_vsd_run_detaches_its_lora_when_it_ends(tiny_prior, recipe_file, tmp_path, monkeypatch):
-    from sdsctl import loop
+    from sdsctl import run
     from sdsctl.panel import PlainLog
 
     seen = []
@@ -444,6 +444,6 @@ def test_a_vsd_run_detaches_its_lora_when_it_ends(tiny_prior, recipe_file, tmp_p
         seen.append(any("lora_" in n for n, _ in self.unet.named_parameters()))
 
     monkeypatch.setattr(VSD, "close", recording)
-    loop.execute(load_recipe(recipe_file({"steps": 2, "guidance": {"name": "vsd", "lora_rank": 2}})),
-                 tmp_path / "run", PlainLog(100))
+    run.execute(load_recipe(recipe_file({"steps": 2, "guidance": {"name": "vsd", "lora_rank": 2}})),
+                tmp_path / "run", PlainLog(100))
     assert seen == [False]

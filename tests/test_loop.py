@@ -12,7 +12,8 @@ import torch
 import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, Metric
 from sdsctl.errors import RunFailed
-from sdsctl.loop import Optimization, execute
+from sdsctl.loop import Optimization
+from sdsctl.run import execute
 from sdsctl.models import Prior
 from sdsctl.panel import PlainLog
 from sdsctl.recipe import load_recipe

@@ -37,7 +37,8 @@ FIRST_PARTY = {
     "parameterizations": {"latent-pixels"},
     "guidances": {"sds"},
     "schedules": {"uniform"},
-    "weightings": {"one-minus-alpha-bar", "uniform", "fantasia3d"},
+    "weightings": {"one-minus-alpha-bar", "uniform", "fantasia3d", "sigma-over-alpha", "rfds"},
+    "families": {"stable-diffusion", "sdxl", "deepfloyd-if", "sd3", "flux"},
 }
 
 
@@ -51,6 +52,13 @@ class AllHooks:
     @sdsctl.hookimpl
     def register_models(self, register):
         register("test-model", type("TestModel", (DiffusersModel,), {"Config": _config("test-model")}))
+
+    @sdsctl.hookimpl
+    def register_families(self, register):
+        from sdsctl.models.stable_diffusion import StableDiffusionPrior
+
+        register("test-family", type("TestFamilyPrior", (StableDiffusionPrior,),
+                                     {"family": "test-family", "pipeline_class": "TestFamilyPipeline"}))
 
     @sdsctl.hookimpl
     def register_parameterizations(self, register):
@@ -125,11 +133,40 @@ def test_first_party_plugins_come_from_entry_points():
 
 
 def test_every_component_hook_registers(all_hooks):
-    expected = {"models": "test-model", "parameterizations": "test-param", "guidances": "test-guidance",
+    expected = {"models": "test-model", "families": "test-family", "parameterizations": "test-param",
+                "guidances": "test-guidance",
                 "schedules": "test-fixed", "weightings": "test-half", "metrics": "test-size", "loggers": "test-logger"}
     for kind, name in expected.items():
         reg = plugins.components(kind)[name]
         assert (reg.plugin, reg.distribution) == ("test-all-hooks", None)
+
+
+def test_a_family_from_a_plugin_is_detected_and_its_pipeline_class_is_unique(all_hooks, register_plugin, capsys):
+    table = plugins.families()
+    assert table["TestFamilyPipeline"].family == "test-family"
+    assert table["StableDiffusionPipeline"].family == "stable-diffusion"
+
+    class Claims:  # a second family for StableDiffusionPipeline: the first keeps it, with a warning
+        @sdsctl.hookimpl
+        def register_families(self, register):
+            from sdsctl.models.stable_diffusion import StableDiffusionPrior
+
+            register("sd-again", type("Again", (StableDiffusionPrior,), {"family": "sd-again"}))
+
+    register_plugin(Claims(), "test-claims")
+    assert plugins.families()["StableDiffusionPipeline"].family == "stable-diffusion"
+    assert "family 'sd-again' of plugin 'test-claims' is ignored" in capsys.readouterr().err
+
+
+def test_a_family_must_be_a_prior(register_plugin):
+    class Wrong:
+        @sdsctl.hookimpl
+        def register_families(self, register):
+            register("wrong", int)
+
+    register_plugin(Wrong(), "test-wrong-family")
+    with pytest.raises(PluginError, match="not a subclass of sdsctl.models.Prior"):
+        plugins.components("families")
 
 
 def test_unregistered_plugin_components_are_gone():
@@ -164,9 +201,8 @@ def test_plugins_json_lists_every_kind(all_hooks, cli):
     result = cli("plugins", "--json")
     assert result.exit_code == 0
     listing = json.loads(result.stdout)
-    assert list(listing) == ["models", "parameterizations", "guidances", "schedules", "weightings", "metrics",
-                             "loggers",
-                             "commands"]
+    assert list(listing) == ["models", "families", "parameterizations", "guidances", "schedules", "weightings",
+                             "metrics", "loggers", "commands"]
     assert {"tensorboard", "wandb"} <= {e["name"] for e in listing["loggers"]}
     for kind, names in FIRST_PARTY.items():
         assert names <= {e["name"] for e in listing[kind]}

@@ -30,7 +30,8 @@ embeddings as opaque rows: concatenate, index, chunk -- never read positions or 
 
 Adding a family is one module: a subclass of :class:`Prior` with its ``pipeline_class``
 (the ``_class_name`` of ``model_index.json``), its ``_encode_prompts`` and ``_denoise``,
-imported by ``sdsctl/models/__init__.py``. A flow-matching family (SD3, FLUX) derives from
+registered through the ``register_families`` hook (sdsctl's own: ``plugins/model_families.py``;
+another package's: one entry point, docs/plugins.md). A flow-matching family (SD3, FLUX) derives from
 :class:`~sdsctl.models.flow.FlowPrior`, which keeps this interface in VP terms (its ᾱ table,
 ``add_noise`` and ε, by ``sdsctl.diffusion``'s conversion).
 
@@ -55,19 +56,24 @@ from ..errors import InvalidConfig, SdsctlError
 from ..modelinfo import ModelInfo, unknown_words
 from .sources import config_folder, hub_hint, read_json, resolve_source, single_file, weights_summary
 
-#: model_index.json ``_class_name`` -> the Prior subclass of that family (filled by subclassing)
+#: model_index.json ``_class_name`` -> the Prior subclass of that family: every subclass
+#: defined (imported) so far. The library's default; a run looks families up in the plugin
+#: registry instead (``sdsctl.plugins.families()``, the ``register_families`` hook), which the
+#: bundled families join like any other.
 FAMILIES: dict[str, type[Prior]] = {}
 
 
-def detect(folder: Path) -> type[Prior]:
-    """The family of the pipeline folder ``folder``, from its ``model_index.json``."""
+def detect(folder: Path, families: dict[str, type[Prior]] | None = None) -> type[Prior]:
+    """The family of the pipeline folder ``folder``, from its ``model_index.json``, among
+    ``families`` (pipeline class -> family; None: :data:`FAMILIES`)."""
+    families = FAMILIES if families is None else families
     index = read_json(folder / "model_index.json")
     name = index.get("_class_name")
-    if name not in FAMILIES:
-        supported = ", ".join(f"{cls.family} ({cls.pipeline_class})" for cls in FAMILIES.values())
+    if name not in families:
+        supported = ", ".join(f"{cls.family} ({cls.pipeline_class})" for cls in families.values())
         raise SdsctlError(f"{folder}: pipeline class {name!r} (model_index.json) is not a family sdsctl supports; "
-                          f"supported: {supported}")
-    return FAMILIES[name]
+                          f"supported: {supported}. A plugin adds a family: docs/plugins.md, \"model family\"")
+    return families[name]
 
 
 def _quiet_loading() -> None:
@@ -214,14 +220,16 @@ class Prior:
     # -- where models come from
     @classmethod
     def load(cls, path: str, device: torch.device, dtype: torch.dtype, *, variant: str | None = None,
-             allow_download: bool = False, without: tuple[str, ...] = (), config: str | None = None) -> Prior:
+             allow_download: bool = False, without: tuple[str, ...] = (), config: str | None = None,
+             families: dict[str, type[Prior]] | None = None) -> Prior:
         """Load ``shapes``, a folder or a hub id, weights read directly in ``dtype`` (and ``variant``);
         ``without``: text encoders to leave out, where the family allows it (SD3's T5). A
         single-file checkpoint (``path`` a .safetensors or .ckpt file in the original layout, as
         model sites share them) is read by diffusers' ``from_single_file`` with the architecture
-        of ``config``, a folder or hub id of the same model."""
+        of ``config``, a folder or hub id of the same model. ``families``: those to detect the
+        model's among (:func:`detect`)."""
         file, kind, source, named = _where(path, config)
-        family = detect(config_folder(kind, source, allow_download))
+        family = detect(config_folder(kind, source, allow_download), families)
         family._check_without(without)
         _quiet_loading()
         try:
@@ -240,12 +248,13 @@ class Prior:
 
     @classmethod
     def describe(cls, path: str, *, variant: str | None = None, allow_download: bool = False,
-                 without: tuple[str, ...] = (), config: str | None = None) -> ModelInfo:
+                 without: tuple[str, ...] = (), config: str | None = None,
+                 families: dict[str, type[Prior]] | None = None) -> ModelInfo:
         """Read a model's configuration files (no weights) for validation and ``sdsctl model``
         (a single-file checkpoint's: ``config``'s, with the file as its source)."""
         file, kind, source, named = _where(path, config)
         folder = config_folder(kind, source, allow_download)
-        family = detect(folder)
+        family = detect(folder, families)
         family._check_without(without)
         missing = [s for s in family.required if not (folder / s).is_dir()]
         if missing:

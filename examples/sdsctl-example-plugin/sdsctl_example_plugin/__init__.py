@@ -1,4 +1,4 @@
-"""An example sdsctl plugin: one guidance, one schedule and one metric.
+"""An example sdsctl plugin: one guidance, one schedule, one metric and one model family.
 
 Registered through the ``sdsctl`` entry-point group (``pyproject.toml``); uses only sdsctl's
 public API.
@@ -96,3 +96,10 @@ def register_schedules(register):
 @sdsctl.hookimpl
 def register_metrics(register):
     register("brightness-contrast", BrightnessContrast)
+
+
+@sdsctl.hookimpl
+def register_families(register):
+    from .family import ExamplePrior  # torch and diffusers: imported when a model is looked up
+
+    register("example-tiny", ExamplePrior)

@@ -17,6 +17,21 @@ from sdsctl.cli import create_app
 from sdsctl_example_plugin import BrightnessContrast, LinearDecay, SDSRescaled
 
 
+def test_the_family_is_registered_and_loads_a_tiny_pipeline(tmp_path):
+    from sdsctl.models import Prior
+    from sdsctl_example_plugin.family import ExamplePrior, build_tiny
+
+    reg = plugins.lookup("families", "example-tiny")
+    assert reg.obj is ExamplePrior and reg.distribution == "sdsctl-example-plugin"
+    assert plugins.families()["ExamplePipeline"] is ExamplePrior
+    prior = Prior.load(str(build_tiny(tmp_path / "tiny")), torch.device("cpu"), torch.float32,
+                       families=plugins.families())
+    assert isinstance(prior, ExamplePrior) and prior.latent_shape() == (1, 4, 8, 8)
+    z = torch.randn(prior.latent_shape(), generator=torch.Generator().manual_seed(0))
+    eps = prior.predict_noise(prior.add_noise(z, torch.zeros_like(z), 500), 500, prior.encode_prompts(["a red circle"]))
+    assert eps.shape == z.shape and torch.isfinite(eps).all()
+
+
 def test_the_components_are_registered_by_this_distribution():
     for kind, name, cls in (("guidances", "sds-rescaled", SDSRescaled), ("schedules", "linear-decay", LinearDecay),
                             ("metrics", "brightness-contrast", BrightnessContrast)):
