@@ -1,13 +1,14 @@
 """Model ``diffusers``: a diffusers pipeline folder, a hub id, or ``shapes``.
 
 ``path: shapes`` (the default) is the small prior shipped in ``sdsctl/shapes/prior/``, trained
-on the procedural shapes world; a folder is a diffusers pipeline folder of a supported
-family (SD 1.x/2.x, SDXL, DeepFloyd IF stage I, SD3/3.5, FLUX.1: ``docs/models.md``; or a plugin's:
-the ``register_families`` hook), detected from its ``model_index.json``; anything else of the form ``owner/name`` is a Hugging Face Hub id,
-taken from the local cache unless ``allow_download`` is set. ``variant`` picks the weight
-files (e.g. ``fp16`` for ``*.fp16.safetensors``); the recipe's ``dtype`` is the dtype the
-weights are loaded in. ``without`` leaves out text encoders the family can do without (SD3's
-T5, ``text_encoder_3``: its part of the prompt embedding is then zeros, as in diffusers).
+on the procedural shapes world; a folder is a diffusers pipeline folder of a registered family
+(SD 1.x/2.x, SDXL, DeepFloyd IF stage I, SD3/3.5, FLUX.1: ``docs/models.md``; or a plugin's,
+through the ``register_families`` hook), detected from its ``model_index.json``; anything else
+of the form ``owner/name`` is a Hugging Face Hub id, taken from the local cache unless
+``allow_download`` is set. ``variant`` picks the weight files (e.g. ``fp16`` for
+``*.fp16.safetensors``); the recipe's ``dtype`` is the dtype the weights are loaded in.
+``without`` leaves out text encoders the family can do without (SD3's T5, ``text_encoder_3``:
+its part of the prompt embedding is then zeros, as in diffusers).
 """
 
 from __future__ import annotations

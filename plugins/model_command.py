@@ -1,7 +1,7 @@
 """Command ``model``: describe a model from its configuration files alone (no weights load).
 
-Family (and the plugin that registered it), pipeline class, prediction type, space, latent channels and downscale factor,
-default resolution, text encoders with their token limits, parameter counts and dtype on
+Family (and the plugin that registered it), pipeline class, prediction type, space, latent
+channels and downscale factor, default resolution, text encoders with their token limits, parameter counts and dtype on
 disk (from the safetensors headers). ``--json`` prints the same as one JSON object.
 """
 

@@ -27,7 +27,8 @@ from .errors import PluginError, RunFailed, SdsctlError
 CORE_COMMANDS = ("run", "resume", "validate", "recipes", "plugins")
 #: what `resume --set` may change besides output.*: the rest of a run's recipe is its identity
 RESUMABLE_KEYS = ("steps", "device", "dtype")
-KIND_ORDER = ("models", "families", "parameterizations", "guidances", "schedules", "weightings", "metrics", "loggers", "commands")
+KIND_ORDER = ("models", "families", "parameterizations", "guidances", "schedules", "weightings", "metrics", "loggers",
+              "commands")
 
 
 def _print_error(exc: SdsctlError) -> None:

@@ -16,9 +16,9 @@ import torch
 from sdsctl.components import Ramp, StepTimes
 from sdsctl.diffusion import ddim_step, strided_path
 from sdsctl.loop import Optimization
-from sdsctl.run import execute
 from sdsctl.panel import PlainLog
 from sdsctl.recipe import load_recipe
+from sdsctl.run import execute
 from sdsctl_plugins.asd import ASD
 from sdsctl_plugins.csd import CSD
 from sdsctl_plugins.ism import ISM

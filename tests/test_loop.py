@@ -13,10 +13,10 @@ import sdsctl
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, Metric
 from sdsctl.errors import RunFailed
 from sdsctl.loop import Optimization
-from sdsctl.run import execute
 from sdsctl.models import Prior
 from sdsctl.panel import PlainLog
 from sdsctl.recipe import load_recipe
+from sdsctl.run import execute
 from sdsctl_plugins.sds import SDS
 
 RUN_FILES = {"recipe.yaml", "metrics.jsonl", "final.png", "progress.png", "state.pt", "summary.json"}

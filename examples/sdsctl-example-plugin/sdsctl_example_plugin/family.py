@@ -55,7 +55,8 @@ def build_tiny(folder: Path) -> Path:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=text_encoder.config.hidden_size, norm_num_groups=8, attention_head_dim=4)
     pipe = ExamplePipeline(unet=unet, vae=AutoencoderKL.from_pretrained(SHAPES_PRIOR / "vae"),
-                           text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(SHAPES_PRIOR / "tokenizer"),
+                           text_encoder=text_encoder,
+                           tokenizer=CLIPTokenizer.from_pretrained(SHAPES_PRIOR / "tokenizer"),
                            scheduler=DDPMScheduler.from_pretrained(SHAPES_PRIOR / "scheduler"))
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
