@@ -70,9 +70,9 @@ class ASD(Guidance):
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         import torch
 
-        prior, g, t = self.ctx.prior, self.ctx.generator, times.t
+        prior, t = self.ctx.prior, times.t
         t2 = self.shifted(t, times.t_min)
-        eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
+        eps = self.ctx.randn(z.shape, z.dtype)
         z_t, z_t2 = prior.add_noise(z, eps, t), prior.add_noise(z, eps, t2)
         steps = torch.tensor([t, t, t2], device=z.device).repeat_interleave(z.shape[0])
         e_uncond, e_cond, e_shifted = prior.predict_noise(torch.cat([z_t, z_t, z_t2]), steps, self.rows).chunk(3)

@@ -10,8 +10,17 @@ from typing import Annotated, Optional
 import typer
 
 import sdsctl
-from sdsctl.devices import ACCEPTED
-from sdsctl.executors import AddressOption, CpusPerRunOption, ExecutorOption, JobsOption
+from sdsctl.executors import (
+    AddressOption,
+    ClipOption,
+    CpusPerRunOption,
+    DeviceOption,
+    ExecutorOption,
+    JobsOption,
+    ModelOption,
+    NoLiveOption,
+    StepsOption,
+)
 
 
 def pairs_for(recipes: list[str], pairs: int | None, prompts: list[str] | None,
@@ -36,18 +45,15 @@ def compare(
         help="Seeds 0..N-1 for every prompt (alone: the first recipe's prompt).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", "-s", metavar="KEY=VALUE", help="Override a recipe value in every recipe. Repeatable.")] = None,
-    model: Annotated[Optional[str], typer.Option(
-        metavar="MODEL", help="Model for every recipe (shortcut for --set model=...).")] = None,
-    device: Annotated[Optional[str], typer.Option(
-        metavar="DEVICE", help=f"{ACCEPTED}, for every recipe (shortcut for --set device=...).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Steps for every recipe (shortcut for --set steps=...).")] = None,
-    clip: Annotated[Optional[Path], typer.Option(
-        metavar="DIR", help="A local CLIP folder (transformers CLIPModel): adds a CLIP score.")] = None,
+    model: ModelOption = None,
+    device: DeviceOption = None,
+    steps: StepsOption = None,
+    clip: ClipOption = None,
     executor: ExecutorOption = "local",
     jobs: JobsOption = None,
     address: AddressOption = None,
     cpus_per_run: CpusPerRunOption = None,
-    no_live: Annotated[bool, typer.Option("--no-live", help="One line per run instead of the live panel.")] = False,
+    no_live: NoLiveOption = False,
 ) -> None:
     """Run each recipe on the same (prompt, seed) pairs; write report.html, compare.md, compare.json and grid.png."""
     from sdsctl.compare import check_folder, command

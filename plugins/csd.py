@@ -80,9 +80,9 @@ class CSD(Guidance):
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         import torch
 
-        prior, g, w = self.ctx.prior, self.ctx.generator, self.config.guidance_scale
+        prior, w = self.ctx.prior, self.config.guidance_scale
         u, n = self.weights(times.progress)
-        eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
+        eps = self.ctx.randn(z.shape, z.dtype)
         z_t = prior.add_noise(z, eps, times.t)
         rows = self.embeddings.shape[0]
         preds = prior.predict_noise(torch.cat([z_t] * rows), times.t, self.embeddings).chunk(rows)

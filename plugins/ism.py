@@ -75,11 +75,9 @@ class ISM(Guidance):
         """x_0 noised to timestep ``a`` with offset noise (or x_0 itself without ``noised_start``)."""
         if not self.config.noised_start:
             return z
-        import torch
 
-        g = self.ctx.generator
-        noise = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
-        offset = torch.randn((1, z.shape[1], 1, 1), generator=g, device=g.device, dtype=z.dtype)
+        noise = self.ctx.randn(z.shape, z.dtype)
+        offset = self.ctx.randn((1, z.shape[1], 1, 1), z.dtype)
         return self.ctx.prior.add_noise(z, noise + self.config.offset_noise * offset, a)
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:

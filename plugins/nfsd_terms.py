@@ -64,10 +64,8 @@ class NFSDTerms(Guidance):
                      False: torch.cat([self.uncond, self.cond])}
 
     def noised(self, z: torch.Tensor, t: int) -> torch.Tensor:
-        import torch
 
-        g = self.ctx.generator
-        eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
+        eps = self.ctx.randn(z.shape, z.dtype)
         return self.ctx.prior.add_noise(z, eps, t)
 
     def terms(self, z_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -87,16 +87,15 @@ class SDI(Guidance):
         return [self.offset - stride, *below, min(t + delta, last_t)]
 
     def invert(self, z: torch.Tensor, path: list[int]) -> torch.Tensor:
-        import torch
 
-        a, cfg_, g = self.ctx.prior.alphas_cumprod, self.config, self.ctx.generator
+        a, cfg_ = self.ctx.prior.alphas_cumprod, self.config
         x = z
         for src, dst in zip(path, path[1:]):
             a_src, a_dst = a[max(src, 0)], a[dst]
             x = ddim_step(self.cfg_eps(x, max(src, 0), cfg_.inversion_guidance_scale)[0], x, a_src, a_dst)
             if cfg_.inversion_eta > 0:
                 sigma = ((1 - a_src) / (1 - a_dst) * (1 - a_dst / a_src)).sqrt()
-                x = x + cfg_.inversion_eta * sigma * torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype)
+                x = x + cfg_.inversion_eta * sigma * self.ctx.randn(x.shape, x.dtype)
         return x
 
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:

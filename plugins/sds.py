@@ -71,8 +71,8 @@ class SDS(Guidance):
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         import torch
 
-        prior, g = self.ctx.prior, self.ctx.generator
-        eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
+        prior = self.ctx.prior
+        eps = self.ctx.randn(z.shape, z.dtype)
         z_t = prior.add_noise(z, eps, times.t)
         if self.distilled:
             guided = prior.predict_noise(z_t, times.t, self.embeddings, guidance=self.scale_input)

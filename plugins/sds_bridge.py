@@ -60,8 +60,8 @@ class SDSBridge(Guidance):
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         import torch
 
-        prior, g, s = self.ctx.prior, self.ctx.generator, self.config.guidance_scale
-        eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
+        prior, s = self.ctx.prior, self.config.guidance_scale
+        eps = self.ctx.randn(z.shape, z.dtype)
         z_t = prior.add_noise(z, eps, times.t)
         stage_one = times.phase == "warmup"
         first, second = prior.predict_noise(torch.cat([z_t, z_t]), times.t,

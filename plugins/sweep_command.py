@@ -11,9 +11,18 @@ from typing import Annotated, Optional
 import typer
 
 import sdsctl
-from sdsctl.devices import ACCEPTED
 from sdsctl.errors import SdsctlError
-from sdsctl.executors import AddressOption, CpusPerRunOption, ExecutorOption, JobsOption
+from sdsctl.executors import (
+    AddressOption,
+    ClipOption,
+    CpusPerRunOption,
+    DeviceOption,
+    ExecutorOption,
+    JobsOption,
+    ModelOption,
+    NoLiveOption,
+    StepsOption,
+)
 
 
 def sweep(
@@ -38,17 +47,15 @@ def sweep(
         "--rank-by", metavar="METRIC[:min|:max]",
         help="Rank the settings by this number of the runs (e.g. shapes-judge.shape_iou, image-stats.clipped:min); "
              "default: the judge's match rate then palette error, or clip.score with --clip.")] = None,
-    model: Annotated[Optional[str], typer.Option(metavar="MODEL", help="Model (shortcut for --set model=...).")] = None,
-    device: Annotated[Optional[str], typer.Option(
-        metavar="DEVICE", help=f"{ACCEPTED} (shortcut for --set device=...).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Steps (shortcut for --set steps=...).")] = None,
-    clip: Annotated[Optional[Path], typer.Option(
-        metavar="DIR", help="A local CLIP folder (transformers CLIPModel): adds a CLIP score.")] = None,
+    model: ModelOption = None,
+    device: DeviceOption = None,
+    steps: StepsOption = None,
+    clip: ClipOption = None,
     executor: ExecutorOption = "local",
     jobs: JobsOption = None,
     address: AddressOption = None,
     cpus_per_run: CpusPerRunOption = None,
-    no_live: Annotated[bool, typer.Option("--no-live", help="One line per run instead of the live panel.")] = False,
+    no_live: NoLiveOption = False,
 ) -> None:
     """Run a recipe over a grid of its values × prompts × seeds and rank the settings.
 

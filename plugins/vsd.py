@@ -75,8 +75,8 @@ class VSD(Guidance):
     def score(self, z: torch.Tensor, times: StepTimes) -> GuidanceOutput:
         import torch
 
-        prior, g = self.ctx.prior, self.ctx.generator
-        eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
+        prior = self.ctx.prior
+        eps = self.ctx.randn(z.shape, z.dtype)
         z_t = prior.add_noise(z, eps, times.t)
         with torch.no_grad():
             self.unet.disable_adapters()
@@ -98,12 +98,12 @@ class VSD(Guidance):
         import torch
         import torch.nn.functional as F
 
-        prior, g = self.ctx.prior, self.ctx.generator
+        prior = self.ctx.prior
         loss = torch.zeros((), device=z.device)
         with torch.enable_grad():
             for _ in range(self.config.lora_updates):
                 t = self.ctx.randint(0, prior.num_train_timesteps)
-                eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype)
+                eps = self.ctx.randn(z.shape, z.dtype)
                 pred = prior.predict_noise(prior.add_noise(z, eps, t), t, self.cond)
                 loss = F.mse_loss(pred, eps)
                 self.optimizer.zero_grad(set_to_none=True)

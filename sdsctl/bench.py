@@ -31,8 +31,8 @@ from typing import Any, Callable
 
 import torch
 
-from .loop import Optimization, resolve_device, resolve_dtype
-from .panel import peak_memory_mb
+from .devices import peak_memory_mb
+from .loop import Optimization, load_prior, placement
 from .recipe import LoadedRecipe
 from .records import PendingRecords
 
@@ -235,10 +235,9 @@ def _timed_against_floor(opt: Optimization, prior, calls: list, device: torch.de
 def bench(loaded: LoadedRecipe, *, steps: int = 50, warmup: int = 5, prior=None) -> dict[str, Any]:
     """Measure ``loaded``'s step (see the module docstring); returns the report's fields."""
     recipe = loaded.recipe
-    device = resolve_device(recipe.device)
-    dtype, _ = resolve_dtype(recipe.dtype, device)
+    device, dtype, _ = placement(recipe)
     if prior is None:
-        prior = loaded.components["model"].obj(recipe.model).load(device, dtype)
+        prior = load_prior(loaded, device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     opt = Optimization(loaded, prior, device, dtype)

@@ -225,6 +225,26 @@ def _warn(warnings: list[str]) -> None:
         print(f"warning: {w}", file=sys.stderr)
 
 
+def _start(reading: str, recipe, sets: list[str], overrides: dict, target, no_live: bool, *, overwrite: bool,
+           resume: bool, log: list[str]) -> None:
+    """``run`` and ``resume``: the panel from the first moment (plain logs start with the model),
+    the recipe loaded and checked, its run directory (``target(loaded)``), then the run."""
+    from .panel import LivePanel, make_reporter
+    from .recipe import load_recipe
+
+    reporter = make_reporter(not no_live)
+    try:
+        if isinstance(reporter, LivePanel):
+            reporter.loading(reading)
+        loaded = load_recipe(recipe, sets, overrides)
+        path = target(loaded)
+    except BaseException:
+        reporter.close()
+        raise
+    _warn(loaded.warnings)
+    _run(loaded, path, reporter, overwrite=overwrite, resume=resume, log=log)
+
+
 def _run(loaded, path: Path, reporter, overwrite: bool, resume: bool, log: list[str] = ()) -> None:
     from .loggers import RunLoggers, build
     from .loop import OOM
@@ -298,23 +318,15 @@ def run(
     log: LogOption = [],  # noqa: B006
 ) -> None:
     """Run a recipe: optimize an image and write a run directory."""
-    from .panel import LivePanel, make_reporter
-    from .recipe import load_recipe
     from .rundir import check_target, default_path
 
-    reporter = make_reporter(not no_live)
-    try:
-        if isinstance(reporter, LivePanel):  # from the first moment; plain logs start with the model
-            reporter.loading(f"reading recipe {recipe}")
-        loaded = load_recipe(recipe, _sets(set_, allow_download, view_size),
-                             _overrides(prompt, seed, steps, model, device))
+    def target(loaded) -> Path:
         path = out if out is not None else default_path(loaded.recipe.output.dir, loaded.name)
         check_target(path, overwrite)
-    except BaseException:
-        reporter.close()
-        raise
-    _warn(loaded.warnings)
-    _run(loaded, path, reporter, overwrite=overwrite, resume=False, log=log)
+        return path
+
+    _start(f"reading recipe {recipe}", recipe, _sets(set_, allow_download, view_size),
+           _overrides(prompt, seed, steps, model, device), target, no_live, overwrite=overwrite, resume=False, log=log)
 
 
 def resume(
@@ -330,8 +342,6 @@ def resume(
     log: LogOption = [],  # noqa: B006
 ) -> None:
     """Continue a run from its state.pt: interrupted, failed, or completed with more --steps."""
-    from .panel import LivePanel, make_reporter
-    from .recipe import load_recipe
     from .rundir import RunDir
 
     RunDir.open(run_dir)
@@ -341,17 +351,8 @@ def resume(
             raise SdsctlError(f"--set {expr}: a resumed run keeps its recipe; only {', '.join(RESUMABLE_KEYS)} "
                               "and output.* can change (for anything else start a new run: sdsctl run "
                               f"{run_dir / 'recipe.yaml'} --set {expr} --out NEW_DIR)")
-    reporter = make_reporter(not no_live)
-    try:
-        if isinstance(reporter, LivePanel):
-            reporter.loading(f"reading {run_dir / 'recipe.yaml'}")
-        loaded = load_recipe(run_dir / "recipe.yaml", _sets(set_, view_size=view_size),
-                             {"steps": steps, "device": device})
-    except BaseException:
-        reporter.close()
-        raise
-    _warn(loaded.warnings)
-    _run(loaded, run_dir, reporter, overwrite=False, resume=True, log=log)
+    _start(f"reading {run_dir / 'recipe.yaml'}", run_dir / "recipe.yaml", _sets(set_, view_size=view_size),
+           {"steps": steps, "device": device}, lambda loaded: run_dir, no_live, overwrite=False, resume=True, log=log)
 
 
 def validate(

@@ -117,7 +117,8 @@ class RunContext:
     generator: torch.Generator  # all randomness of the run (seeded by recipe.seed), on ``device``
     steps: int
     #: host-side randomness (timesteps): a CPU generator, so that drawing an integer never waits
-    #: for the device. On the CPU it is ``generator`` itself (one stream, as before).
+    #: for the device. On the CPU it is ``generator`` itself: one stream, so a CPU run draws
+    #: its timesteps and its noise from the same sequence.
     host_generator: torch.Generator | None = None
     _embeddings: dict[str, Tensor] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -139,6 +140,15 @@ class RunContext:
         import torch
 
         return float(torch.rand((), generator=self.host_generator))
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
+        """Standard normal noise of ``shape`` from the run's generator, on its device (float32
+        unless ``dtype``): every draw a component makes from it keeps a run reproducible and
+        resumable."""
+        import torch
+
+        g = self.generator
+        return torch.randn(shape, generator=g, device=g.device, dtype=dtype or torch.float32)
 
     def embeddings(self, prompt: str) -> Tensor:
         """Text embeddings ``[1, L, D]`` of ``prompt``, computed once per run and cached."""

@@ -62,3 +62,17 @@ def resolve(name: str, option: str = "--device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB (``peak_memory_mb`` in summary.json and ``bench``): allocated on a CUDA
+    device (since the last reset), else the process's peak RSS."""
+    import resource
+    import sys
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak if sys.platform == "darwin" else peak * 1024) / 2**20

@@ -33,10 +33,12 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from .devices import ACCEPTED
 from .errors import SdsctlError, summarize
 from .runtask import Outcome, describe_error, install, pack, run_shipped, run_task, task_for
 
@@ -128,15 +130,13 @@ class Models:
         self.loads = 0
 
     def get(self, loaded):
-        from .loop import blame, resolve_device, resolve_dtype
+        from .loop import load_prior, placement
 
-        device = resolve_device(loaded.recipe.device)
-        dtype, _ = resolve_dtype(loaded.recipe.dtype, device)
+        device, dtype, _ = placement(loaded.recipe)
         key = (loaded.recipe.model.model_dump_json(), str(device), str(dtype))
         if key != self.key:
             self.drop()
-            with blame(loaded.components["model"], "loading the model"):
-                self.prior = loaded.components["model"].obj(loaded.recipe.model).load(device, dtype)
+            self.prior = load_prior(loaded, device, dtype)
             self.key = key
             self.loads += 1
         return self.prior
@@ -455,6 +455,15 @@ AddressOption = Annotated[Optional[str], typer.Option(
 CpusPerRunOption = Annotated[Optional[float], typer.Option(
     "--cpus-per-run", help="ray: CPUs each run asks for on a cluster without GPUs (default 1); with "
                            "GPUs each run asks for one GPU.")]
+#: the run options they share: the same model, device and length for every run, a CLIP score, the panel
+ModelOption = Annotated[Optional[str], typer.Option(
+    metavar="MODEL", help="Model for every run (shortcut for --set model=...).")]
+DeviceOption = Annotated[Optional[str], typer.Option(
+    metavar="DEVICE", help=f"{ACCEPTED}, for every run (shortcut for --set device=...).")]
+StepsOption = Annotated[Optional[int], typer.Option(help="Steps of every run (shortcut for --set steps=...).")]
+ClipOption = Annotated[Optional[Path], typer.Option(
+    metavar="DIR", help="A local CLIP folder (transformers CLIPModel): adds a CLIP score.")]
+NoLiveOption = Annotated[bool, typer.Option("--no-live", help="One line per run instead of the live panel.")]
 
 
 def from_options(executor: str, jobs: int | None, address: str | None, cpus_per_run: float | None):

@@ -71,6 +71,22 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str | N
     return DTYPES[name], None
 
 
+def placement(recipe) -> tuple[torch.device, torch.dtype, str | None]:
+    """Where and in which dtype a recipe's model runs: (device, dtype, a warning or None) --
+    the one resolution every command uses (run, compare's executors, bench)."""
+    device = resolve_device(recipe.device)
+    dtype, warning = resolve_dtype(recipe.dtype, device)
+    return device, dtype, warning
+
+
+def load_prior(loaded: LoadedRecipe, device: torch.device, dtype: torch.dtype):
+    """The recipe's model loaded by its plugin on ``device`` in ``dtype`` (a failing plugin is
+    named: :class:`~sdsctl.errors.PluginError`)."""
+    reg = loaded.components["model"]
+    with blame(reg, "loading the model"):
+        return reg.obj(loaded.recipe.model).load(device, dtype)
+
+
 @contextlib.contextmanager
 def blame(reg: Registered, action: str):
     """Turn an exception inside a plugin into a PluginError naming the plugin and component."""
@@ -108,9 +124,10 @@ class Optimization:
         self.guidance = build("guidance")
         self.schedule = build("schedule")
         self.weighting = build("weighting")
-        opt = recipe.optimizer
+        fit_config = recipe.optimizer
         self.theta = list(self.param.parameters())
-        self.optimizer = torch.optim.Adam(self.theta, lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        self.optimizer = torch.optim.Adam(self.theta, lr=fit_config.lr, betas=fit_config.betas,
+                                          eps=fit_config.eps)
         with blame(self.regs["model"], "preparing its fast paths"):
             prior.accelerate(channels_last=recipe.channels_last, compile=recipe.compile)
         self.latent = self.param.space == "latent"
@@ -192,14 +209,14 @@ class Optimization:
                     return self.prior.encode_images(x)
             return self.prior.encode_images(x)
 
-    def target(self, z: torch.Tensor, step: torch.Tensor, out) -> FitTarget:
+    def target(self, z: torch.Tensor, update: torch.Tensor, out) -> FitTarget:
         """The step's target: z* = z − k·g and/or the image x* of ``optimizer.image_target``."""
-        opt = self.recipe.optimizer
+        fit_config = self.recipe.optimizer
         with torch.no_grad():  # a target: no graph to build and detach
-            latent = z - step
+            latent = z - update
         image = None
-        if opt.fit_space != "latent":
-            if opt.image_target == "hifa":
+        if fit_config.fit_space != "latent":
+            if fit_config.image_target == "hifa":
                 with blame(self.regs["guidance"], "computing its denoised estimate"), torch.no_grad():
                     source = out.denoised_estimate()
                 if source is None:
@@ -209,7 +226,7 @@ class Optimization:
                 source = latent
             with blame(self.regs["model"], "decoding the image target"), torch.no_grad():
                 image = self.prior.decode_latents(source.detach())
-        return FitTarget(latent=None if opt.fit_space == "image" else latent, image=image)
+        return FitTarget(latent=None if fit_config.fit_space == "image" else latent, image=image)
 
     def residuals(self, z: torch.Tensor, target: FitTarget) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
         """The fit loss's terms as (rendering, its residual rendering − target, weight): the
@@ -255,18 +272,18 @@ class Optimization:
         """Move θ towards ``target`` by ``optimizer.fit``; returns (Adam steps taken, the
         reached fraction 1 − ‖R(θ) − target‖ / ‖R(θ₀) − target‖, or None where measuring it
         would cost an extra VAE encoder pass). ``terms``: the :meth:`residuals` of ``z``."""
-        opt = self.recipe.optimizer
+        fit_config = self.recipe.optimizer
         encode = target.latent is not None
         terms = terms or self.residuals(z, target)
         start = terms[0][1].norm().clamp_min(1e-20)  # the residual the fit measures (:meth:`residual`)
-        if opt.fit == "adam":
+        if fit_config.fit == "adam":
             self.adam_step(z, target, terms)
-            for _ in range(opt.inner_steps - 1):
+            for _ in range(fit_config.inner_steps - 1):
                 self.adam_step(self.render(encode=encode), target)
             if not self.latent and encode:
-                return opt.inner_steps, None
+                return fit_config.inner_steps, None
             with torch.no_grad():
-                return opt.inner_steps, 1 - self.residual(self.render(encode=encode), target) / start
+                return fit_config.inner_steps, 1 - self.residual(self.render(encode=encode), target) / start
         in_render_space = target.latent if self.latent else (None if encode else target.image)
         if in_render_space is not None:
             with blame(self.regs["parameterization"], "assigning the target"), torch.no_grad():
@@ -274,14 +291,15 @@ class Optimization:
             if assigned:
                 with torch.no_grad():
                     return 0, 1 - self.residual(self.render(encode=encode), target) / start
-        limit = opt.fit_tolerance * start
+        limit = fit_config.fit_tolerance * start
         steps = 0
         while True:
             self.adam_step(z, target, terms if steps == 0 else None)
             steps += 1
             z = self.render(encode=encode)
             remaining = self.residual(z, target)
-            if steps >= opt.max_fit_steps or bool(remaining <= limit):  # a sync per inner step: the fit's stop test
+            # a sync per inner step: the fit's stop test
+            if steps >= fit_config.max_fit_steps or bool(remaining <= limit):
                 return steps, 1 - remaining / start
 
     def step(self, k: int) -> StepRecord:
@@ -295,12 +313,12 @@ class Optimization:
             out = self.guidance.score(z.detach(), times)
         with blame(regs["weighting"], f"weighting t={times.t}"):
             w = float(self.weighting(times.t))
-        step = (self.recipe.optimizer.score_scale * w) * out.score
-        target = self.target(z, step, out)
+        update = (self.recipe.optimizer.score_scale * w) * out.score  # k·w(t)·score: z* = z − update
+        target = self.target(z, update, out)
         terms = self.residuals(z, target)
         with torch.no_grad():
             values = [z.norm(), *(_as_tensor(v, z.device) for v in out.norms.values()),
-                      step.norm(), self.fit_loss(z, target, terms)]
+                      update.norm(), self.fit_loss(z, target, terms)]
         fit_steps, fraction = self.fit(z, target, terms)
         names = ["render", *out.norms, "score", "loss"]
         if fraction is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import resource
 import sys
 import time
 from collections import deque
@@ -23,16 +22,8 @@ from typing import Any
 
 import torch
 
+from .devices import peak_memory_mb
 from .images import half_blocks
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory in MiB (``peak_memory_mb`` in summary.json): allocated on a CUDA device (since
-    the last reset), else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak if sys.platform == "darwin" else peak * 1024) / 2**20
 
 
 def memory_text(device: torch.device) -> str:

@@ -403,17 +403,18 @@ def _fit_problems(recipe: Recipe, found: dict[str, plugins.Registered], info: Mo
                                 f"{info.pipeline} ({info.family}) denoises pixels (it has no VAE); "
                                 f"use a parameterization that renders RGB: "
                                 f"{', '.join(fits)} (--set parameterization.name={fits[0] if fits else '...'})"))
-    opt = recipe.optimizer
-    if opt.fit_space != "latent" and found["parameterization"].obj.space != "rgb":
+    fit_config = recipe.optimizer
+    if fit_config.fit_space != "latent" and found["parameterization"].obj.space != "rgb":
         problems.append(Problem(where(("optimizer", "fit_space")), "optimizer.fit_space",
-                                f"{opt.fit_space!r} needs an RGB parameterization; "
+                                f"{fit_config.fit_space!r} needs an RGB parameterization; "
                                 f"{recipe.parameterization.name!r} renders latents "
                                 "(use fit_space: latent, or an rgb-* parameterization)"))
-    if opt.fit_space != "latent" and opt.image_target == "hifa" and not found["guidance"].obj.gives_denoised:
+    if (fit_config.fit_space != "latent" and fit_config.image_target == "hifa"
+            and not found["guidance"].obj.gives_denoised):
         problems.append(Problem(where(("optimizer", "image_target")), "optimizer.image_target",
                                 f"'hifa' needs the guidance's denoised estimate, which {recipe.guidance.name!r} "
                                 "does not give (use image_target: decoded-target)"))
-    if opt.fit == "full" and opt.inner_steps != 1:
+    if fit_config.fit == "full" and fit_config.inner_steps != 1:
         problems.append(Problem(where(("optimizer", "inner_steps")), "optimizer.inner_steps",
                                 "inner_steps is for fit: adam; with fit: full the fit stops at fit_tolerance "
                                 "or max_fit_steps"))
@@ -424,9 +425,9 @@ def _text_warnings(recipe: Recipe, info: ModelInfo) -> list[str]:
     """Settings that run but mean little: a score scale under Adam, words or prompt lengths the
     model does not know."""
     warnings: list[str] = []
-    opt = recipe.optimizer
-    if opt.fit == "adam" and opt.score_scale != 1:
-        warnings.append(f"optimizer.score_scale {opt.score_scale:g} has almost no effect with fit: adam (Adam "
+    fit_config = recipe.optimizer
+    if fit_config.fit == "adam" and fit_config.score_scale != 1:
+        warnings.append(f"optimizer.score_scale {fit_config.score_scale:g} has almost no effect with fit: adam (Adam "
                         "normalises the gradient's scale away); amplification needs fit: full")
     for key in ("prompt", "negative_prompt"):
         text = getattr(recipe, key)

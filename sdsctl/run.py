@@ -33,10 +33,10 @@ from typing import Any
 import torch
 
 from . import plugins
+from .devices import peak_memory_mb
 from .errors import PluginError, RunFailed, SdsctlError
 from .images import contact_sheet, save_image, save_view
-from .loop import OOM, Optimization, blame, resolve_device, resolve_dtype
-from .panel import peak_memory_mb
+from .loop import OOM, Optimization, blame, load_prior, placement
 from .recipe import LoadedRecipe, to_yaml
 from .records import NonFinite, PendingRecords
 from .rundir import RunDir, RunLock, check_target
@@ -155,8 +155,7 @@ class Run:
                  command: str):
         self.loaded, self.recipe, self.path, self.reporter = loaded, loaded.recipe, path, reporter
         self.overwrite, self.resume, self.prior, self.command = overwrite, resume, prior, command
-        self.device = resolve_device(self.recipe.device)
-        self.dtype, dtype_warning = resolve_dtype(self.recipe.dtype, self.device)
+        self.device, self.dtype, dtype_warning = placement(self.recipe)
         if dtype_warning:
             reporter.note(f"warning: {dtype_warning}")
         self.state: dict[str, Any] | None = None  # the saved state a resumed run starts from
@@ -200,10 +199,8 @@ class Run:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             if self.prior is None:
-                model = self.loaded.components["model"]
                 self.reporter.loading(f"loading model {self.loaded.model_info.source} on {self.device}")
-                with blame(model, "loading the model"):
-                    self.prior = model.obj(self.recipe.model).load(self.device, self.dtype)
+                self.prior = load_prior(self.loaded, self.device, self.dtype)
         except KeyboardInterrupt:
             self.reporter.close()
             lock.release()

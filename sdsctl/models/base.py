@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -91,10 +91,18 @@ def _quiet_loading() -> None:
         log.set_verbosity_error()
 
 
-def _where(path: str, config: str | None) -> tuple[Path | None, str, str, str]:
-    """(the single-file checkpoint or None, the kind and source of the configuration files,
-    the source a summary names) for ``model.path`` and ``model.config``; ``config`` belongs to
-    single files, and a single file needs it."""
+class _Where(NamedTuple):
+    """Where a model's files are: ``model.path`` and ``model.config`` resolved."""
+
+    file: Path | None  # the single-file checkpoint, or None for a folder or hub id
+    kind: str  # where the configuration files are: "folder" or "hub" (``sources.resolve_source``)
+    source: str  # the configuration files' folder or hub id
+    named: str  # the source as a summary names it
+
+
+def _where(path: str, config: str | None) -> _Where:
+    """``model.path`` and ``model.config`` resolved; ``config`` belongs to single files, and a
+    single file needs it."""
     file = single_file(path)
     if config and not file:
         raise InvalidConfig(f"config ({config}) describes a single-file checkpoint's architecture; model.path "
@@ -104,7 +112,7 @@ def _where(path: str, config: str | None) -> tuple[Path | None, str, str, str]:
                             "a diffusers folder or hub id of the same model, e.g. the base model it was "
                             "fine-tuned from (--set model.config=DIR; sdsctl model FILE --config DIR)", field="path")
     kind, source = resolve_source(config if file else path)
-    return file, kind, source, f"{file} (architecture: {source})" if file else source
+    return _Where(file, kind, source, f"{file} (architecture: {source})" if file else source)
 
 
 def _dtype_keyword() -> str:
