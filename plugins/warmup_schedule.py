@@ -30,9 +30,14 @@ class WarmupSchedule(Schedule):
             return self
 
     @classmethod
-    def check(cls, config, recipe, model) -> None:
+    def check(cls, config, recipe, model) -> list[str]:
         model.check_timestep(config.t_max, "t_max")
         model.check_timestep(config.warmup_t_max, "warmup_t_max")
+        if recipe.steps <= config.warmup_steps:
+            return [f"steps ({recipe.steps}) <= schedule.warmup_steps ({config.warmup_steps}): the run never leaves "
+                    f"its warm-up, every step is phase 'warmup' (a guidance's main mode, e.g. robust NFSD's, never "
+                    f"runs); raise steps above {config.warmup_steps} or lower schedule.warmup_steps"]
+        return []
 
     def __call__(self, step: int) -> StepTimes:
         cfg = self.config

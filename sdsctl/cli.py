@@ -186,7 +186,8 @@ PromptOption = Annotated[str | None, typer.Option(help="Shortcut for --set promp
 SeedOption = Annotated[int | None, typer.Option(help="Shortcut for --set seed=...")]
 StepsOption = Annotated[int | None, typer.Option(help="Shortcut for --set steps=...")]
 ModelOption = Annotated[str | None, typer.Option(
-    metavar="MODEL", help="Model: 'shapes', a diffusers folder or a hub id (shortcut for --set model=...)")]
+    metavar="MODEL", help="Model: 'shapes', a diffusers folder, a hub id, or a single .safetensors/.ckpt file "
+                          "with --set model.config=DIR (shortcut for --set model=...)")]
 DeviceOption = Annotated[str | None, typer.Option(
     metavar="DEVICE", help=f"{ACCEPTED} (shortcut for --set device=...); auto picks CUDA when there is a GPU")]
 AllowDownloadOption = Annotated[bool, typer.Option(
@@ -450,7 +451,8 @@ def create_app() -> typer.Typer:
     """The sdsctl CLI with the core commands and every plugin's commands."""
     app = typer.Typer(
         name="sdsctl",
-        help="Score distillation (SDS, NFSD, VSD, ...) from recipes: run, resume, validate.",
+        help="Score distillation (SDS, NFSD, robust NFSD, VSD, ISM, CSD, ...) from YAML recipes. Every command is "
+             "listed below; `sdsctl COMMAND --help` explains one.",
         no_args_is_help=True,
         context_settings={"help_option_names": ["-h", "--help"]},
         pretty_exceptions_enable=False,

@@ -181,18 +181,22 @@ def compare(recipes: list[str], pairs: list[tuple[str, int]], out: Path, sets: l
 def run_settings(settings: list[Setting], pairs: list[tuple[str, int]], out: Path,
                  overrides: dict[str, Any] | None = None, *, echo=print, live: bool = False,
                  clip: Path | None = None, executor=None, kind: str = "compare",
-                 rank_by: str | None = None) -> dict[str, dict[str, Any]]:
+                 rank_by: str | None = None, warn=None) -> dict[str, dict[str, Any]]:
     """Plan, execute, collect and write (the module docstring) the settings × ``pairs``.
 
     ``kind``: ``compare`` or ``sweep`` (names the rows and the report); a sweep ranks its
     settings (``rank_by``, see ``sdsctl.ranking``). Failed runs are in the results, with
-    their error (``summary.failed`` counts them)."""
+    their error (``summary.failed`` counts them). ``warn``: where the recipes' warnings go
+    (default ``echo``)."""
     from .ranking import parse_rank_by
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     by = parse_rank_by(rank_by, clip is not None) if kind == "sweep" or rank_by else None
     # validate everything before the first run: a typo in the last setting must not cost the others
     items = entries(settings, overrides, out)
+    for e in items:  # the pairs' prompts replace the recipe's: its prompt's warnings are unknown_words' below
+        for note in dict.fromkeys(w for w in e.loaded.warnings if not w.startswith("prompt:")):
+            (warn or echo)(f"warning: {e.label}: {note}")
     scorer = None
     if clip is not None:
         from .clipscore import ClipScorer
@@ -230,7 +234,7 @@ def command(settings: list[Setting], pairs: list[tuple[str, int]], folder: Path,
     0, 1 when a run failed (after every output is written), 130 when interrupted."""
     try:
         results = run_settings(settings, pairs, folder, overrides, echo=echo, live=live, clip=clip,
-                               executor=executor, kind=kind, rank_by=rank_by)
+                               executor=executor, kind=kind, rank_by=rank_by, warn=err)
     except (Interrupted, KeyboardInterrupt) as exc:
         err(f"{exc or 'interrupted'}; run the same command again to continue (finished runs are reused)")
         return 130

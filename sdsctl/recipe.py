@@ -214,8 +214,11 @@ def read_recipe_file(path: Path, _chain: tuple[Path, ...] = ()) -> Layer:
         raise RecipeError([Problem(key_loc, "extends", "expected the path (or bundled name) of another recipe")])
     parent = (path.parent / ref) if (path.parent / ref).is_file() else _bundled(ref)
     if parent is None:
+        names = [p.stem for p in path.parent.glob("*.y*ml")] + [n for n, _, _ in bundled_recipes()]
+        close = difflib.get_close_matches(Path(ref).stem, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
         raise RecipeError([Problem(key_loc, "extends",
-                                   f"{ref} not found (looked in {path.parent} and the bundled recipes)")])
+                                   f"{ref} not found (looked in {path.parent} and the bundled recipes){hint}")])
     chain = _chain + (path.resolve(),)
     if parent.resolve() in chain:
         cycle = " -> ".join(str(p) for p in chain + (parent.resolve(),))
@@ -327,6 +330,25 @@ def _problems(err: ValidationError, prefix: KeyPath, model: type[BaseModel], whe
     return out
 
 
+def _unknown_top_level(key: Any, data: dict[str, Any], fields: list[str]) -> str:
+    """The message for an unknown top-level key: where it belongs when it is an option of one of
+    the recipe's sections (``guidance_scale`` -> ``guidance.guidance_scale``), else the closest key."""
+    homes = []
+    for section in fields:
+        raw = data.get(section)
+        kind = SECTIONS.get(section)
+        if kind is not None:
+            name = raw.get("name", DEFAULT_NAMES[section]) if isinstance(raw, dict) else DEFAULT_NAMES[section]
+            reg = plugins.lookup(kind, name) if isinstance(name, str) else None
+            options = list(reg.obj.Config.model_fields) if reg is not None else []
+        else:
+            options = _fields_at(Recipe, (section,))
+        if key in options and key != "name":
+            homes.append(f"{section}.{key}")
+    hint = f" (did you mean {' or '.join(map(repr, homes))}?)" if homes else suggest(key, fields + ["extends"])
+    return f"unknown key{hint}; valid keys: {', '.join(fields)}, extends"
+
+
 def validate(data: dict[str, Any], where: _Locator) -> tuple[Recipe, dict[str, plugins.Registered]]:
     """Typed configs for ``data``, or a :class:`RecipeError` listing every problem."""
     problems: list[Problem] = []
@@ -335,9 +357,7 @@ def validate(data: dict[str, Any], where: _Locator) -> tuple[Recipe, dict[str, p
         if key == "extends":
             problems.append(Problem(where((key,), key=True), key, "only a recipe file can extend another (not --set)"))
         elif key not in fields:
-            problems.append(Problem(where((key,), key=True), str(key),
-                                    f"unknown key{suggest(key, fields + ['extends'])}; "
-                                    f"valid keys: {', '.join(fields)}, extends"))
+            problems.append(Problem(where((key,), key=True), str(key), _unknown_top_level(key, data, fields)))
     configs: dict[str, ComponentConfig] = {}
     found: dict[str, plugins.Registered] = {}
     for section, kind in SECTIONS.items():

@@ -24,6 +24,18 @@ def test_help_short_and_long(cli):
             assert command in result.stdout
 
 
+def test_help_names_every_command_and_claims_no_subset(cli):
+    """The description does not list three commands as if they were all; the listing has every one."""
+    app = create_app()
+    names = [info.name or info.callback.__name__.replace("_", "-") for info in app.registered_commands]
+    names += [g.name for g in app.registered_groups if g.name]
+    listing = cli("--help").stdout
+    commands = listing.split("Commands:")[1]
+    assert len(names) >= 14 and all(re.search(rf"^  {re.escape(n)} ", commands, flags=re.M) for n in names), names
+    assert "run, resume, validate." not in listing and "Every command is listed below" in listing
+    assert "single .safetensors/.ckpt" in cli("run", "--help").stdout
+
+
 def test_no_arguments_shows_help(cli):
     result = cli()
     assert result.exit_code == 2  # click: a usage error, after printing the help

@@ -293,3 +293,21 @@ def test_missing_recipe_path_outside_the_repository_points_to_the_bundled_name(t
     message = str(info.value)
     assert "not found here" in message and "give it as sds" in message
     assert find_recipe("sds").name == "sds.yaml"
+
+
+@pytest.mark.parametrize("expr, hint", [
+    ("guidance_scale=30", "did you mean 'guidance.guidance_scale'?"),
+    ("lr=0.1", "did you mean 'optimizer.lr'?"),
+    ("t_max=900", "did you mean 'schedule.t_max'?"),
+    ("stepz=3", "did you mean 'steps'?"),
+])
+def test_an_option_set_at_the_top_level_names_its_section(cli, expr, hint):
+    result = cli("validate", "sds", "--set", expr)
+    assert result.exit_code == 2 and hint in result.stderr and "Traceback" not in result.stderr
+
+
+def test_extends_a_misspelled_recipe_suggests_the_name(recipe_file, tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("extends: sdss\nsteps: 10\n")
+    with pytest.raises(RecipeError, match="extends: sdss not found .*; did you mean sds\\?"):
+        load_recipe(path)

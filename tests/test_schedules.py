@@ -128,3 +128,72 @@ def test_valid_schedules_load(recipe_file):
     assert (r.schedule.name, r.schedule.warmup_steps, r.schedule.t_min, r.schedule.t_max) == ("warmup", 10, 20, 980)
     r = load_recipe(recipe_file({"schedule": {"name": "hifa", "t_min": 20, "t_max": 999}})).recipe
     assert (r.schedule.name, r.schedule.t_max) == ("hifa", 999)
+
+
+# ----------------------------------------------------------------------------- warm-up longer than the run
+
+
+@pytest.mark.parametrize("steps, warned", [(150, True), (300, True), (301, False)])
+def test_a_run_that_cannot_leave_its_warmup_is_warned_about(cli, recipe_file, steps, warned):
+    path = recipe_file({"steps": steps, "schedule": {"name": "warmup", "warmup_steps": 300}})
+    result = cli("validate", path)
+    assert result.exit_code == 0
+    said = f"steps ({steps}) <= schedule.warmup_steps (300): the run never leaves its warm-up" in result.stderr
+    assert said == warned, result.stderr
+    assert ("raise steps above 300" in result.stderr) == warned
+
+
+def test_compare_warns_about_a_run_that_stays_in_its_warmup(cli, recipe_file, tmp_path):
+    path = recipe_file({"steps": 2, "schedule": {"name": "warmup", "warmup_steps": 5}})
+    result = cli("compare", path, "--prompt", "a red circle on a blue background", "--out", tmp_path / "c",
+                 "--no-live")
+    assert result.exit_code == 0, result.output
+    assert "the run never leaves its warm-up" in result.stderr
+
+
+# ----------------------------------------------------------------------------- anneal and linear
+
+
+def test_anneal_reads_its_ramps_at_the_runs_progress():
+    from sdsctl_plugins.anneal_schedules import AnnealSchedule
+
+    config = AnnealSchedule.Config(t_min={"start": 500, "end": 20}, t_max={"start": 980, "end": 500, "until": 0.5})
+    schedule = AnnealSchedule(config, make_ctx(100))
+    assert schedule.range(0.0) == (500, 980) and schedule.range(0.5) == (260, 500) and schedule.range(1.0) == (20, 500)
+    for k in range(100):
+        times = schedule(k)
+        lo, hi = schedule.range(k / 100)
+        assert lo <= times.t <= hi and times.t_min == lo
+
+
+def test_anneal_with_constant_ends_is_uniform_draw_for_draw():
+    from sdsctl_plugins.anneal_schedules import AnnealSchedule
+
+    anneal = AnnealSchedule(AnnealSchedule.Config(t_min=20, t_max=980), make_ctx(50))
+    uniform = UniformSchedule(UniformSchedule.Config(t_min=20, t_max=980), make_ctx(50))
+    assert [anneal(k).t for k in range(50)] == [uniform(k).t for k in range(50)]
+
+
+def test_linear_is_threestudios_t_anneal():
+    from sdsctl_plugins.anneal_schedules import LinearSchedule
+
+    ctx = make_ctx(10)
+    ctx.prior = type("P", (), {"num_train_timesteps": 1000})()
+    schedule = LinearSchedule(LinearSchedule.Config(start=0.98, end=0.25), ctx)
+    assert [schedule(k).t for k in range(10)] == [int(1000 * ((0.98 - 0.25) * (1 - k / 10) + 0.25)) for k in range(10)]
+    assert schedule(0).t == 980 and schedule(5).t == 615
+
+
+@pytest.mark.parametrize("schedule, key, message", [
+    ({"name": "linear", "start": 0.25, "end": 0.98}, "schedule.end", "must not exceed start"),
+    ({"name": "linear", "start": 1.2}, "schedule.start", "less than 1"),
+    ({"name": "anneal", "t_min": {"start": 600, "end": 20}, "t_max": 500}, "schedule", "must not exceed t_max"),
+    ({"name": "anneal", "t_max": {"start": 1200, "end": 500}}, "schedule.t_max", "outside the model's timesteps"),
+    ({"name": "anneal", "t_max": {"start": 980, "end": 500, "begin": 0.6, "until": 0.4}}, "schedule.t_max",
+     "must not come before begin"),
+])
+def test_anneal_and_linear_validation(recipe_file, schedule, key, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe_file({"schedule": schedule}))
+    text = str(err.value)
+    assert key in text and message in text, text
