@@ -296,6 +296,24 @@ def test_model_command_describes_a_single_file_checkpoint_by_its_architecture(cl
     assert bare.exit_code == 2 and "--config DIR" in bare.stderr
 
 
+@pytest.mark.parametrize("component, holds", [("unet", "a diffusers UNet's weights"),
+                                              ("vae", "a diffusers VAE's weights"),
+                                              ("text_encoder", "a text encoder's weights")])
+def test_a_component_file_is_not_taken_for_a_whole_checkpoint(cli, tiny_families, tmp_path, no_load, component,
+                                                              holds):
+    """A diffusers component file (e.g. unet/diffusion_pytorch_model.safetensors) is refused
+    before any work: exit 2, what it holds, nothing written."""
+    (file,) = (tiny_families["sd1"] / component).glob("*.safetensors")
+    described = cli("model", str(file), "--config", str(tiny_families["sd1"]))
+    assert described.exit_code == 2 and "not an original-layout checkpoint" in described.stderr
+    assert f"it holds only {holds}" in described.stderr
+    out = tmp_path / "run"
+    result = cli("run", "sds", "--set", f"model={file}", "--set", f"model.config={tiny_families['sd1']}",
+                 "--no-live", "--out", out)
+    assert result.exit_code == 2 and "not an original-layout checkpoint" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+
+
 def test_config_without_a_single_file_is_refused(cli, tiny_families, no_load):
     result = cli("validate", "sds", "--set", f"model={tiny_families['sd1']}", "--set",
                  f"model.config={tiny_families['sd2']}")

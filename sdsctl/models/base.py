@@ -54,7 +54,15 @@ from torch import Tensor
 from .. import diffusion
 from ..errors import InvalidConfig, SdsctlError
 from ..modelinfo import ModelInfo, unknown_words
-from .sources import config_folder, hub_hint, read_json, resolve_source, single_file, weights_summary
+from .sources import (
+    check_single_file,
+    config_folder,
+    hub_hint,
+    read_json,
+    resolve_source,
+    single_file,
+    weights_summary,
+)
 
 #: model_index.json ``_class_name`` -> the Prior subclass of that family: every subclass
 #: defined (imported) so far. The library's default; a run looks families up in the plugin
@@ -111,6 +119,8 @@ def _where(path: str, config: str | None) -> _Where:
         raise InvalidConfig(f"{path} is a single-file checkpoint: say which architecture it is with model.config, "
                             "a diffusers folder or hub id of the same model, e.g. the base model it was "
                             "fine-tuned from (--set model.config=DIR; sdsctl model FILE --config DIR)", field="path")
+    if file:
+        check_single_file(file)
     kind, source = resolve_source(config if file else path)
     return _Where(file, kind, source, f"{file} (architecture: {source})" if file else source)
 

@@ -39,6 +39,44 @@ def single_file(path: str) -> Path | None:
     return file if file.suffix in SINGLE_FILE_SUFFIXES and file.is_file() else None
 
 
+#: key prefixes of a diffusers-layout component file, and what such a file holds
+_DIFFUSERS_LAYOUT = (
+    (("encoder.conv_in.", "decoder.conv_in.", "quant_conv."), "a diffusers VAE's weights"),
+    (("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "time_embedding."), "a diffusers UNet's weights"),
+    (("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "pos_embed."),
+     "a diffusers transformer's weights"),
+    (("text_model.", "embeddings.", "encoder.layers.", "encoder.block.", "shared."), "a text encoder's weights"),
+)
+#: prefixes of the denoiser in the original layout (SD 1.x/2.x/XL/3: ``model.diffusion_model.``;
+#: FLUX's published files: the bare transformer, ``double_blocks.``)
+_ORIGINAL_DENOISER = ("model.diffusion_model.", "double_blocks.")
+
+
+def check_single_file(file: Path) -> None:
+    """Refuse a ``.safetensors`` file that is not an original-layout checkpoint (its keys are
+    read from the header, no tensor loads): a diffusers component file (a UNet's
+    ``diffusion_pytorch_model.safetensors``) would otherwise be taken for a whole model and fail
+    only when the run loads it. A ``.ckpt`` (a pickle) is left to diffusers' loader."""
+    if file.suffix != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # not a safetensors file at all
+        raise InvalidConfig(f"{file} cannot be read as a safetensors file ({type(exc).__name__}: {exc})",
+                            field="path") from exc
+    if any(k.startswith(_ORIGINAL_DENOISER) for k in keys):
+        return
+    holds = next((what for prefixes, what in _DIFFUSERS_LAYOUT if any(k.startswith(prefixes) for k in keys)),
+                 f"{len(keys)} tensors, none of a denoiser in the original layout (model.diffusion_model.*)")
+    raise InvalidConfig(f"{file} is not an original-layout checkpoint: it holds only {holds} (keys such as "
+                        f"{', '.join(keys[:2])}). A model site's single file holds the whole model; for a "
+                        "diffusers component file, use the pipeline folder it belongs to (--model DIR)",
+                        field="path")
+
+
 def resolve_source(path: str) -> tuple[str, str]:
     """``("folder", path)`` or ``("hub", id)`` for a recipe's ``model.path``."""
     if path == "shapes":
