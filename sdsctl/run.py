@@ -100,9 +100,17 @@ class StopRequest:
             raise StopNow(name)
         self.notes.append(f"{name} received again: already stopping, the files are being saved")
 
+    def request(self, signum: int, why: str) -> None:
+        """A stop asked for by the run itself rather than by a signal (``why`` says what
+        happened): as a first signal, the current step finishes and is saved."""
+        if self.signal is None:
+            self.signal = signum
+            self.notes.append(f"{why}: finishing the current step, then saving")
+
     def show_notes(self) -> None:
         while self.notes:
             self.reporter.note(self.notes.pop(0))
+
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -114,6 +122,40 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+
+class PipeGuard:
+    """The reporter, with standard output closed under it (``sdsctl run ... | head``) turned into
+    a stop as SIGTERM's: the step finishes and is saved, the run is marked interrupted and can be
+    resumed. Standard output then goes to /dev/null (Python's advice for a broken pipe), so that
+    nothing later fails on it."""
+
+    def __init__(self, reporter, stop: StopRequest):
+        self.reporter, self.stop = reporter, stop
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.reporter, name)
+        if not callable(attr):
+            return attr
+
+        def guarded(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except BrokenPipeError:
+                _silence_stdout()
+                self.stop.request(signal.SIGPIPE, "standard output was closed (broken pipe)")
+
+        return guarded
+
+
+def _silence_stdout() -> None:
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
@@ -176,6 +218,7 @@ class Run:
         created = not self.path.exists()
         with RunLock(self.path).held(self.command, self.reporter) as lock, StopRequest(self.reporter) as stop:
             self.stop = stop
+            stop.reporter = self.reporter = PipeGuard(self.reporter, stop)
             if self.resume:
                 self.state = self.resumable_state()
             self.load(lock, created)

@@ -147,3 +147,25 @@ def test_a_second_writer_is_refused_while_the_run_lives_and_a_stale_lock_is_take
     assert resumed.returncode == 0, resumed.stderr
     assert f"took over the lock of {part} from pid {int(dead.stdout)}" in resumed.stdout + resumed.stderr
     assert not (part / ".lock").exists()
+
+
+@POSIX
+def test_a_closed_standard_output_stops_the_run_as_sigterm_does(cli, recipe_file, tmp_path):
+    """``sdsctl run ... --no-live | head -3``: the step finishes and is saved, the run is marked
+    interrupted (signal SIGPIPE) and resumes; no traceback."""
+    recipe = recipe_file({"steps": STEPS, "output": {"preview_every": 20, "checkpoint_every": 1000}})
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*SDSCTL, "run", str(recipe), "--out", str(out), "--no-live"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    lines = [proc.stdout.readline() for _ in range(3)]
+    assert lines[-1].startswith("step ")
+    proc.stdout.close()  # as head does after its lines
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
+    assert "Traceback" not in err and "SIGPIPE: interrupted at step" in err
+    summary = json.loads((out / "summary.json").read_text())
+    done = summary["steps_done"]
+    assert (summary["status"], summary["signal"]) == ("interrupted", "SIGPIPE") and 0 < done < STEPS
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == done and not (out / ".lock").exists()
+    result = cli("resume", out, "--no-live", "--steps", str(done + 5))
+    assert result.exit_code == 0 and f"from step {done}" in result.stdout
