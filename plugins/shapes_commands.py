@@ -104,18 +104,25 @@ def sample(
     model: Annotated[str, typer.Option(metavar="MODEL", help="shapes, a diffusers folder or a hub id")] = "shapes",
     device: DeviceOption = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    view_size: Annotated[int, typer.Option(
+        "--view-size", metavar="N",
+        help="also write OUT_N.png, the pixels enlarged to N for viewing, as run's final_512.png (0: none)")] = 512,
 ) -> None:
     """Draw one image from a prior with DDIM."""
     import torch
 
     from sdsctl import sampling
-    from sdsctl.images import save_image
+    from sdsctl.images import save_image, save_view
     from sdsctl.shapes.tokenizer import unknown_words
 
     if out.suffix.lower() != ".png":
         raise SdsctlError(f"--out {out}: the image is written as PNG; give a file name ending in .png")
-    if out.exists() and not overwrite:
-        raise SdsctlError(f"--out {out} exists; choose another file or pass --overwrite")
+    view = out.with_name(f"{out.stem}_{view_size}.png") if view_size > 0 else None
+    for path in (out, view):
+        if path is not None and path.exists() and not overwrite:
+            raise SdsctlError(f"--out {out}: {path} exists; choose another file or pass --overwrite")
+    if view_size < 0:
+        raise SdsctlError(f"--view-size {view_size}: a size in pixels, or 0 for no enlarged copy")
     if steps <= 0:
         raise SdsctlError(f"--steps {steps}: must be positive")
     pipe = _pipeline(model, _device(device))
@@ -125,8 +132,12 @@ def sample(
     image = sampling.sample(pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale,
                             negative_prompt=negative_prompt or None)[0]
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.from_numpy(image).permute(2, 0, 1), out)
+    tensor = torch.from_numpy(image).permute(2, 0, 1)
+    save_image(tensor, out)
     typer.echo(str(out))
+    if view is not None and max(tensor.shape[-2:]) < view_size:  # an enlarged copy, where it enlarges
+        save_view(tensor, view, view_size)
+        typer.echo(str(view))
 
 
 def evaluate_prior(

@@ -161,6 +161,21 @@ def test_sample_writes_a_png_of_the_native_size(tiny_prior, tmp_path):
         assert image.format == "PNG" and image.mode == "RGB" and image.size == (64, 64)
 
 
+def test_sample_writes_an_enlarged_copy_like_run(tiny_prior, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "a.png"
+    result = _sample(tiny_prior, out)
+    assert result.exit_code == 0, result.output
+    view = tmp_path / "a_512.png"
+    assert str(view) in result.stdout
+    with Image.open(out) as small, Image.open(view) as big:
+        assert big.size == (512, 512)
+        assert big.resize((64, 64), Image.NEAREST).tobytes() == small.tobytes()  # the same pixels, enlarged
+    assert _sample(tiny_prior, tmp_path / "b.png", "--view-size", "0").exit_code == 0
+    assert not (tmp_path / "b_512.png").exists() and not (tmp_path / "b_0.png").exists()
+
+
 def test_sample_is_deterministic_for_a_seed(tiny_prior, tmp_path):
     paths = {name: tmp_path / f"{name}.png" for name in ("a", "b", "c")}
     assert _sample(tiny_prior, paths["a"], "--seed", "3").exit_code == 0
