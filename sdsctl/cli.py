@@ -380,13 +380,13 @@ def validate(
 
 
 def recipes() -> None:
-    """List the bundled recipes (run one by name: `sdsctl run NAME`)."""
-    from .recipe import bundled_recipes
+    """List the recipes sdsctl and its plugins ship (run one by name: `sdsctl run NAME`)."""
+    from .recipe import bundled_dir, bundled_recipes
 
     found = bundled_recipes()
     width = max((len(n) for n, _, _ in found), default=0)
-    for name, _, desc in found:
-        print(f"{name:<{width}}  {desc}")
+    for name, path, desc in found:  # a plugin's recipe says where it is
+        print(f"{name:<{width}}  {desc}" + ("" if path.parent == bundled_dir() else f"  [{path}]"))
 
 
 def _plugins_command(plugin_commands: list[plugins.Registered]):

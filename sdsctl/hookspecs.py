@@ -105,6 +105,17 @@ def register_loggers(register):
 
 
 @hookspec
+def register_recipes(register):
+    """Ship recipes that ``sdsctl recipes`` lists and ``sdsctl run NAME`` (or ``extends: NAME``) finds.
+
+    Called whenever a recipe is looked up by name and by ``sdsctl recipes``. Call
+    ``register(name, path)`` for each recipe, ``path`` a YAML file the package ships (package
+    data). sdsctl's own recipes come first; a name already taken is ignored with a warning. The
+    return value is ignored.
+    """
+
+
+@hookspec
 def register_commands(app):
     """Add commands to the CLI.
 

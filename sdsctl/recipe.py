@@ -93,19 +93,41 @@ def description(path: Path) -> str:
 
 
 def bundled_recipes() -> list[tuple[str, Path, str]]:
-    """(name, path, description) of every bundled recipe."""
-    folder = bundled_dir()
-    return [(p.stem, p, description(p)) for p in sorted(folder.glob("*.yaml"))]
+    """(name, path, description) of every recipe found by name: sdsctl's own, then every
+    plugin's (hook ``register_recipes``). A name taken already keeps its first owner (a warning)."""
+    found = [(p.stem, p, description(p)) for p in sorted(bundled_dir().glob("*.yaml"))]
+    owners = {name: "sdsctl" for name, _, _ in found}
+    for plugin, _dist, call in plugins.each_plugin("register_recipes"):
+
+        def register(name: str, path, _plugin: str = plugin) -> None:
+            file = Path(path)
+            if not isinstance(name, str) or not name or "/" in name:
+                raise PluginError(f"plugin {_plugin!r} registered a recipe with the name {name!r}; names are "
+                                  "non-empty strings without '/'")
+            if not file.is_file():
+                raise PluginError(f"plugin {_plugin!r} registered recipe {name!r} as {file}, which is not a file")
+            if name in owners:
+                plugins.warn_once(f"recipe {name!r} of plugin {_plugin!r} is ignored: the name is taken by "
+                                  f"{owners[name]!r}")
+                return
+            owners[name] = _plugin
+            found.append((name, file, description(file)))
+
+        try:
+            call(register=register)
+        except SdsctlError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {plugin!r} failed in register_recipes: {type(exc).__name__}: {exc}") from exc
+    return found
 
 
 def _bundled(ref: str) -> Path | None:
+    """The recipe named ``ref`` (with or without ``.yaml``), sdsctl's or a plugin's."""
     if "/" in ref or "\\" in ref:
         return None
-    for name in (ref, f"{ref}.yaml", f"{ref}.yml"):
-        candidate = bundled_dir() / name
-        if candidate.is_file():
-            return candidate
-    return None
+    stem = ref[:-5] if ref.endswith(".yaml") else ref[:-4] if ref.endswith(".yml") else ref
+    return next((path for name, path, _ in bundled_recipes() if name == stem), None)
 
 
 def find_recipe(ref: str) -> Path:

@@ -67,9 +67,12 @@ def test_plugins_json_lists_its_components_with_their_distribution(venv_python, 
 
 
 def test_a_short_recipe_runs_with_its_components(venv_python, tmp_path):
-    recipe = EXAMPLE / "sdsctl_example_plugin" / "example.yaml"
+    """The package's recipe, found by name (hook ``register_recipes``), listed by ``sdsctl recipes``."""
+    listing = _call([str(venv_python), "-c", SDSCTL, "recipes"], tmp_path).stdout
+    (line,) = [x for x in listing.splitlines() if x.startswith("example-rescaled ")]
+    assert "example.yaml" in line and "sds " in listing  # sdsctl's own beside it
     out = tmp_path / "run"
-    _call([str(venv_python), "-c", SDSCTL, "run", str(recipe), "--steps", "3", "--device", "cpu",
+    _call([str(venv_python), "-c", SDSCTL, "run", "example-rescaled", "--steps", "3", "--device", "cpu",
            "--out", str(out), "--no-live"], tmp_path)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["t"] for r in records] == [980, 500, 20]  # linear-decay over 3 steps

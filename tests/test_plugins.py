@@ -103,6 +103,10 @@ class AllHooks:
         register("test-logger", type("TestLogger", (Logger,), {"Config": _config("test-logger")}))
 
     @sdsctl.hookimpl
+    def register_recipes(self, register):
+        pass  # test_a_plugin_ships_recipes_found_by_name registers real files
+
+    @sdsctl.hookimpl
     def register_commands(self, app):
         @app.command("test-hello")
         def hello(name: str = "world"):
@@ -409,3 +413,40 @@ def test_typer_not_click_is_handed_to_plugins(register_plugin):
     register_plugin(Spy(), "test-spy")
     create_app()
     assert len(seen) == 1 and isinstance(seen[0], typer.Typer)
+
+
+def test_a_plugin_ships_recipes_found_by_name(register_plugin, cli, tmp_path, capsys):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("# my SDS, shorter\nextends: sds\nsteps: 2\n")
+    clash = tmp_path / "sds.yaml"
+    clash.write_text("# another sds\nextends: sds\nsteps: 1\n")
+
+    class Ships:
+        @sdsctl.hookimpl
+        def register_recipes(self, register):
+            register("my-sds", mine)
+            register("sds", clash)  # taken by sdsctl's own: ignored, with a warning
+
+    register_plugin(Ships(), "test-ships")
+    listing = cli("recipes")
+    assert listing.exit_code == 0
+    (line,) = [x for x in listing.stdout.splitlines() if x.startswith("my-sds ")]
+    assert "my SDS, shorter" in line and str(mine) in line
+    assert "recipe 'sds' of plugin 'test-ships' is ignored" in listing.stderr + capsys.readouterr().err
+    out = tmp_path / "run"
+    result = cli("run", "my-sds", "--out", out, "--no-live")
+    assert result.exit_code == 0, result.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert cli("validate", "sds").stdout.startswith("ok: sds -- sds on latent-pixels, 500 steps")
+
+
+def test_a_recipe_registered_with_a_missing_file_names_the_plugin(register_plugin, cli, tmp_path):
+    class Broken:
+        @sdsctl.hookimpl
+        def register_recipes(self, register):
+            register("gone", tmp_path / "gone.yaml")
+
+    register_plugin(Broken(), "test-broken-recipes")
+    result = cli("recipes")
+    assert result.exit_code == 1 and "plugin 'test-broken-recipes' registered recipe 'gone'" in result.stderr
+    assert "Traceback" not in result.output

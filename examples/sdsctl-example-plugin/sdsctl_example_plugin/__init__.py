@@ -1,4 +1,4 @@
-"""An example sdsctl plugin: one guidance, one schedule, one metric and one model family.
+"""An example sdsctl plugin: one guidance, one schedule, one metric, one model family and a recipe.
 
 Registered through the ``sdsctl`` entry-point group (``pyproject.toml``); uses only sdsctl's
 public API.
@@ -96,6 +96,13 @@ def register_schedules(register):
 @sdsctl.hookimpl
 def register_metrics(register):
     register("brightness-contrast", BrightnessContrast)
+
+
+@sdsctl.hookimpl
+def register_recipes(register):
+    from pathlib import Path
+
+    register("example-rescaled", Path(__file__).with_name("example.yaml"))  # package data
 
 
 @sdsctl.hookimpl
