@@ -46,7 +46,7 @@ NORM_EXPLODED, NORM_VANISHED = 10.0, 1 / 20
 
 @dataclasses.dataclass
 class Finding:
-    check: str  # warmup, saturation, smoothness, convergence, score-norm, status
+    check: str  # status, phase, warmup, saturation, smoothness, convergence, score-norm
     ok: bool | None  # None: does not apply to this run
     title: str
     evidence: str
@@ -57,13 +57,23 @@ class Finding:
 HIGH_CFG = 30.0
 
 
-def _knobs(recipe: dict[str, Any]) -> dict[str, str]:
-    """What to turn, in this recipe's own keys."""
+def _ended_in_warmup(run: RunData) -> bool:
+    """Whether the run's last step was a warm-up step: its main phase never ran."""
+    return bool(run.records) and run.records[-1].get("phase") == "warmup"
+
+
+def _knobs(recipe: dict[str, Any], in_warmup: bool = False) -> dict[str, str]:
+    """What to turn, in this recipe's own keys; ``in_warmup``: the run never left its warm-up,
+    so the main phase's keys (robust NFSD's ``ratio``) did nothing and more steps come first."""
     g, sched = recipe.get("guidance", {}), recipe.get("schedule", {})
     scale = g.get("guidance_scale")
     weight = "guidance.ratio" if "ratio" in g else "guidance.correction_scale" if "correction_scale" in g else None
     warm = f"schedule.warmup_steps (now {sched['warmup_steps']})" if "warmup_steps" in sched else None
     out = {}
+    if in_warmup:
+        main = (f"more steps: the run ended inside its warm-up ({warm}); raise steps "
+                f"(now {recipe.get('steps')}) above it so that the main phase runs")
+        return {"more_correction": main, "less_correction": main, "fewer_warmup": "", "more_warmup": main}
     if weight:
         out["more_correction"] = f"a larger correction weight: {weight} (now {g[weight.split('.')[1]]})"
         out["less_correction"] = f"a smaller correction weight: {weight} (now {g[weight.split('.')[1]]})"
@@ -91,10 +101,12 @@ def diagnose(path: Path) -> dict[str, Any]:
     run = RunData.read(path)
     recipe, summary = run.recipe, run.summary
     steps = recipe.get("steps") or summary.get("steps") or 0
-    knobs = _knobs(recipe)
+    knobs = _knobs(recipe, in_warmup=_ended_in_warmup(run))
     findings = _status_findings(path, run, steps)
     warm, warm_saturated = _warmup_finding(run, knobs)
     findings.append(warm)
+    if warm.ok is False:  # the warm-up wants to be longer: no advice to shorten it
+        warm_saturated = False
     findings += _final_image_findings(run, knobs, steps, warm_saturated)
     findings += _score_norm_findings(run.records)
     healthy = all(f.ok is not False for f in findings)
@@ -109,11 +121,22 @@ def _status_findings(path: Path, run: RunData, steps: int) -> list[Finding]:
     """A failed run, or one stopped before its last step."""
     status, done = run.summary.get("status", "unknown"), run.steps_done
     if status == "failed":
-        return [Finding("status", False, "the run failed", run.summary.get("error", "see error.log"),
-                        "the error names the knob; `sdsctl resume` continues from the last good state")]
+        error = run.summary.get("error", "see error.log")
+        if "out of memory" in error:  # resume may change the dtype and the device
+            knob = (f"resume with less memory: sdsctl resume {path} --set dtype=bfloat16 (or --device cpu); "
+                    "the error lists the other ways")
+        else:  # resume keeps the recipe: the same step would fail again
+            knob = (f"the error names the knob: change it in a new run (sdsctl run {path / 'recipe.yaml'} "
+                    "--set KEY=VALUE --out NEW_DIR); `sdsctl resume` keeps the recipe and would fail again")
+        return [Finding("status", False, "the run failed", error, knob)]
     if done < steps:
         return [Finding("status", False, f"the run stopped at step {done} of {steps} ({status})",
                         "the checks below read the run so far", f"continue it: sdsctl resume {path}")]
+    if _ended_in_warmup(run):
+        warm = run.recipe.get("schedule", {}).get("warmup_steps")
+        return [Finding("phase", False, "the run never left its warm-up",
+                        f"all {done} steps are warm-up steps (schedule.warmup_steps {warm}): the main phase "
+                        "never ran", f"more steps: sdsctl resume {path} --set steps=N with N above {warm}")]
     return []
 
 
@@ -154,10 +177,13 @@ def _final_image_findings(run: RunData, knobs: dict[str, str], steps: int, warm_
     findings = [Finding("saturation", not over, "over-saturated" if over else "not over-saturated",
                         sat_evidence, knob if over else "")]
     smooth = st["sharpness"] < OVERSMOOTH_SHARPNESS and not over
-    findings.append(Finding("smoothness", not smooth, "over-smooth" if smooth else "not over-smooth",
-                            f"edge sharpness {st['sharpness']:.3f} (over-smooth below {OVERSMOOTH_SHARPNESS})"
-                            + (" -- not judged: the image is over-saturated" if over else ""),
-                            knobs["less_correction"] if smooth else ""))
+    sharpness = f"edge sharpness {st['sharpness']:.3f} (over-smooth below {OVERSMOOTH_SHARPNESS})"
+    if over:  # an over-saturated image has hard edges whatever the score did: not judged
+        findings.append(Finding("smoothness", None, "smoothness not judged",
+                                sharpness + " -- not judged: the image is over-saturated"))
+    else:
+        findings.append(Finding("smoothness", not smooth, "over-smooth" if smooth else "not over-smooth",
+                                sharpness, knobs["less_correction"] if smooth else ""))
     conv = run.convergence()
     if conv:
         moving = conv["change"] > CONVERGED_CHANGE

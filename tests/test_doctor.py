@@ -95,3 +95,56 @@ def test_over_smooth_advice_raises_the_guidance_scale_only_where_it_is_low(scale
     advice = _knobs({"guidance": {"name": "sds", "guidance_scale": scale}})["less_correction"]
     assert ("a higher guidance.guidance_scale" in advice) is raise_it
     assert "robust-nfsd" in advice
+
+
+@pytest.fixture(scope="module")
+def in_warmup(tmp_path_factory):
+    """robust NFSD stopped by its length inside its 300-step warm-up (docs/compare.md's old example)."""
+    from typer.testing import CliRunner
+
+    from sdsctl.cli import create_app
+
+    out = tmp_path_factory.mktemp("doctor-warmup") / "run"
+    result = CliRunner().invoke(create_app(), ["run", str(ROOT / "recipes/robust_nfsd.yaml"), "--steps", "150",
+                                               "--device", "cpu", "--no-live", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_run_that_never_left_its_warmup_is_told_to_take_more_steps(cli, in_warmup):
+    report = _doctor(cli, in_warmup)
+    (phase,) = [f for f in report["findings"] if f["check"] == "phase"]
+    assert phase["ok"] is False and "never left its warm-up" in phase["title"]
+    assert "--set steps=N with N above 300" in phase["knob"]
+    knobs = " ".join(f["knob"] for f in report["findings"])
+    assert "guidance.ratio" not in knobs  # the robust phase never ran: its weight did nothing
+    assert not ("more warm-up steps" in knobs and "fewer warm-up steps" in knobs)
+    assert "fewer warm-up steps" not in knobs
+
+
+def test_a_check_that_was_not_judged_says_n_a(cli, runs):
+    report = _doctor(cli, runs["sds"])  # over-saturated: its smoothness is not judged
+    (smooth,) = [f for f in report["findings"] if f["check"] == "smoothness"]
+    assert smooth["ok"] is None and "not judged" in smooth["evidence"]
+    line = [x for x in cli("doctor", runs["sds"]).output.splitlines() if "smoothness" in x]
+    assert line and line[0].lstrip().startswith("n/a"), line
+
+
+def test_a_failed_run_is_not_sent_to_resume_unless_resume_can_change_it(cli, tmp_path):
+    import shutil
+
+    from sdsctl.doctor import diagnose
+
+    for error, expected, refused in (
+            ("non-finite value at step 7: score is nan (...)", "change it in a new run", True),
+            ("CUDA out of memory at step 3 on cuda:0. To use less memory: ...", "--set dtype=bfloat16", False)):
+        run = tmp_path / ("oom" if refused is False else "nan")
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir()
+        (run / "recipe.yaml").write_text("steps: 10\nguidance: {name: sds}\n")
+        (run / "summary.json").write_text(json.dumps({"status": "failed", "steps_done": 6, "steps": 10,
+                                                      "error": error}))
+        (run / "metrics.jsonl").write_text("")
+        (status,) = [f for f in diagnose(run)["findings"] if f["check"] == "status"]
+        assert expected in status["knob"]
+        assert ("would fail again" in status["knob"]) == refused
