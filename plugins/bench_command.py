@@ -35,7 +35,10 @@ def bench(
     if as_json:
         typer.echo(json.dumps(report))
         return
-    typer.echo(f"{report['recipe']} on {report['device']} ({report['dtype']}): {report['ms_per_step']:.2f} ms/step, "
+    n = report["threads"]
+    threads = f", {n} thread{'s' if n != 1 else ''}" if report["device"] == "cpu" else ""
+    typer.echo(f"{report['recipe']} on {report['device']} ({report['dtype']}{threads}): "
+               f"{report['ms_per_step']:.2f} ms/step, "
                f"{report['steps_per_second']:.1f} steps/s, {report['unet_calls_per_step']} UNet call(s)/step")
     typer.echo(f"floor {report['floor_ms']:.2f} ms (the step's model evaluations alone): "
                f"floor_ratio {report['floor_ratio']:.3f}; peak memory {report['peak_memory_mb']:.0f} MiB")

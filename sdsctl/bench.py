@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from .devices import peak_memory_mb
-from .loop import Optimization, load_prior, placement
+from .loop import Optimization, apply_threads, load_prior, placement
 from .recipe import LoadedRecipe
 from .records import PendingRecords
 
@@ -236,6 +236,7 @@ def bench(loaded: LoadedRecipe, *, steps: int = 50, warmup: int = 5, prior=None)
     """Measure ``loaded``'s step (see the module docstring); returns the report's fields."""
     recipe = loaded.recipe
     device, dtype, _ = placement(recipe)
+    threads = apply_threads(recipe)
     if prior is None:
         prior = load_prior(loaded, device, dtype)
     if device.type == "cuda":
@@ -276,5 +277,6 @@ def bench(loaded: LoadedRecipe, *, steps: int = 50, warmup: int = 5, prior=None)
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
         "dtype": str(dtype).removeprefix("torch."),
+        "threads": threads,
         "torch": torch.__version__,
     }

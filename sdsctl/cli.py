@@ -26,7 +26,7 @@ from .errors import PluginError, RunFailed, SdsctlError
 
 CORE_COMMANDS = ("run", "resume", "validate", "recipes", "plugins")
 #: what `resume --set` may change besides output.*: the rest of a run's recipe is its identity
-RESUMABLE_KEYS = ("steps", "device", "dtype")
+RESUMABLE_KEYS = ("steps", "device", "dtype", "threads")
 KIND_ORDER = ("models", "families", "parameterizations", "guidances", "schedules", "weightings", "metrics", "loggers",
               "commands")
 
@@ -185,6 +185,9 @@ SetOption = Annotated[list[str], typer.Option(
 PromptOption = Annotated[str | None, typer.Option(help="Shortcut for --set prompt=...")]
 SeedOption = Annotated[int | None, typer.Option(help="Shortcut for --set seed=...")]
 StepsOption = Annotated[int | None, typer.Option(help="Shortcut for --set steps=...")]
+ThreadsOption = Annotated[int | None, typer.Option(
+    metavar="N", help="CPU threads (shortcut for --set threads=...; default: one per core, or OMP_NUM_THREADS); "
+                      "on a busy machine fewer can be faster")]
 ModelOption = Annotated[str | None, typer.Option(
     metavar="MODEL", help="Model: 'shapes', a diffusers folder, a hub id, or a single .safetensors/.ckpt file "
                           "with --set model.config=DIR (shortcut for --set model=...)")]
@@ -207,8 +210,8 @@ RecipeArgument = Annotated[str, typer.Argument(
     autocompletion=_complete_recipe)]
 
 
-def _overrides(prompt, seed, steps, model, device) -> dict[str, Any]:
-    return {"prompt": prompt, "seed": seed, "steps": steps, "model": model, "device": device}
+def _overrides(prompt, seed, steps, model, device, threads=None) -> dict[str, Any]:
+    return {"prompt": prompt, "seed": seed, "steps": steps, "model": model, "device": device, "threads": threads}
 
 
 def _sets(sets: list[str], allow_download: bool = False, view_size: int | None = None) -> list[str]:
@@ -314,6 +317,7 @@ def run(
     steps: StepsOption = None,
     model: ModelOption = None,
     device: DeviceOption = None,
+    threads: ThreadsOption = None,
     allow_download: AllowDownloadOption = False,
     view_size: ViewSizeOption = None,
     log: LogOption = [],  # noqa: B006
@@ -327,7 +331,8 @@ def run(
         return path
 
     _start(f"reading recipe {recipe}", recipe, _sets(set_, allow_download, view_size),
-           _overrides(prompt, seed, steps, model, device), target, no_live, overwrite=overwrite, resume=False, log=log)
+           _overrides(prompt, seed, steps, model, device, threads), target, no_live, overwrite=overwrite,
+           resume=False, log=log)
 
 
 def resume(
@@ -338,6 +343,7 @@ def resume(
         help="Change steps (to continue a completed run) or output.*, e.g. --set steps=1000. Repeatable.")] = [],  # noqa: B006
     steps: StepsOption = None,
     device: DeviceOption = None,
+    threads: ThreadsOption = None,
     no_live: NoLiveOption = False,
     view_size: ViewSizeOption = None,
     log: LogOption = [],  # noqa: B006
@@ -353,7 +359,8 @@ def resume(
                               "and output.* can change (for anything else start a new run: sdsctl run "
                               f"{run_dir / 'recipe.yaml'} --set {expr} --out NEW_DIR)")
     _start(f"reading {run_dir / 'recipe.yaml'}", run_dir / "recipe.yaml", _sets(set_, view_size=view_size),
-           {"steps": steps, "device": device}, lambda loaded: run_dir, no_live, overwrite=False, resume=True, log=log)
+           {"steps": steps, "device": device, "threads": threads}, lambda loaded: run_dir, no_live, overwrite=False,
+           resume=True, log=log)
 
 
 def validate(
@@ -364,13 +371,14 @@ def validate(
     steps: StepsOption = None,
     model: ModelOption = None,
     device: DeviceOption = None,
+    threads: ThreadsOption = None,
     show: Annotated[bool, typer.Option("--show", help="Print the fully resolved recipe.")] = False,
     allow_download: AllowDownloadOption = False,
 ) -> None:
     """Check a recipe and the device without running it (no model weights are loaded)."""
     from .recipe import load_recipe, to_yaml
 
-    loaded = load_recipe(recipe, _sets(set_, allow_download), _overrides(prompt, seed, steps, model, device))
+    loaded = load_recipe(recipe, _sets(set_, allow_download), _overrides(prompt, seed, steps, model, device, threads))
     _warn(loaded.warnings)
     r = loaded.recipe
     if show:

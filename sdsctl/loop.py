@@ -79,6 +79,15 @@ def placement(recipe) -> tuple[torch.device, torch.dtype, str | None]:
     return device, dtype, warning
 
 
+def apply_threads(recipe) -> int:
+    """Set torch's CPU threads to the recipe's ``threads`` (unset: leave torch's default, which
+    ``OMP_NUM_THREADS`` decides); returns the number in use. On a busy or small machine fewer
+    threads can be faster (docs/performance.md)."""
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
+    return torch.get_num_threads()
+
+
 def load_prior(loaded: LoadedRecipe, device: torch.device, dtype: torch.dtype):
     """The recipe's model loaded by its plugin on ``device`` in ``dtype`` (a failing plugin is
     named: :class:`~sdsctl.errors.PluginError`)."""

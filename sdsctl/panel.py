@@ -94,7 +94,10 @@ class PlainLog:
         self.total = info["steps"]
         self.device = info["device"]
         start = f" from step {info['start_step']}" if info["start_step"] else ""
-        self._print(f"sdsctl: {info['title']} -- {info['steps']} steps{start} on {info['device']} -> {info['run_dir']}")
+        n = info.get("threads")
+        threads = f", {n} thread{'s' if n != 1 else ''}" if n and info["device"] == "cpu" else ""
+        self._print(f"sdsctl: {info['title']} -- {info['steps']} steps{start} on {info['device']}{threads} "
+                    f"-> {info['run_dir']}")
 
     def step(self, record: dict[str, Any]) -> None:
         self.speed.tick(record.get("seconds"))
@@ -200,7 +203,10 @@ class LivePanel:
             lines += [
                 Text(f"phase {rec['phase']}   {_timesteps(rec)}"),
                 Text(f"loss {_num(rec['loss'])}   {_norms(rec)}"),
-                Text(f"lr {rec['lr']:.2g}   device {info['device']}   {memory_text(torch.device(info['device']))}"),
+                Text(f"lr {rec['lr']:.2g}   device {info['device']}"
+                     + (f" ({info['threads']} thread{'s' if info['threads'] != 1 else ''})"
+                        if info.get("threads") and info["device"] == "cpu" else "")
+                     + f"   {memory_text(torch.device(info['device']))}"),
             ]
         lines.append(Text(f"run {info['run_dir']}", style="dim"))
         lines += [Text(n, style="yellow") for n in self.notes[-2:]]

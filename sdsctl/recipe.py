@@ -542,5 +542,9 @@ def load_recipe(ref: str | Path, sets: list[str] | tuple[str, ...] = (),
 
 
 def to_yaml(recipe: Recipe) -> str:
-    """The fully resolved recipe (every default written out) as YAML."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+    """The fully resolved recipe (every default written out) as YAML; ``threads`` only when set
+    (a recipe written before it existed reads the same)."""
+    data = recipe.model_dump(mode="json")
+    if data.get("threads") is None:
+        data.pop("threads", None)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)

@@ -36,7 +36,7 @@ from . import plugins
 from .devices import peak_memory_mb
 from .errors import PluginError, RunFailed, SdsctlError
 from .images import contact_sheet, save_image, save_view
-from .loop import OOM, Optimization, blame, load_prior, placement
+from .loop import OOM, Optimization, apply_threads, blame, load_prior, placement
 from .recipe import LoadedRecipe, to_yaml
 from .records import NonFinite, PendingRecords
 from .rundir import RunDir, RunLock, check_target
@@ -198,6 +198,7 @@ class Run:
         self.loaded, self.recipe, self.path, self.reporter = loaded, loaded.recipe, path, reporter
         self.overwrite, self.resume, self.prior, self.command = overwrite, resume, prior, command
         self.device, self.dtype, dtype_warning = placement(self.recipe)
+        self.threads = apply_threads(self.recipe)
         if dtype_warning:
             reporter.note(f"warning: {dtype_warning}")
         self.state: dict[str, Any] | None = None  # the saved state a resumed run starts from
@@ -265,7 +266,7 @@ class Run:
         self.seconds_before = self.state["seconds"] if self.state else 0.0
         self.started = time.perf_counter()
         prior, device = self.prior, self.device
-        self.base_summary = {"steps": self.recipe.steps, "device": str(device),
+        self.base_summary = {"steps": self.recipe.steps, "device": str(device), "threads": self.threads,
                              "dtype": str(self.dtype).removeprefix("torch."),
                              "model": prior.summary() if hasattr(prior, "summary") else {}, "recipe": "recipe.yaml",
                              "versions": versions()}
@@ -309,7 +310,7 @@ class Run:
         opt.checkpoint(self.start)
         self.dir.write_summary(self.summary("running", self.start))
         self.reporter.start({"title": _title(self.loaded), "steps": self.recipe.steps, "start_step": self.start,
-                             "device": str(self.device), "run_dir": str(self.path),
+                             "device": str(self.device), "threads": self.threads, "run_dir": str(self.path),
                              "preview_every": self.recipe.output.preview_every})
 
     def steps(self) -> None:

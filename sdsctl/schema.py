@@ -104,6 +104,8 @@ class Recipe(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     compile: bool = Field(False, description="torch.compile the denoiser (static shapes; CUDA graphs on CUDA)")
     channels_last: bool = Field(False, description="NHWC convolution weights (faster on tensor cores)")
+    threads: int | None = Field(None, ge=1, description="CPU threads of torch's operations (torch.set_num_threads); "
+                                "none: torch's default, one per core")
 
     @field_validator("prompt")
     @classmethod

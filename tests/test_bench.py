@@ -13,7 +13,7 @@ from sdsctl.models import Prior
 from sdsctl.recipe import load_recipe
 
 KEYS = {"steps_per_second", "ms_per_step", "unet_calls_per_step", "breakdown_ms", "peak_memory_mb", "device",
-        "dtype", "floor_ratio", "floor_ms"}
+        "dtype", "floor_ratio", "floor_ms", "threads"}
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def test_bench_json_has_the_issue_s_keys(cli, recipe_file):
     assert report["unet_calls_per_step"] == 1 and report["floor_ms"] > 0 and report["ms_per_step"] > 0
     assert report["floor_ratio"] == pytest.approx(report["ms_per_step"] / report["floor_ms"], rel=1e-2)
     assert report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["threads"] == torch.get_num_threads()
 
 
 @pytest.mark.parametrize("content, unet_calls, kinds", [

@@ -669,3 +669,24 @@ def test_going_back_to_a_step_drops_later_previews_and_their_copies(tmp_path):
     run.drop_previews_after(10)
     assert [p.name for p in run.preview_paths()] == ["step_000010.png"]
     assert [p.name for p in (run.previews / "view_512").iterdir()] == ["step_000010.png"]
+
+
+def test_threads_is_applied_recorded_and_shown(cli, recipe_file, tmp_path):
+    """``--threads N`` sets torch's CPU threads for the run; summary.json, the log's first line and
+    recipe.yaml say it; unset, recipe.yaml has no ``threads`` (older run folders stay reusable)."""
+    before = torch.get_num_threads()
+    try:
+        out = tmp_path / "one"
+        result = cli("run", recipe_file({"steps": 2}), "--threads", "1", "--out", out, "--no-live")
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+        assert json.loads((out / "summary.json").read_text())["threads"] == 1
+        assert "on cpu, 1 thread ->" in result.stdout and "threads: 1" in (out / "recipe.yaml").read_text()
+        plain = tmp_path / "default"
+        assert cli("run", recipe_file({"steps": 2}), "--out", plain, "--no-live").exit_code == 0
+        assert "\nthreads:" not in (plain / "recipe.yaml").read_text()
+        assert json.loads((plain / "summary.json").read_text())["threads"] == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    bad = cli("validate", recipe_file(), "--threads", "0")
+    assert bad.exit_code == 2 and "--threads" in bad.stderr and "greater than or equal to 1" in bad.stderr
