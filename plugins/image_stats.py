@@ -13,6 +13,8 @@ from sdsctl.components import Metric
 
 
 class ImageStats(Metric):
+    keys = ("saturation", "colorfulness", "clipped", "sharpness", "structure", "two_tone", "brightness")
+
     def __call__(self, image, prompt: str) -> dict:
         from sdsctl import imagestats  # numpy: imported when used, not when the plugin loads
 

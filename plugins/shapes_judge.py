@@ -20,6 +20,9 @@ from sdsctl.components import Metric
 
 
 class ShapesJudge(Metric):
+    keys = ("shape_iou", "palette_error", "sharpness", "noise", "saturation", "contrast", "brightness",
+            "match_color", "match_shape", "match_background", "match")
+
     @classmethod
     def applies_to(cls, prior) -> bool:
         from sdsctl.shapes import world  # numpy: imported when used, not when the plugin loads

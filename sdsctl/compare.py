@@ -188,10 +188,12 @@ def run_settings(settings: list[Setting], pairs: list[tuple[str, int]], out: Pat
     settings (``rank_by``, see ``sdsctl.ranking``). Failed runs are in the results, with
     their error (``summary.failed`` counts them). ``warn``: where the recipes' warnings go
     (default ``echo``)."""
-    from .ranking import parse_rank_by
+    from .ranking import check_rank_by, parse_rank_by
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     by = parse_rank_by(rank_by, clip is not None) if kind == "sweep" or rank_by else None
+    if by is not None:
+        check_rank_by(by, clip is not None)
     # validate everything before the first run: a typo in the last setting must not cost the others
     items = entries(settings, overrides, out)
     for e in items:  # the pairs' prompts replace the recipe's: its prompt's warnings are unknown_words' below

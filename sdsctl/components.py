@@ -302,6 +302,9 @@ class Metric(Component):
     """A number (or a few) computed on the final image; goes into ``summary.json``."""
 
     kind = "metric"
+    #: the numbers its reading holds (``compare``/``sweep --rank-by NAME.KEY`` names them), so
+    #: that a misspelled ``--rank-by`` is refused before any run; None: not declared (not checked)
+    keys: ClassVar[tuple[str, ...] | None] = None
 
     @classmethod
     def applies_to(cls, prior: Prior) -> bool:

@@ -58,6 +58,30 @@ def parse_rank_by(text: str | None, clip: bool = False) -> RankBy:
     return RankBy(name, lower)
 
 
+#: the run-level numbers every run has besides its metrics' (``RunData.figures``)
+FIGURES = ("convergence", "seconds_per_step", "peak_memory_mb")
+
+
+def check_rank_by(by: RankBy, clip: bool) -> None:
+    """Refuse a ``--rank-by`` no run will have, before any run: the names are the installed
+    metrics' declared keys (``Metric.keys``), the run figures and, with ``--clip``, ``clip.score``."""
+    from . import plugins
+    from .recipe import suggest
+
+    if by.metric == JUDGE:
+        return
+    metrics = plugins.components("metrics")
+    known = [*FIGURES, *(["clip.score"] if clip else [])]
+    for name, reg in metrics.items():
+        known += [f"{name}.{key}" for key in reg.obj.keys or ()]
+    prefix = by.metric.split(".", 1)[0]
+    if by.metric in known or (prefix in metrics and metrics[prefix].obj.keys is None):
+        return
+    hint = suggest(by.metric, known) or (" (clip.score needs --clip DIR)" if by.metric == "clip.score" else "")
+    raise SdsctlError(f"--rank-by {by.metric}: no run will have a number by that name{hint}; the numbers are "
+                      f"{', '.join(known)}, or judge")
+
+
 def stat(values: list[float]) -> dict[str, float] | None:
     """Mean, sample standard deviation (0 for one value) and count; None without values."""
     if not values:

@@ -454,3 +454,30 @@ def test_ctrl_c_on_ray_cancels_the_outstanding_tasks_and_keeps_every_finished_ru
     again = cli(*args, "--no-live")
     assert again.exit_code == 0, again.output
     assert "reused 1 of 3 runs, continued 0 interrupted, ran 2" in again.output
+
+
+def test_a_misspelled_rank_by_is_refused_before_any_run(cli, recipe_file, tmp_path):
+    out = tmp_path / "sweep"
+    result = cli("sweep", recipe_file(), "--grid", "guidance.guidance_scale=7.5,30", "--seeds", "1",
+                 "--rank-by", "shapes-judge.iou", "--out", out, "--no-live")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--rank-by shapes-judge.iou: no run will have a number by that name" in result.stderr
+    assert "did you mean 'shapes-judge.shape_iou'?" in result.stderr
+    assert not out.exists()
+    clip = cli("sweep", recipe_file(), "--grid", "guidance.guidance_scale=7.5,30", "--seeds", "1",
+               "--rank-by", "clip.score", "--out", out, "--no-live")
+    assert clip.exit_code == 2 and "clip.score needs --clip DIR" in clip.stderr and not out.exists()
+
+
+def test_the_first_party_metrics_declare_the_numbers_they_report():
+    """``Metric.keys`` (what --rank-by is checked against) is what the metric's reading holds."""
+    import torch
+
+    from sdsctl import plugins
+
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for name in ("shapes-judge", "image-stats"):
+        cls = plugins.components("metrics")[name].obj
+        reading = cls.__call__(object.__new__(cls), image, "a red circle on a blue background")
+        numbers = {k for k, v in reading.items() if isinstance(v, (int, float)) and not isinstance(v, str)}
+        assert set(cls.keys) == numbers, name
