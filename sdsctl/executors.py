@@ -359,11 +359,14 @@ class RayExecutor:
         ray = self.ray
         if ray.is_initialized():
             return False
+        # Ray's own notices (e.g. "Token authentication is enabled") are not sdsctl's to print in
+        # the middle of its output: shown with `sdsctl -v` only, as transformers' and diffusers'
+        level = logging.WARNING if os.environ.get("SDSCTL_VERBOSE") else logging.ERROR
         try:
             if self.address:
-                ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
+                ray.init(address=self.address, logging_level=level, log_to_driver=False)
             else:
-                ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+                ray.init(include_dashboard=False, logging_level=level, log_to_driver=False)
         except Exception as exc:  # noqa: BLE001 - Ray raises several kinds here
             where = f"the Ray cluster at --address {self.address}" if self.address else "a local Ray instance"
             raise SdsctlError(f"could not start or join {where}: {summarize(exc)}; check the address "

@@ -252,6 +252,22 @@ def test_hub_ids_come_from_the_cache_unless_downloading_is_allowed(cli, monkeypa
     assert calls == [True, False]
 
 
+def test_a_hub_error_ends_with_the_librarys_reason_not_its_advice(cli, monkeypatch):
+    """Hugging Face's own advice ("pass 'local_files_only=False'") names a keyword sdsctl's user
+    never sees; sdsctl's message says what to do, the library's reason stays."""
+    import huggingface_hub
+
+    def snapshot(repo_id, **kwargs):
+        raise OSError("Cannot find an appropriate cached snapshot folder for the specified revision on the local "
+                      "disk and outgoing traffic has been disabled. To enable repo look-ups and downloads online, "
+                      "pass 'local_files_only=False' as input.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    result = cli("validate", "sds", "--model", "someone/some-model")
+    assert result.exit_code == 2 and "--allow-download" in result.stderr
+    assert "outgoing traffic has been disabled.)" in result.stderr and "local_files_only" not in result.stderr
+
+
 @pytest.fixture(scope="module")
 def sd1_single_file(tiny_families, tmp_path_factory):
     """The tiny SD 1.x pipeline as one .safetensors file in the original layout (model sites')."""

@@ -481,3 +481,23 @@ def test_the_first_party_metrics_declare_the_numbers_they_report():
         reading = cls.__call__(object.__new__(cls), image, "a red circle on a blue background")
         numbers = {k for k, v in reading.items() if isinstance(v, (int, float)) and not isinstance(v, str)}
         assert set(cls.keys) == numbers, name
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_rays_own_notices_are_shown_with_v_only(monkeypatch, verbose):
+    """Ray's "Token authentication is enabled" warning comes from its logger at WARNING: the
+    executor starts Ray at ERROR unless ``sdsctl -v`` (SDSCTL_VERBOSE) asks for the libraries' output."""
+    import logging
+
+    pytest.importorskip("ray")
+    from sdsctl.executors import RayExecutor
+
+    executor = RayExecutor()
+    seen = []
+    monkeypatch.setattr(executor.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(executor.ray, "init", lambda **kwargs: seen.append(kwargs["logging_level"]))
+    monkeypatch.delenv("SDSCTL_VERBOSE", raising=False)
+    if verbose:
+        monkeypatch.setenv("SDSCTL_VERBOSE", "1")
+    assert executor._connect() is True
+    assert seen == [logging.WARNING if verbose else logging.ERROR]

@@ -58,6 +58,7 @@ from .sources import (
     check_single_file,
     config_folder,
     hub_hint,
+    library_detail,
     read_json,
     resolve_source,
     single_file,
@@ -261,7 +262,7 @@ class Prior:
             hint = hub_hint(source, allow_download) if kind == "hub" else f"cannot load the model in {source}"
             if variant:
                 hint += f" (variant {variant!r}: are its files, e.g. unet/*.{variant}.safetensors, there?)"
-            raise SdsctlError(f"{hint}\n  ({type(exc).__name__}: {exc})") from exc
+            raise SdsctlError(f"{hint}\n  {library_detail(exc)}") from exc
         return family(pipe, device=device, dtype=dtype, source=named)
 
     @classmethod

@@ -105,6 +105,17 @@ def resolve_source(path: str) -> tuple[str, str]:
     raise InvalidConfig(f"model folder {path} not found (nor is it a hub id like 'owner/name')", field="path")
 
 
+def library_detail(exc: BaseException) -> str:
+    """``(Type: message)`` of a library's exception for the line under sdsctl's own message,
+    without the library's advice about its own keywords (Hugging Face's "pass
+    'local_files_only=False'"): sdsctl's message says what to do in sdsctl's terms."""
+    import re
+
+    sentences = re.split(r"(?<=\.)\s+", str(exc).strip())
+    kept = [s for s in sentences if "local_files_only" not in s and "HF_HUB_OFFLINE" not in s]
+    return f"({type(exc).__name__}: {' '.join(kept) or type(exc).__name__})"
+
+
 def hub_hint(repo_id: str, allow_download: bool = False) -> str:
     """What to do when a hub model is not available."""
     if allow_download:
@@ -128,7 +139,7 @@ def config_folder(kind: str, source: str, allow_download: bool = False) -> Path:
 
         return Path(snapshot_download(source, allow_patterns=CONFIG_PATTERNS, local_files_only=not allow_download))
     except Exception as exc:
-        raise SdsctlError(f"{hub_hint(source, allow_download)}\n  ({type(exc).__name__}: {exc})") from exc
+        raise SdsctlError(f"{hub_hint(source, allow_download)}\n  {library_detail(exc)}") from exc
 
 
 def read_json(path: Path) -> dict:
