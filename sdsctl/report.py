@@ -102,19 +102,43 @@ def _mean_curve(runs: list[dict[str, list[tuple[int, float]]]], key: str, points
     return [(steps[i], smooth[i]) for i in keep]
 
 
+def _same_as(curves: dict[str, list[tuple[int, float]]]) -> dict[str, str]:
+    """Recipe -> the earlier recipe whose curve it coincides with (same steps, values equal to
+    1e-9): drawn over each other, the later one would hide the earlier."""
+    same: dict[str, str] = {}
+    names = [n for n, c in curves.items() if c]
+    for i, name in enumerate(names):
+        for other in names[:i]:
+            a, b = curves[name], curves[other]
+            if other not in same and len(a) == len(b) and all(
+                    sa == sb and math.isclose(va, vb, rel_tol=1e-9, abs_tol=1e-12) for (sa, va), (sb, vb) in zip(a, b)):
+                same[name] = other
+                break
+    return same
+
+
+def _y_range(values: list[float], log: bool) -> tuple[float, float]:
+    """The y axis's ends (log10 units when ``log``); a constant series gets a range around its value."""
+    f = (lambda v: math.log10(v)) if log else (lambda v: v)
+    lo, hi = f(min(values)), f(max(values))
+    if hi - lo < 1e-12:
+        pad = 0.05 if log else (abs(lo) * 0.05 or 0.5)
+        lo, hi = lo - pad, hi + pad
+    return lo, hi
+
+
 def svg_plot(title: str, curves: dict[str, list[tuple[int, float]]], colors: dict[str, str],
              width: int = 420, height: int = 220) -> str:
-    """A line plot as inline SVG: one polyline per recipe, axes with their ranges; log y for wide ranges."""
+    """A line plot as inline SVG: one polyline per recipe, axes with their ranges; log y (said on
+    the axis) for wide ranges; a curve that coincides with an earlier one is dashed and named."""
     values = [v for c in curves.values() for _, v in c]
     steps = [s for c in curves.values() for s, _ in c]
     if not values:
         return ""
-    left, right, top, bottom = 56, 10, 10, 30
     log = min(values) > 0 and max(values) / min(values) > 50
+    left, right, top, bottom = 56, 10, 20 if log else 10, 30  # room for "(log y)" above the axis
     f = (lambda v: math.log10(v)) if log else (lambda v: v)
-    lo, hi = f(min(values)), f(max(values))
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
+    lo, hi = _y_range(values, log)
     s0, s1 = min(steps), max(steps)
     s1 = s1 if s1 > s0 else s0 + 1
 
@@ -138,11 +162,18 @@ def svg_plot(title: str, curves: dict[str, list[tuple[int, float]]], colors: dic
         parts.append(f'<text x="{x}" y="{height - 14}" font-size="10" text-anchor="{anchor}">{s}</text>')
     parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 3}" font-size="10" text-anchor="middle">'
                  f'step{" (log y)" if log else ""}</text>')
+    if log:  # the y axis says it too, above its top label
+        parts.append(f'<text x="{left - 4}" y="{top - 8}" font-size="9" text-anchor="end">(log y)</text>')
+    same = _same_as(curves)
     for name, curve in curves.items():
         if curve:
             pts = " ".join(xy(s, v) for s, v in curve)
-            parts.append(f'<polyline fill="none" stroke="{colors[name]}" stroke-width="1.6" points="{pts}">'
+            dash = ' stroke-dasharray="5,4"' if name in same else ""
+            parts.append(f'<polyline fill="none" stroke="{colors[name]}" stroke-width="1.6"{dash} points="{pts}">'
                          f'<title>{_e(name)}</title></polyline>')
+    for i, (name, other) in enumerate(same.items()):
+        parts.append(f'<text x="{width - right - 4}" y="{top + 12 + 11 * i}" font-size="9" text-anchor="end" '
+                     f'fill="{colors[name]}">{_e(name)}: identical to {_e(other)} (dashed)</text>')
     parts.append("</svg>")
     return "".join(parts)
 

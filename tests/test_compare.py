@@ -213,3 +213,29 @@ def test_progress_line_above_the_live_panel():
     assert "ETA 0:00:20" in text
     assert outside_world("a red circle on a blue background") is None
     assert "dog" in outside_world("a photo of a dog") and outside_world("a red thing")
+
+
+# ----------------------------------------------------------------------------- charts
+
+
+def test_charts_show_coinciding_lines_constant_series_and_log_axes():
+    import re
+
+    from sdsctl.report import svg_plot
+
+    colors = {"a": "#111111", "b": "#222222", "c": "#333333"}
+    same = [(0, 1.0), (10, 2.0), (20, 3.0)]
+    svg = svg_plot("t", {"a": same, "b": list(same), "c": [(0, 1.0), (10, 2.5), (20, 3.0)]}, colors)
+    lines = re.findall(r'<polyline [^>]*stroke="(#\d+)"([^>]*)>', svg)
+    assert [(c, "stroke-dasharray" in rest) for c, rest in lines] == [("#111111", False), ("#222222", True),
+                                                                       ("#333333", False)]
+    assert "b: identical to a (dashed)" in svg and "c: identical" not in svg
+
+    constant = svg_plot("lr", {"a": [(0, 0.01), (10, 0.01)]}, colors)
+    y_label = r'<text x="52" y="[0-9.]+" font-size="10" text-anchor="end">([-0-9.e]+)</text>'  # the y axis's
+    labels = [float(x) for x in re.findall(y_label, constant)]
+    assert len(labels) == 3 and all(0.009 <= v <= 0.011 for v in labels), labels  # around 0.01, not -0.49..0.51
+
+    wide = svg_plot("score", {"a": [(0, 1.0), (10, 1000.0)]}, colors)
+    assert wide.count("(log y)") == 2  # the step axis and the y axis
+    assert "(log y)" not in svg
