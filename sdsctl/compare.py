@@ -56,13 +56,19 @@ class Progress:
         self.steps_left = total_steps
         self.run_steps = 0
         self.run_seconds = 0.0
+        self.now_steps, self.now_seconds = 0, 0.0  # the run going on: its steps so far and their time
         self.started = time.perf_counter()
         self.current = ""
+
+    def running(self, steps: int, seconds: float) -> None:
+        """The run going on has taken ``steps`` steps in ``seconds``: the ETA moves with it."""
+        self.now_steps, self.now_seconds = steps, seconds
 
     def finish(self, steps: int, seconds: float | None) -> None:
         """A run finished; ``seconds`` None when it was reused (no time spent here)."""
         self.done += 1
         self.steps_left -= steps
+        self.now_steps, self.now_seconds = 0, 0.0
         if seconds is not None:
             self.run_steps += steps
             self.run_seconds += seconds
@@ -70,9 +76,10 @@ class Progress:
     def eta(self) -> str:
         import datetime
 
-        if not self.run_steps:
+        steps, seconds = self.run_steps + self.now_steps, self.run_seconds + self.now_seconds
+        if not steps:
             return "?"
-        return str(datetime.timedelta(seconds=int(self.steps_left * self.run_seconds / self.run_steps)))
+        return str(datetime.timedelta(seconds=int(max(self.steps_left - self.now_steps, 0) * seconds / steps)))
 
     def line(self) -> str:
         import datetime
@@ -90,6 +97,11 @@ def _live_reporter(progress: Progress):
     from .panel import LivePanel
 
     class CompareLive(LivePanel):
+        def step(self, record):
+            super().step(record)
+            if self.info is not None:  # the comparison's ETA moves with the run's steps
+                progress.running(record["step"] - self.info["start_step"], time.perf_counter() - self.started)
+
         def render(self):
             from rich.console import Group
             from rich.text import Text

@@ -210,11 +210,12 @@ class LivePanel:
             ]
         lines.append(Text(f"run {info['run_dir']}", style="dim"))
         lines += [Text(n, style="yellow") for n in self.notes[-2:]]
+        # Fixed column widths: the preview stays where it is whatever the figures' lengths and
+        # the notes (a line too long for its column ends in an ellipsis)
         body = Table.grid(padding=(0, 2))
-        if self.image is not None:
-            body.add_row(Group(*lines), self.image)
-        else:
-            body.add_row(Group(*lines))
+        body.add_column(width=max(10, self.width - 4 - 2 - self.preview_width), no_wrap=True)
+        body.add_column(width=self.preview_width, no_wrap=True)
+        body.add_row(Group(*lines), self.image if self.image is not None else Text(""))
         for line in lines:
             if isinstance(line, Text):
                 line.no_wrap, line.overflow = True, "ellipsis"

@@ -239,3 +239,17 @@ def test_charts_show_coinciding_lines_constant_series_and_log_axes():
     wide = svg_plot("score", {"a": [(0, 1.0), (10, 1000.0)]}, colors)
     assert wide.count("(log y)") == 2  # the step axis and the y axis
     assert "(log y)" not in svg
+
+
+def test_the_comparisons_eta_moves_while_a_run_is_going():
+    from sdsctl.compare import Progress
+
+    progress = Progress(total_runs=2, total_steps=200)
+    assert progress.eta() == "?"  # nothing measured yet
+    progress.running(50, 10.0)  # the first run: 50 steps in 10 s
+    first = progress.eta()
+    assert first == "0:00:30"  # 150 steps left at 0.2 s each
+    progress.running(80, 16.0)
+    assert progress.eta() == "0:00:24" != first  # it moves while the run goes on
+    progress.finish(100, 20.0)
+    assert progress.eta() == "0:00:20"  # 100 steps left at the finished run's rate

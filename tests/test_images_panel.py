@@ -138,3 +138,30 @@ def test_without_a_terminal_the_reporter_is_plain_lines():
     log = PlainLog(5, stream=out)
     log.loading("loading model shapes on cpu")
     assert out.getvalue() == "sdsctl: loading model shapes on cpu ...\n"
+
+
+def test_the_preview_does_not_move_as_the_numbers_change_or_a_note_appears():
+    """The column where the preview starts is the same for short and long figures and with the
+    interruption note (docs/runs.md: the panel keeps one width and its layout)."""
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, color_system=None)
+    panel = LivePanel(console=console, preview_width=16)
+    columns = set()
+    try:
+        panel.start({**INFO, "steps": 1000})
+        panel.preview(10, torch.ones(3, 64, 64))
+        for loss, score, note in ((1.0, 2.0, None), (123456.789, 1e-9, None),
+                                  (0.5, 98765.4321, "SIGINT received: finishing the current step, then saving "
+                                                    "(Ctrl-C again stops the step at once, back to the last "
+                                                    "checked step)")):
+            if note:
+                panel.note(note)
+            panel.step({**RECORD, "loss": loss, "norms": {"score": score, "classifier": score / 3}})
+            text = io.StringIO()
+            Console(file=text, width=120, color_system=None).print(panel.render())
+            for line in text.getvalue().splitlines():
+                if "▀" in line or "█" in line:
+                    columns.add(min(i for i, ch in enumerate(line) if ch in "▀█▄"))
+        assert len(columns) == 1, columns
+    finally:
+        panel.notes = []
+        panel.close()
