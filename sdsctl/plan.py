@@ -42,7 +42,19 @@ def content_hash(text: str, n: int = 8) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-def slug(text: str, n: int = 32) -> str:
+def slug(text: str, n: int = 48) -> str:
+    """``text`` as a folder name: lower-case words joined by ``-``, whole words up to ``n``
+    characters (a first word longer than that is cut)."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if len(words) <= n:
+        return words or "prompt"
+    cut = words[:n + 1].rsplit("-", 1)[0] if "-" in words[:n + 1] else words[:n]
+    return cut.rstrip("-") or "prompt"
+
+
+def _cut_slug(text: str, n: int = 32) -> str:
+    """The folder name runs had before :func:`slug` kept whole words (cut at ``n`` characters):
+    a comparison made then finds its runs again."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].rstrip("-") or "prompt"
 
 
@@ -169,7 +181,11 @@ def plan(items: list[Entry], pairs: list[tuple[str, int]], overrides: dict[str, 
         for prompt, seed in pairs:
             loaded = load_recipe(e.ref, list(e.sets), {**overrides, "prompt": prompt, "seed": seed})
             run_yaml = to_yaml(loaded.recipe)
-            path = e.folder / f"s{seed}-{slug(prompt)}-{content_hash(run_yaml, 6)}"
+            key = content_hash(run_yaml, 6)
+            path = e.folder / f"s{seed}-{slug(prompt)}-{key}"
+            earlier = e.folder / f"s{seed}-{_cut_slug(prompt)}-{key}"
+            if not path.exists() and earlier.is_dir():  # a run folder named before whole words
+                path = earlier
             specs.append(RunSpec(e, prompt, seed, loaded, run_yaml, path, folder_state(path, run_yaml)))
     return specs
 

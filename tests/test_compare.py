@@ -253,3 +253,24 @@ def test_the_comparisons_eta_moves_while_a_run_is_going():
     assert progress.eta() == "0:00:24" != first  # it moves while the run goes on
     progress.finish(100, 20.0)
     assert progress.eta() == "0:00:20"  # 100 steps left at the finished run's rate
+
+
+def test_run_folders_keep_whole_words_and_earlier_comparisons_are_reused(cli, recipe_file, tmp_path):
+    """A run folder's name is the prompt's whole words (not "...-white-backg"); a comparison made
+    when names were cut at 32 characters finds its runs again under their old names."""
+    import shutil
+
+    from sdsctl.plan import slug
+
+    assert slug("a purple square on a white background") == "a-purple-square-on-a-white-background"
+    assert slug("word " * 20).endswith("word") and len(slug("word " * 20)) <= 48
+    path = recipe_file({"steps": 2})
+    out = tmp_path / "cmp"
+    prompt = "a purple square on a white background"
+    assert cli("compare", path, "--prompt", prompt, "--out", out, "--no-live").exit_code == 0
+    (run,) = [p for p in (out / "runs").glob("*/*") if p.is_dir()]
+    assert "a-purple-square-on-a-white-background" in run.name
+    old_name = run.name.replace("a-purple-square-on-a-white-background", "a-purple-square-on-a-white-backg")
+    shutil.move(run, run.with_name(old_name))  # as a comparison of the earlier version left it
+    again = cli("compare", path, "--prompt", prompt, "--out", out, "--no-live")
+    assert again.exit_code == 0 and "reused 1 of 1 runs" in again.output
