@@ -14,6 +14,7 @@ from sdsctl.components import Metric
 
 class ImageStats(Metric):
     keys = ("saturation", "colorfulness", "clipped", "sharpness", "structure", "two_tone", "brightness")
+    lower_is_better = ("clipped",)
 
     def __call__(self, image, prompt: str) -> dict:
         from sdsctl import imagestats  # numpy: imported when used, not when the plugin loads

@@ -22,6 +22,12 @@ from sdsctl.components import Metric
 class ShapesJudge(Metric):
     keys = ("shape_iou", "palette_error", "sharpness", "noise", "saturation", "contrast", "brightness",
             "match_color", "match_shape", "match_background", "match")
+    verdict = "match"  # the prompt's colour, shape and background all seen
+    verdict_words = {"column": "judge match", "rate": "the judge's match rate", "yes": "match", "no": "miss",
+                     "none": "judge n/a"}
+    headline = {"shape_iou": ("shape IoU", ".2f"), "palette_error": ("palette error", ".3f")}
+    tie_break = "palette_error"
+    lower_is_better = ("palette_error", "noise")
 
     @classmethod
     def applies_to(cls, prior) -> bool:

@@ -42,7 +42,16 @@ from .images import save_image
 from .plan import Setting, entries, plan, shapes_pairs, unknown_words  # noqa: F401 - shapes_pairs: public here too
 from .rundir import atomic_write_json, atomic_write_text
 from .runtask import Outcome, Quiet
-from .summaries import completed, fmt, metric_summary, metrics_table, run_numbers, summarize, table  # noqa: F401
+from .summaries import (  # noqa: F401 -- re-exported
+    completed,
+    fmt,
+    metric_summary,
+    metrics_table,
+    run_numbers,
+    summarize,
+    table,
+    verdict_word,
+)
 
 #: a run of the comparison was interrupted (Ctrl-C); its state is saved (the same call continues it)
 CompareInterrupted = Interrupted
@@ -147,8 +156,7 @@ class _Driver(Events):
         if run["status"] == "failed":
             how = f"FAILED after {outcome.attempts} attempt(s): {outcome.error}"
         else:
-            judged = run["metrics"].get("shapes-judge", {})
-            verdict = {True: "match", False: "miss"}.get(judged.get("match"), "judge n/a")
+            verdict = verdict_word(run)
             when = ("reused" if outcome is None else "continued" if spec.state == "resume" and outcome.attempts == 1
                     else f"{run['seconds']:.1f}s")
             how = f"{verdict} ({when}{', attempt 2' if outcome is not None and outcome.attempts > 1 else ''})"

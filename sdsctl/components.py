@@ -305,6 +305,21 @@ class Metric(Component):
     #: the numbers its reading holds (``compare``/``sweep --rank-by NAME.KEY`` names them), so
     #: that a misspelled ``--rank-by`` is refused before any run; None: not declared (not checked)
     keys: ClassVar[tuple[str, ...] | None] = None
+    #: the key of its reading whose True/False is a run's verdict (the shapes judge's
+    #: ``match``): compare and sweep count it per recipe, write it under each image and rank by
+    #: it by default; None: the metric gives no verdict. The first installed metric with one is used.
+    verdict: ClassVar[str | None] = None
+    #: how tables and pages name the verdict: ``column`` (the count's heading), ``rate`` (what a
+    #: ranking says it ranks by), ``yes``/``no`` (under an image), ``none`` (a run it does not judge)
+    verdict_words: ClassVar[dict[str, str]] = {"column": "verdict", "rate": "the verdict rate", "yes": "yes",
+                                               "no": "no", "none": "n/a"}
+    #: the keys summarized per recipe as medians beside the verdict (compare.md's first table):
+    #: key -> (label, format), in order
+    headline: ClassVar[dict[str, tuple[str, str]]] = {}
+    #: the key that breaks ties between equal verdict rates (lower first), or None
+    tie_break: ClassVar[str | None] = None
+    #: keys of its reading where lower is better (``--rank-by`` without ``:min``/``:max``)
+    lower_is_better: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def applies_to(cls, prior: Prior) -> bool:

@@ -4,13 +4,14 @@ A setting's value is the mean over seeds of its per-seed value (the mean over th
 prompts for that seed); its spread is the sample standard deviation of those per-seed values,
 so the spread says how much a setting's figure depends on the seed, not on the prompt.
 
-The default ranks by what the shapes judge reads from each final image: its match rate (the
-share of runs whose colour, shape and background match the prompt; higher first), ties
-broken by palette error (lower first) -- and by ``clip.score`` (higher first) when a CLIP
-model was given (``--clip``). ``--rank-by NAME`` takes any number of a run (the names of
-compare.json's ``summary.metrics``, e.g. ``shapes-judge.shape_iou``,
-``image-stats.sharpness``, ``seconds_per_step``); ``NAME:min`` or ``NAME:max`` says which way is
-better, by default lower for errors, times and memory, higher for everything else.
+The default ranks by the verdict of the installed metric that gives one (``Metric.verdict``;
+the shapes judge's match: the share of runs whose colour, shape and background match the
+prompt; higher first), ties broken by its ``tie_break`` key (the judge's palette error, lower
+first) -- and by ``clip.score`` (higher first) when a CLIP model was given (``--clip``).
+``--rank-by NAME`` takes any number of a run (the names of compare.json's ``summary.metrics``,
+e.g. ``shapes-judge.shape_iou``, ``image-stats.sharpness``, ``seconds_per_step``); ``NAME:min``
+or ``NAME:max`` says which way is better, by default lower for the keys a metric declares
+(``Metric.lower_is_better``) and for times and memory, higher for everything else.
 
 A setting whose runs all failed is ranked last, as failed, with each run's error.
 """
@@ -24,8 +25,28 @@ from typing import Any
 from .errors import SdsctlError
 
 JUDGE = "judge"
-#: last parts of metric names for which lower is better
-LOWER_IS_BETTER = ("palette_error", "seconds", "seconds_per_step", "peak_memory_mb", "convergence", "clipped")
+#: the run figures for which lower is better; a metric's keys say so themselves (``Metric.lower_is_better``)
+LOWER_IS_BETTER = ("seconds", "seconds_per_step", "peak_memory_mb", "convergence")
+
+
+def _verdict():
+    """(name, class) of the metric whose verdict ``judge`` ranks by (``summaries.verdict_metric``)."""
+    from .summaries import verdict_metric
+
+    found = verdict_metric()
+    if found is None:
+        raise SdsctlError("--rank-by judge: no installed metric gives a verdict (the shapes-judge plugin does); "
+                          "rank by a number instead, e.g. --rank-by image-stats.sharpness")
+    return found
+
+
+def _lower_is_better(name: str) -> bool:
+    """Whether lower is better for the number ``name`` (``METRIC.KEY`` or a run figure)."""
+    from . import plugins
+
+    metric, _, key = name.rpartition(".")
+    reg = plugins.components("metrics").get(metric) if metric else None
+    return key in reg.obj.lower_is_better if reg is not None else name in LOWER_IS_BETTER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +56,19 @@ class RankBy:
 
     def describe(self) -> str:
         if self.metric == JUDGE:
-            return "the judge's match rate (higher first), then palette error (lower first)"
+            _, metric = _verdict()
+            tie = f", then {_label(metric, metric.tie_break)} (lower first)" if metric.tie_break else ""
+            return f"{metric.verdict_words['rate']} (higher first){tie}"
         return f"{self.metric} ({'lower' if self.lower else 'higher'} first)"
 
     @property
     def column(self) -> str:
-        return "match rate" if self.metric == JUDGE else self.metric
+        return f"{_verdict()[1].verdict} rate" if self.metric == JUDGE else self.metric
+
+
+def _label(metric, key: str) -> str:
+    """How tables name one of a metric's keys (its headline label, else the key)."""
+    return metric.headline.get(key, (key.replace("_", " "),))[0]
 
 
 def parse_rank_by(text: str | None, clip: bool = False) -> RankBy:
@@ -54,7 +82,7 @@ def parse_rank_by(text: str | None, clip: bool = False) -> RankBy:
                           "(e.g. --rank-by shapes-judge.shape_iou, --rank-by image-stats.clipped:min)")
     if name == JUDGE:
         return RankBy(JUDGE, False)
-    lower = direction == "min" if direction else name.rsplit(".", 1)[-1] in LOWER_IS_BETTER
+    lower = direction == "min" if direction else _lower_is_better(name)
     return RankBy(name, lower)
 
 
@@ -103,7 +131,9 @@ def per_seed(runs: list[dict[str, Any]], value) -> dict[int, float]:
 
 
 def _judged(key: str):
-    return lambda run: run.get("metrics", {}).get("shapes-judge", {}).get(key)
+    """A run's reading of ``key`` by the verdict metric."""
+    name = _verdict()[0]
+    return lambda run: run.get("metrics", {}).get(name, {}).get(key)
 
 
 def _number(name: str):
@@ -128,20 +158,22 @@ class Row:
         out = {"rank": self.rank, "by": by.metric, "lower_is_better": by.lower, "value": self.value,
                "per_seed": {str(k): v for k, v in self.seeds.items()}}
         if self.secondary is not None:
-            out["palette_error"] = self.secondary
+            out[_verdict()[1].tie_break] = self.secondary
         return out
 
 
 def rank(results: dict[str, dict[str, Any]], by: RankBy) -> list[Row]:
     """The rows of ``results`` (compare's per-label results), best first; rows without a value
     (the metric absent, or every run failed) last, in their order, unranked."""
-    primary = _judged("match") if by.metric == JUDGE else _number(by.metric)
+    judge = _verdict()[1] if by.metric == JUDGE else None
+    primary = _judged(judge.verdict) if judge else _number(by.metric)
     rows = []
     for label, res in results.items():
         runs = res["runs"]
         seeds = per_seed(runs, primary)
         ok = [r for r in runs if r.get("status", "completed") == "completed"]
-        secondary = stat(list(per_seed(runs, _judged("palette_error")).values())) if by.metric == JUDGE else None
+        secondary = stat(list(per_seed(runs, _judged(judge.tie_break)).values())) if judge and judge.tie_break \
+            else None
         errors = [f"{r['prompt']!r} seed {r['seed']}: {r.get('error')} ({r.get('attempts', 1)} attempts)"
                   for r in runs if r.get("status", "completed") != "completed"]
         rows.append(Row(label, stat(list(seeds.values())), seeds, secondary, len(runs), len(runs) - len(ok), errors,
@@ -170,11 +202,11 @@ def _cell(value: dict[str, float] | None, judge: bool) -> str:
 
 
 def cells(row: Row, by: RankBy) -> list[str]:
-    """A row as the table shows it: rank, setting, value, [palette error], runs, s/run."""
+    """A row as the table shows it: rank, setting, value, [the verdict's tie-break], runs, s/run."""
     judge = by.metric == JUDGE
     value = "failed" if row.failed == row.runs else _cell(row.value, judge)
     out = [str(row.rank) if row.rank else "–", row.label, value]
-    if judge:
+    if judge and _verdict()[1].tie_break:
         out.append(_cell(row.secondary, False))
     runs = f"{row.runs - row.failed}/{row.runs}" + (f", {row.failed} failed" if row.failed else "")
     out += [runs, f"{row.seconds:.1f}" if row.seconds is not None else "n/a"]
@@ -183,8 +215,9 @@ def cells(row: Row, by: RankBy) -> list[str]:
 
 def headers(by: RankBy) -> list[str]:
     out = ["rank", "setting", f"{by.column} (mean ± spread over seeds)"]
-    if by.metric == JUDGE:
-        out.append("palette error")
+    if by.metric == JUDGE and _verdict()[1].tie_break:
+        metric = _verdict()[1]
+        out.append(_label(metric, metric.tie_break))
     return out + ["runs ok", "s/run"]
 
 
@@ -193,7 +226,7 @@ def note(rows: list[Row], by: RankBy) -> str | None:
     if any(r.rank for r in rows) or all(r.failed == r.runs for r in rows):
         return None
     if by.metric == JUDGE:
-        return ("not ranked: the judge has no verdict on these prompts (outside the shapes world); "
+        return (f"not ranked: {_verdict()[0]} gives no verdict on these prompts (outside its world); "
                 "rank by another number, e.g. --rank-by image-stats.sharpness, or give --clip DIR")
     return f"not ranked: no run has a number named {by.metric} (compare.json's summary.metrics names them)"
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from .rundir import atomic_write_text
 from .runread import RunData
-from .summaries import fmt
+from .summaries import fmt, verdict_metric, verdict_word
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2"]
 
@@ -256,8 +256,7 @@ def _grid(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, 
             if not _ok(r):
                 h.append(f'<td title="{_e(r.get("error"))}"><span class="worse">failed</span></td>')
                 continue
-            judged = r["metrics"].get("shapes-judge", {})
-            verdict = {True: "match", False: "miss"}.get(judged.get("match"), "judge n/a")
+            verdict = verdict_word(r)
             title = f"{lab}: {r['prompt']}, seed {r['seed']}"
             h.append(f'<td><a href="{_e(_rel(run_dir / "progress.png", out))}">'
                      f'{_img(run_dir / "final.png", 96, title)}</a>'
@@ -277,7 +276,9 @@ def _metrics_table(results: dict[str, dict[str, Any]], names: list[str]) -> list
              "of the run; peak_memory_mb on the CPU is the process's peak RSS.</p>")
     h.append('<table class="metrics"><thead><tr><th>metric</th>'
              + "".join(f"<th>{_e(lab)}</th>" for lab in results) + "</tr></thead><tbody>")
-    h.append("<tr><td>judge match</td>" + "".join(
+    found = verdict_metric()
+    column = found[1].verdict_words["column"] if found else "verdict"
+    h.append(f"<tr><td>{_e(column)}</td>" + "".join(
         f'<td class="num">{res["summary"]["matches"]}/{res["summary"]["runs"]}</td>'
         if res["summary"]["match_rate"] is not None else '<td class="num">n/a</td>'
         for res in results.values()) + "</tr>")

@@ -46,36 +46,57 @@ def metric_summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             for k, v in values.items()}
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Match rate, median shape IoU, median palette error and seconds per run over one setting's
-    completed runs, the mean and spread of every metric (``metrics``) and the failed runs' count.
+def verdict_metric() -> tuple[str, Any] | None:
+    """(name, class) of the first installed metric that gives a verdict (``Metric.verdict``,
+    the shapes judge's ``match``), or None: what compare counts, shows and ranks by default."""
+    from . import plugins
 
-    The match says *what* an image shows (the judge names the nearest of three shapes, so a
-    blob still reads as some shape); the shape IoU says how well formed that shape is (a
-    clean render about 0.97, the study's "rough shapes" about 0.6); the palette error how
-    clean the colours are. Prompts outside the shapes world have no match (n/a)."""
+    for name, reg in plugins.components("metrics").items():
+        if reg.obj.verdict:
+            return name, reg.obj
+    return None
+
+
+def verdict_word(run: dict[str, Any]) -> str:
+    """What the verdict metric says of one completed run, in its own words (``match``, ``miss``,
+    ``judge n/a``); ``n/a`` without a verdict metric."""
+    found = verdict_metric()
+    if found is None:
+        return "n/a"
+    name, metric = found
+    words = metric.verdict_words
+    value = run.get("metrics", {}).get(name, {}).get(metric.verdict)
+    return {True: words["yes"], False: words["no"]}.get(value, words["none"])
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The verdict's rate and count and the medians of the verdict metric's headline keys
+    (``Metric.headline``; the shapes judge's: shape IoU and palette error) and seconds per run
+    over one setting's completed runs, the mean and spread of every metric (``metrics``) and the
+    failed runs' count. A run outside the verdict metric's world has no verdict (n/a)."""
     ok = completed(runs)
-    judged = [r["metrics"].get("shapes-judge", {}) for r in ok]
-    matches = [j["match"] for j in judged if "match" in j]
-    ious = [j["shape_iou"] for j in judged if "shape_iou" in j]
-    errors = [j["palette_error"] for j in judged if "palette_error" in j]
-    return {
-        "runs": len(ok),
-        "match_rate": sum(matches) / len(matches) if matches else None,
-        "matches": sum(matches),
-        "median_shape_iou": statistics.median(ious) if ious else None,
-        "median_palette_error": statistics.median(errors) if errors else None,
-        "seconds_per_run": statistics.mean(r["seconds"] for r in ok) if ok else None,
-        "metrics": metric_summary(ok),
-        "failed": len(runs) - len(ok),
-    }
+    name, metric = verdict_metric() or (None, None)
+    judged = [r["metrics"].get(name, {}) for r in ok] if metric else []
+    verdicts = [j[metric.verdict] for j in judged if metric.verdict in j] if metric else []
+    out: dict[str, Any] = {"runs": len(ok), "match_rate": sum(verdicts) / len(verdicts) if verdicts else None,
+                           "matches": sum(verdicts)}
+    for key in (metric.headline if metric else {}):
+        values = [j[key] for j in judged if key in j]
+        out[f"median_{key}"] = statistics.median(values) if values else None
+    out.update({"seconds_per_run": statistics.mean(r["seconds"] for r in ok) if ok else None,
+                "metrics": metric_summary(ok), "failed": len(runs) - len(ok)})
+    return out
 
 
 def table(results: dict[str, dict[str, Any]], name: str = "recipe") -> str:
+    """compare.md's first table: per setting the verdict count, the headline medians, s/run."""
+    metric = (verdict_metric() or (None, None))[1]
+    heads = list(metric.headline.items()) if metric else []
+    column = metric.verdict_words["column"] if metric else "verdict"
     failures = any(res["summary"].get("failed") for res in results.values())
-    lines = [f"| {name} | judge match | median shape IoU | median palette error | s/run |"
+    lines = [f"| {name} | {column} | " + "".join(f"median {label} | " for _, (label, _) in heads) + "s/run |"
              + (" failed |" if failures else ""),
-             "|---|---|---|---|---|" + ("---|" if failures else "")]
+             "|---|---|" + "---|" * len(heads) + "---|" + ("---|" if failures else "")]
 
     def number(value, fmt: str) -> str:
         return format(value, fmt) if value is not None else "n/a"
@@ -83,8 +104,8 @@ def table(results: dict[str, dict[str, Any]], name: str = "recipe") -> str:
     for label, res in results.items():
         s = res["summary"]
         match = f"{s['matches']}/{s['runs']} ({s['match_rate']:.0%})" if s["match_rate"] is not None else "n/a"
-        lines.append(f"| {label} | {match} | {number(s.get('median_shape_iou'), '.2f')} | "
-                     f"{number(s['median_palette_error'], '.3f')} | {number(s['seconds_per_run'], '.1f')} |"
+        medians = "".join(f"{number(s.get(f'median_{key}'), form)} | " for key, (_, form) in heads)
+        lines.append(f"| {label} | {match} | {medians}{number(s['seconds_per_run'], '.1f')} |"
                      + (f" {s.get('failed', 0)} |" if failures else ""))
     return "\n".join(lines) + "\n"
 

@@ -274,3 +274,30 @@ def test_run_folders_keep_whole_words_and_earlier_comparisons_are_reused(cli, re
     shutil.move(run, run.with_name(old_name))  # as a comparison of the earlier version left it
     again = cli("compare", path, "--prompt", prompt, "--out", out, "--no-live")
     assert again.exit_code == 0 and "reused 1 of 1 runs" in again.output
+
+
+def test_the_summaries_follow_the_metrics_declarations_not_the_shapes_judges_keys(monkeypatch):
+    """compare's counts, medians and table come from the verdict metric's declarations
+    (``Metric.verdict``, ``headline``, ``verdict_words``): no core module names a metric's keys."""
+    from sdsctl import summaries
+    from sdsctl.components import Metric
+
+    class Aesthetic(Metric):
+        verdict = "pleasing"
+        verdict_words = {"column": "pleasing", "rate": "the pleasing rate", "yes": "nice", "no": "meh",
+                         "none": "unjudged"}
+        headline = {"score": ("aesthetic score", ".1f")}
+
+    runs = [{"status": "completed", "seconds": 2.0, "seed": i, "metrics": {"aesthetic": {"pleasing": p, "score": s}}}
+            for i, (p, s) in enumerate([(True, 6.0), (False, 4.0), (True, 7.0)])]
+    monkeypatch.setattr(summaries, "verdict_metric", lambda: ("aesthetic", Aesthetic))
+    summary = summaries.summarize(runs)
+    assert (summary["matches"], summary["runs"], summary["median_score"]) == (2, 3, 6.0)
+    assert "median_palette_error" not in summary
+    table = summaries.table({"mine": {"summary": summary}})
+    assert table.splitlines()[0] == "| recipe | pleasing | median aesthetic score | s/run |"
+    assert "| mine | 2/3 (67%) | 6.0 | 2.0 |" in table
+    assert [summaries.verdict_word(r) for r in runs] == ["nice", "meh", "nice"]
+    monkeypatch.setattr(summaries, "verdict_metric", lambda: None)
+    assert summaries.table({"mine": {"summary": summaries.summarize(runs)}}).splitlines()[0] == \
+        "| recipe | verdict | s/run |"
