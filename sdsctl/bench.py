@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from .devices import peak_memory_mb
-from .loop import Optimization, apply_threads, load_prior, placement
+from .loop import Optimization, load_prior, placement, threads_for
 from .recipe import LoadedRecipe
 from .records import PendingRecords
 
@@ -233,10 +233,15 @@ def _timed_against_floor(opt: Optimization, prior, calls: list, device: torch.de
 
 
 def bench(loaded: LoadedRecipe, *, steps: int = 50, warmup: int = 5, prior=None) -> dict[str, Any]:
-    """Measure ``loaded``'s step (see the module docstring); returns the report's fields."""
+    """Measure ``loaded``'s step (see the module docstring) with the recipe's CPU threads;
+    returns the report's fields."""
+    with threads_for(loaded.recipe) as threads:
+        return {**_bench(loaded, steps, warmup, prior), "threads": threads}
+
+
+def _bench(loaded: LoadedRecipe, steps: int, warmup: int, prior) -> dict[str, Any]:
     recipe = loaded.recipe
     device, dtype, _ = placement(recipe)
-    threads = apply_threads(recipe)
     if prior is None:
         prior = load_prior(loaded, device, dtype)
     if device.type == "cuda":
@@ -277,6 +282,5 @@ def bench(loaded: LoadedRecipe, *, steps: int = 50, warmup: int = 5, prior=None)
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
         "dtype": str(dtype).removeprefix("torch."),
-        "threads": threads,
         "torch": torch.__version__,
     }

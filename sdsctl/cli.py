@@ -22,7 +22,7 @@ import sdsctl
 
 from . import plugins
 from .devices import ACCEPTED
-from .errors import PluginError, RunFailed, SdsctlError
+from .errors import RunFailed, SdsctlError
 
 CORE_COMMANDS = ("run", "resume", "validate", "recipes", "plugins")
 #: what `resume --set` may change besides output.*: the rest of a run's recipe is its identity
@@ -437,12 +437,7 @@ def _add_plugin_commands(app: typer.Typer, plugin_commands: list[plugins.Registe
     owners = {name: "sdsctl" for name in CORE_COMMANDS}
     for plugin, dist, call in plugins.each_plugin("register_commands"):
         n_cmds, n_groups = len(app.registered_commands), len(app.registered_groups)
-        try:
-            call(app=app)
-        except SdsctlError:
-            raise
-        except Exception as exc:
-            raise PluginError(f"plugin {plugin!r} failed in register_commands: {type(exc).__name__}: {exc}") from exc
+        plugins.call_plugin(plugin, "register_commands", call, app=app)
         added = [(_command_name(i), app.registered_commands, i) for i in app.registered_commands[n_cmds:]]
         added += [(_group_name(g), app.registered_groups, g) for g in app.registered_groups[n_groups:]]
         for name, registry, info in added:

@@ -50,6 +50,7 @@ from .summaries import (  # noqa: F401 -- re-exported
     run_numbers,
     summarize,
     table,
+    verdict_metric,
     verdict_word,
 )
 
@@ -156,7 +157,7 @@ class _Driver(Events):
         if run["status"] == "failed":
             how = f"FAILED after {outcome.attempts} attempt(s): {outcome.error}"
         else:
-            verdict = verdict_word(run)
+            verdict = verdict_word(run, verdict_metric())
             when = ("reused" if outcome is None else "continued" if spec.state == "resume" and outcome.attempts == 1
                     else f"{run['seconds']:.1f}s")
             how = f"{verdict} ({when}{', attempt 2' if outcome is not None and outcome.attempts > 1 else ''})"

@@ -79,13 +79,19 @@ def placement(recipe) -> tuple[torch.device, torch.dtype, str | None]:
     return device, dtype, warning
 
 
-def apply_threads(recipe) -> int:
-    """Set torch's CPU threads to the recipe's ``threads`` (unset: leave torch's default, which
-    ``OMP_NUM_THREADS`` decides); returns the number in use. On a busy or small machine fewer
-    threads can be faster (docs/performance.md)."""
+@contextlib.contextmanager
+def threads_for(recipe):
+    """torch's CPU threads set to the recipe's ``threads`` for a ``with`` block (unset: torch's
+    default, which ``OMP_NUM_THREADS`` decides) and put back after it, so that a process running
+    several recipes (compare's in-process executor) gives each its own; yields the number in
+    use. On a busy or small machine fewer threads can be faster (docs/performance.md)."""
+    before = torch.get_num_threads()
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
-    return torch.get_num_threads()
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_prior(loaded: LoadedRecipe, device: torch.device, dtype: torch.dtype):

@@ -138,6 +138,18 @@ def each_plugin(hook_name: str) -> Iterator[tuple[str, str | None, Callable[...,
         yield impl.plugin_name, dists.get(id(impl.plugin)), manager.subset_hook_caller(hook_name, others)
 
 
+def call_plugin(plugin: str, hook_name: str, call: Callable[..., Any], **kwargs: Any) -> None:
+    """Call one plugin's implementation of ``hook_name`` (a caller from :func:`each_plugin`); an
+    exception it raises becomes a :class:`PluginError` naming the plugin, an ``SdsctlError``
+    (the user's input) passes as it is."""
+    try:
+        call(**kwargs)
+    except SdsctlError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
+
+
 def registrations(kind: str) -> list[Registered]:
     """Every component of ``kind`` as registered, clashing names included, in hook order."""
     from .components import KINDS, base_class
@@ -160,12 +172,7 @@ def registrations(kind: str) -> list[Registered]:
                 raise PluginError(f"{what}, whose Config is not a subclass of sdsctl.components.ComponentConfig")
             found.append(Registered(kind, name, cls, _plugin, _dist))
 
-        try:
-            call(register=register)
-        except SdsctlError:
-            raise
-        except Exception as exc:
-            raise PluginError(f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
+        call_plugin(plugin, hook_name, call, register=register)
     return found
 
 

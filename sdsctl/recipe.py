@@ -94,9 +94,15 @@ def description(path: Path) -> str:
 
 def bundled_recipes() -> list[tuple[str, Path, str]]:
     """(name, path, description) of every recipe found by name: sdsctl's own, then every
-    plugin's (hook ``register_recipes``). A name taken already keeps its first owner (a warning)."""
-    found = [(p.stem, p, description(p)) for p in sorted(bundled_dir().glob("*.yaml"))]
-    owners = {name: "sdsctl" for name, _, _ in found}
+    plugin's (hook ``register_recipes``)."""
+    return [(name, path, description(path)) for name, path in _named_recipes()]
+
+
+def _plugin_recipes(taken: set[str]) -> list[tuple[str, Path]]:
+    """(name, path) of every plugin's recipe (hook ``register_recipes``); a name in ``taken``
+    or registered before keeps its first owner (a warning)."""
+    found: list[tuple[str, Path]] = []
+    owners = {name: "sdsctl" for name in taken}
     for plugin, _dist, call in plugins.each_plugin("register_recipes"):
 
         def register(name: str, path, _plugin: str = plugin) -> None:
@@ -111,23 +117,28 @@ def bundled_recipes() -> list[tuple[str, Path, str]]:
                                   f"{owners[name]!r}")
                 return
             owners[name] = _plugin
-            found.append((name, file, description(file)))
+            found.append((name, file))
 
-        try:
-            call(register=register)
-        except SdsctlError:
-            raise
-        except Exception as exc:
-            raise PluginError(f"plugin {plugin!r} failed in register_recipes: {type(exc).__name__}: {exc}") from exc
+        plugins.call_plugin(plugin, "register_recipes", call, register=register)
     return found
 
 
+def _named_recipes() -> list[tuple[str, Path]]:
+    own = [(p.stem, p) for p in sorted(bundled_dir().glob("*.yaml"))]
+    return own + _plugin_recipes({name for name, _ in own})
+
+
 def _bundled(ref: str) -> Path | None:
-    """The recipe named ``ref`` (with or without ``.yaml``), sdsctl's or a plugin's."""
+    """The recipe named ``ref`` (with or without ``.yaml``): sdsctl's own (one file lookup, no
+    plugin asked: the common case, once per run of a comparison), else a plugin's."""
     if "/" in ref or "\\" in ref:
         return None
     stem = ref[:-5] if ref.endswith(".yaml") else ref[:-4] if ref.endswith(".yml") else ref
-    return next((path for name, path, _ in bundled_recipes() if name == stem), None)
+    own = bundled_dir() / f"{stem}.yaml"
+    if own.is_file():
+        return own
+    return next((path for name, path in _plugin_recipes({p.stem for p in bundled_dir().glob("*.yaml")})
+                 if name == stem), None)
 
 
 def find_recipe(ref: str) -> Path:
@@ -429,7 +440,7 @@ def _order(p: Problem):
 def _true_cfg_notes(guidance: type, recipe: Recipe, info: ModelInfo) -> list[str]:
     """The one warning every guidance term with unconditional or negative rows
     (``Guidance.unconditional_rows``) gets on a guidance-distilled model."""
-    note = true_cfg_note(recipe.guidance.name, info) if getattr(guidance, "unconditional_rows", False) else None
+    note = true_cfg_note(recipe.guidance.name, info) if guidance.unconditional_rows else None
     return [f"guidance: {note}"] if note else []
 
 

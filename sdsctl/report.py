@@ -244,6 +244,7 @@ def _grid(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, 
           colors: dict[str, str]) -> list[str]:
     """1. The final images, one row per recipe, one column per (prompt, seed) pair."""
     h: list[str] = []
+    found = verdict_metric()  # once for the page
     h.append("<h2>Final images</h2>")
     h.append('<table class="grid"><thead><tr><th></th>')
     for prompt, seed in pairs:
@@ -256,7 +257,7 @@ def _grid(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, 
             if not _ok(r):
                 h.append(f'<td title="{_e(r.get("error"))}"><span class="worse">failed</span></td>')
                 continue
-            verdict = verdict_word(r)
+            verdict = verdict_word(r, found)
             title = f"{lab}: {r['prompt']}, seed {r['seed']}"
             h.append(f'<td><a href="{_e(_rel(run_dir / "progress.png", out))}">'
                      f'{_img(run_dir / "final.png", 96, title)}</a>'

@@ -36,7 +36,7 @@ from . import plugins
 from .devices import peak_memory_mb
 from .errors import PluginError, RunFailed, SdsctlError
 from .images import contact_sheet, save_image, save_view
-from .loop import OOM, Optimization, apply_threads, blame, load_prior, placement
+from .loop import OOM, Optimization, blame, load_prior, placement, threads_for
 from .recipe import LoadedRecipe, to_yaml
 from .records import NonFinite, PendingRecords
 from .rundir import RunDir, RunLock, check_target
@@ -198,7 +198,8 @@ class Run:
         self.loaded, self.recipe, self.path, self.reporter = loaded, loaded.recipe, path, reporter
         self.overwrite, self.resume, self.prior, self.command = overwrite, resume, prior, command
         self.device, self.dtype, dtype_warning = placement(self.recipe)
-        self.threads = apply_threads(self.recipe)
+        self.threads = 0  # torch's CPU threads during the run (``execute`` sets them)
+        self.base_summary: dict[str, Any] = {}  # the summary's fixed part (``prepare``)
         if dtype_warning:
             reporter.note(f"warning: {dtype_warning}")
         self.state: dict[str, Any] | None = None  # the saved state a resumed run starts from
@@ -217,7 +218,8 @@ class Run:
         else:
             check_target(self.path, self.overwrite)
         created = not self.path.exists()
-        with RunLock(self.path).held(self.command, self.reporter) as lock, StopRequest(self.reporter) as stop:
+        with RunLock(self.path).held(self.command, self.reporter) as lock, StopRequest(self.reporter) as stop, \
+                threads_for(self.recipe) as self.threads:
             self.stop = stop
             stop.reporter = self.reporter = PipeGuard(self.reporter, stop)
             if self.resume:

@@ -57,10 +57,10 @@ def verdict_metric() -> tuple[str, Any] | None:
     return None
 
 
-def verdict_word(run: dict[str, Any]) -> str:
-    """What the verdict metric says of one completed run, in its own words (``match``, ``miss``,
-    ``judge n/a``); ``n/a`` without a verdict metric."""
-    found = verdict_metric()
+def verdict_word(run: dict[str, Any], found: tuple[str, Any] | None) -> str:
+    """What the verdict metric ``found`` (:func:`verdict_metric`'s answer, asked once for a page
+    of runs) says of one completed run, in its own words (``match``, ``miss``, ``judge n/a``);
+    ``n/a`` without a verdict metric."""
     if found is None:
         return "n/a"
     name, metric = found

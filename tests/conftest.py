@@ -149,3 +149,28 @@ def ray_session():
         yield ray
     finally:
         ray.shutdown()
+
+
+def run_interrupted_after(path: Path, out: Path, steps_done: int, monkeypatch):
+    """Run the recipe at ``path`` into ``out`` in this process with a SIGINT sent right after step
+    ``steps_done`` (the run handles it: it finishes that step and saves); returns the RunResult."""
+    import signal
+
+    from sdsctl.loop import Optimization
+    from sdsctl.panel import PlainLog
+    from sdsctl.recipe import load_recipe
+    from sdsctl.run import execute
+
+    original = Optimization.step
+
+    def interrupting(self, k):
+        record = original(self, k)
+        if k == steps_done - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return record
+
+    monkeypatch.setattr(Optimization, "step", interrupting)
+    try:
+        return execute(load_recipe(path), out, PlainLog(100))
+    finally:
+        monkeypatch.undo()

@@ -7,18 +7,15 @@ Each score is checked exactly against its formula on fixed predictions (the Know
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import torch
 
+from conftest import run_interrupted_after
 from sdsctl.components import Ramp, StepTimes
 from sdsctl.diffusion import ddim_step, strided_path
 from sdsctl.loop import Optimization
-from sdsctl.panel import PlainLog
 from sdsctl.recipe import load_recipe
-from sdsctl.run import execute
 from sdsctl_plugins.asd import ASD
 from sdsctl_plugins.csd import CSD
 from sdsctl_plugins.ism import ISM
@@ -298,17 +295,7 @@ def test_each_term_interrupted_and_resumed_matches_an_uninterrupted_run(cli, rec
     path = recipe_file({"steps": 6, "negative_prompt": "dull", "guidance": {**bundled.guidance.model_dump(), **extra},
                         "schedule": bundled.schedule.model_dump(), "weighting": bundled.weighting.model_dump()})
     assert cli("run", path, "--out", tmp_path / "full", "--no-live").exit_code == 0
-    original = Optimization.step
-
-    def interrupt_after_step_3(self, k):
-        record = original(self, k)
-        if k == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # handled by the run: finish the step, save
-        return record
-
-    monkeypatch.setattr(Optimization, "step", interrupt_after_step_3)
-    result = execute(load_recipe(path), tmp_path / "part", PlainLog(100))
-    monkeypatch.undo()
+    result = run_interrupted_after(path, tmp_path / "part", 3, monkeypatch)
     assert (result.status, result.steps_done) == ("interrupted", 3)
     assert cli("resume", tmp_path / "part", "--no-live").exit_code == 0
 

@@ -297,7 +297,7 @@ def test_the_summaries_follow_the_metrics_declarations_not_the_shapes_judges_key
     table = summaries.table({"mine": {"summary": summary}})
     assert table.splitlines()[0] == "| recipe | pleasing | median aesthetic score | s/run |"
     assert "| mine | 2/3 (67%) | 6.0 | 2.0 |" in table
-    assert [summaries.verdict_word(r) for r in runs] == ["nice", "meh", "nice"]
+    assert [summaries.verdict_word(r, summaries.verdict_metric()) for r in runs] == ["nice", "meh", "nice"]
     monkeypatch.setattr(summaries, "verdict_metric", lambda: None)
     assert summaries.table({"mine": {"summary": summaries.summarize(runs)}}).splitlines()[0] == \
         "| recipe | verdict | s/run |"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sdsctl
+from conftest import run_interrupted_after
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, Metric
 from sdsctl.errors import RunFailed
 from sdsctl.loop import Optimization
@@ -281,17 +282,7 @@ def test_resume_needs_a_run_directory(cli, tmp_path):
 def test_sigint_in_process_then_resume_matches_an_uninterrupted_run(cli, recipe_file, tmp_path, monkeypatch):
     path = recipe_file({"steps": 6})
     assert cli("run", path, "--out", tmp_path / "full", "--no-live").exit_code == 0
-    original = Optimization.step
-
-    def interrupt_after_step_3(self, k):
-        record = original(self, k)
-        if k == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # handled by the run: finish the step, save
-        return record
-
-    monkeypatch.setattr(Optimization, "step", interrupt_after_step_3)
-    result = execute(load_recipe(path), tmp_path / "part", PlainLog(100))
-    monkeypatch.undo()
+    result = run_interrupted_after(path, tmp_path / "part", 3, monkeypatch)
     assert (result.status, result.steps_done) == ("interrupted", 3)
     summary = json.loads((tmp_path / "part" / "summary.json").read_text())
     assert (summary["status"], summary["steps_done"]) == ("interrupted", 3)
@@ -671,22 +662,31 @@ def test_going_back_to_a_step_drops_later_previews_and_their_copies(tmp_path):
     assert [p.name for p in (run.previews / "view_512").iterdir()] == ["step_000010.png"]
 
 
-def test_threads_is_applied_recorded_and_shown(cli, recipe_file, tmp_path):
-    """``--threads N`` sets torch's CPU threads for the run; summary.json, the log's first line and
-    recipe.yaml say it; unset, recipe.yaml has no ``threads`` (older run folders stay reusable)."""
-    before = torch.get_num_threads()
+def test_threads_is_applied_recorded_and_shown(cli, recipe_file, tmp_path, monkeypatch):
+    """``--threads N`` sets torch's CPU threads while the run steps, and puts the process's back
+    after it (compare runs several recipes in one process); summary.json, the log's first line
+    and recipe.yaml say it; unset, recipe.yaml has no ``threads`` (older run folders stay reusable)."""
+    torch.set_num_threads(2)
     try:
+        seen = []
+        original = Optimization.step
+
+        def step(self, k):
+            seen.append(torch.get_num_threads())
+            return original(self, k)
+
+        monkeypatch.setattr(Optimization, "step", step)
         out = tmp_path / "one"
         result = cli("run", recipe_file({"steps": 2}), "--threads", "1", "--out", out, "--no-live")
         assert result.exit_code == 0, result.output
-        assert torch.get_num_threads() == 1
+        assert seen == [1, 1] and torch.get_num_threads() == 2
         assert json.loads((out / "summary.json").read_text())["threads"] == 1
         assert "on cpu, 1 thread ->" in result.stdout and "threads: 1" in (out / "recipe.yaml").read_text()
         plain = tmp_path / "default"
         assert cli("run", recipe_file({"steps": 2}), "--out", plain, "--no-live").exit_code == 0
-        assert "\nthreads:" not in (plain / "recipe.yaml").read_text()
-        assert json.loads((plain / "summary.json").read_text())["threads"] == torch.get_num_threads()
+        assert "\nthreads:" not in (plain / "recipe.yaml").read_text() and seen[2:] == [2, 2]
+        assert json.loads((plain / "summary.json").read_text())["threads"] == 2
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(1)  # the test session's (conftest)
     bad = cli("validate", recipe_file(), "--threads", "0")
     assert bad.exit_code == 2 and "--threads" in bad.stderr and "greater than or equal to 1" in bad.stderr
