@@ -105,14 +105,14 @@ def build_sdxl(device, dtype):
 
 
 def recipe(name: str, device: str, dtype: str, *sets: str):
-    from sdsctl.recipe import load_recipe
+    from sdsctl.engine.recipe import load_recipe
 
     return load_recipe(name, [f"dtype={dtype}", f"device={device}", *sets])
 
 
 def check_no_sync(prior, device: str, dtype: str) -> dict:
     """Quiet steps under ``set_sync_debug_mode('error')``: any host sync raises."""
-    from sdsctl.loop import Optimization
+    from sdsctl.engine.loop import Optimization
 
     out = {}
     cases = {"sds": ("sds",), "robust_nfsd (warm-up)": ("robust_nfsd",),
@@ -141,7 +141,7 @@ def check_no_sync(prior, device: str, dtype: str) -> dict:
 
 
 def check_half_precision(device: str, tiny: bool) -> dict:
-    from sdsctl.loop import Optimization
+    from sdsctl.engine.loop import Optimization
 
     out = {}
     for dtype_name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
@@ -219,7 +219,7 @@ def main() -> int:
               f"{json.dumps(results[name])[:600]}", flush=True)
         save()
 
-    from sdsctl.bench import bench
+    from sdsctl.diagnostics.bench import bench
 
     prior = build_sd(device, dtype, args.tiny)
     steps = 4 if args.tiny else args.steps

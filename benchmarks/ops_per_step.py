@@ -20,9 +20,9 @@ import json
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdsctl.bench import _run_steps
-from sdsctl.loop import Optimization
-from sdsctl.recipe import load_recipe
+from sdsctl.diagnostics.bench import _run_steps
+from sdsctl.engine.loop import Optimization
+from sdsctl.engine.recipe import load_recipe
 
 MODEL_CALLS = ("predict_noise", "encode_images", "decode_latents")
 

@@ -1,6 +1,6 @@
 """Metric ``image-stats``: colour, sharpness and structure of the final image, on any model.
 
-The figures of ``sdsctl.imagestats`` (saturation, colourfulness, clipped share, sharpness,
+The figures of ``sdsctl.engine.imagestats`` (saturation, colourfulness, clipped share, sharpness,
 structure, two-tone share, brightness): they need no knowledge of the model's world, so
 they apply to every prior and let ``sdsctl compare`` and ``sdsctl doctor`` say something
 about a Stable Diffusion run too.
@@ -17,7 +17,7 @@ class ImageStats(Metric):
     lower_is_better = ("clipped",)
 
     def __call__(self, image, prompt: str) -> dict:
-        from sdsctl import imagestats  # numpy: imported when used, not when the plugin loads
+        from sdsctl.engine import imagestats  # numpy: imported when used, not when the plugin loads
 
         return imagestats.stats(image)
 

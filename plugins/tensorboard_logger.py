@@ -14,7 +14,7 @@ import json
 
 import sdsctl
 from sdsctl.components import Logger
-from sdsctl.loggers import flat_numbers
+from sdsctl.engine.loggers import flat_numbers
 
 
 class TensorBoardLogger(Logger):

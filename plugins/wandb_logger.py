@@ -15,7 +15,7 @@ import os
 
 import sdsctl
 from sdsctl.components import Logger
-from sdsctl.loggers import flat_numbers
+from sdsctl.engine.loggers import flat_numbers
 
 
 class WandbLogger(Logger):

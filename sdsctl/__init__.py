@@ -6,7 +6,7 @@ A plugin needs only ``import sdsctl``: ``@sdsctl.hookimpl`` marks its hook imple
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .hookspecs import hookimpl
+from sdsctl.hookspecs import hookimpl
 
 try:
     __version__ = version("sdsctl")

@@ -19,10 +19,9 @@ import typer
 from typer.core import TyperCommand
 
 import sdsctl
-
-from . import plugins
-from .devices import ACCEPTED
-from .errors import RunFailed, SdsctlError
+from sdsctl import plugins
+from sdsctl.devices import ACCEPTED
+from sdsctl.errors import RunFailed, SdsctlError
 
 CORE_COMMANDS = ("run", "resume", "validate", "recipes", "plugins")
 #: what `resume --set` may change besides output.*: the rest of a run's recipe is its identity
@@ -167,7 +166,7 @@ def _quiet_libraries(verbose: bool) -> None:
 # ----------------------------------------------------------------------------- completion
 
 def _complete_recipe(incomplete: str) -> list[str]:
-    from .recipe import bundled_recipes
+    from sdsctl.engine.recipe import bundled_recipes
 
     names = [name for name, _, _ in bundled_recipes() if name.startswith(incomplete)]
     try:
@@ -233,8 +232,8 @@ def _start(reading: str, recipe, sets: list[str], overrides: dict, target, no_li
            resume: bool, log: list[str]) -> None:
     """``run`` and ``resume``: the panel from the first moment (plain logs start with the model),
     the recipe loaded and checked, its run directory (``target(loaded)``), then the run."""
-    from .panel import LivePanel, make_reporter
-    from .recipe import load_recipe
+    from sdsctl.engine.panel import LivePanel, make_reporter
+    from sdsctl.engine.recipe import load_recipe
 
     reporter = make_reporter(not no_live)
     try:
@@ -250,9 +249,9 @@ def _start(reading: str, recipe, sets: list[str], overrides: dict, target, no_li
 
 
 def _run(loaded, path: Path, reporter, overwrite: bool, resume: bool, log: list[str] = ()) -> None:
-    from .loggers import RunLoggers, build
-    from .loop import OOM
-    from .run import StopNow, execute, oom_message
+    from sdsctl.engine.loggers import RunLoggers, build
+    from sdsctl.engine.loop import OOM
+    from sdsctl.engine.run import StopNow, execute, oom_message
 
     command = f"sdsctl {'resume' if resume else 'run'}"
     loggers, skipped = build(list(log), path, loaded.recipe)
@@ -280,8 +279,8 @@ def _run(loaded, path: Path, reporter, overwrite: bool, resume: bool, log: list[
 
 
 def _result_from_summary(path: Path):
-    from .run import RunResult
-    from .rundir import RunDir
+    from sdsctl.engine.run import RunResult
+    from sdsctl.engine.rundir import RunDir
 
     summary = RunDir(path).read_summary()
     return RunResult(summary.get("status", "interrupted"), summary.get("steps_done", 0), summary.get("steps", 0),
@@ -323,7 +322,7 @@ def run(
     log: LogOption = [],  # noqa: B006
 ) -> None:
     """Run a recipe: optimize an image and write a run directory."""
-    from .rundir import check_target, default_path
+    from sdsctl.engine.rundir import check_target, default_path
 
     def target(loaded) -> Path:
         path = out if out is not None else default_path(loaded.recipe.output.dir, loaded.name)
@@ -349,7 +348,7 @@ def resume(
     log: LogOption = [],  # noqa: B006
 ) -> None:
     """Continue a run from its state.pt: interrupted, failed, or completed with more --steps."""
-    from .rundir import RunDir
+    from sdsctl.engine.rundir import RunDir
 
     RunDir.open(run_dir)
     for expr in set_:
@@ -376,7 +375,7 @@ def validate(
     allow_download: AllowDownloadOption = False,
 ) -> None:
     """Check a recipe and the device without running it (no model weights are loaded)."""
-    from .recipe import load_recipe, to_yaml
+    from sdsctl.engine.recipe import load_recipe, to_yaml
 
     loaded = load_recipe(recipe, _sets(set_, allow_download), _overrides(prompt, seed, steps, model, device, threads))
     _warn(loaded.warnings)
@@ -389,7 +388,7 @@ def validate(
 
 def recipes() -> None:
     """List the recipes sdsctl and its plugins ship (run one by name: `sdsctl run NAME`)."""
-    from .recipe import bundled_dir, bundled_recipes
+    from sdsctl.engine.recipe import bundled_dir, bundled_recipes
 
     found = bundled_recipes()
     width = max((len(n) for n, _, _ in found), default=0)
@@ -404,7 +403,7 @@ def _plugins_command(plugin_commands: list[plugins.Registered]):
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON: an object keyed by kind.")] = False,
     ) -> None:
         """List every registered component by kind, with its plugin and distribution."""
-        from .components import KINDS
+        from sdsctl.components import KINDS
 
         listing: dict[str, list[dict[str, Any]]] = {}
         for kind in KINDS:

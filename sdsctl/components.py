@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .errors import InvalidConfig  # noqa: F401 -- re-exported: components raise it
-from .modelinfo import ModelInfo  # noqa: F401 -- re-exported: components' checks read it
-from .schema import ComponentConfig
+from sdsctl.errors import InvalidConfig  # noqa: F401 -- re-exported: components raise it
+from sdsctl.modelinfo import ModelInfo  # noqa: F401 -- re-exported: components' checks read it
+from sdsctl.schema import ComponentConfig
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-    from .models.base import Prior
-    from .schema import Recipe
+    from sdsctl.models.base import Prior
+    from sdsctl.schema import Recipe
 
 @dataclasses.dataclass
 class StepTimes:
@@ -336,7 +336,7 @@ class Metric(Component):
         run's intermediate images (``sdsctl doctor`` quotes it at the warm-up's end), or None
         when it has nothing to say -- the default. No model and no run context are at hand:
         ``image`` is a path, a PIL image, an ``[H, W, 3]`` array or a ``[3, H, W]`` tensor
-        (``sdsctl.imagestats.as_array`` reads any of them)."""
+        (``sdsctl.engine.imagestats.as_array`` reads any of them)."""
         return None
 
     @classmethod
@@ -406,7 +406,7 @@ def base_class(kind: str) -> type:
     """The class every component of ``kind`` derives from (``"parameterizations"`` and
     ``"families"``: imports torch)."""
     if kind == "families":  # the models layer's interface, not a component with a Config
-        from .models.base import Prior
+        from sdsctl.models.base import Prior
 
         return Prior
     return getattr(sys.modules[__name__], KINDS[kind][1])

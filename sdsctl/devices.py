@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from .errors import SdsctlError
+from sdsctl.errors import SdsctlError
 
 if TYPE_CHECKING:
     import torch

@@ -17,7 +17,7 @@ import dataclasses
 import re
 from typing import Any
 
-from .errors import InvalidConfig
+from sdsctl.errors import InvalidConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,8 +30,8 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginError, SdsctlError
+from sdsctl import hookspecs
+from sdsctl.errors import PluginError, SdsctlError
 
 GROUP = "sdsctl"
 
@@ -152,8 +152,8 @@ def call_plugin(plugin: str, hook_name: str, call: Callable[..., Any], **kwargs:
 
 def registrations(kind: str) -> list[Registered]:
     """Every component of ``kind`` as registered, clashing names included, in hook order."""
-    from .components import KINDS, base_class
-    from .schema import ComponentConfig
+    from sdsctl.components import KINDS, base_class
+    from sdsctl.schema import ComponentConfig
 
     hook_name, base = KINDS[kind][0], base_class(kind)
     found: list[Registered] = []

@@ -4,5 +4,5 @@
 new code imports from ``sdsctl.models``.
 """
 
-from .models import SHAPES_PRIOR, Prior, describe, resolve_source  # noqa: F401
+from sdsctl.models import SHAPES_PRIOR, Prior, describe, resolve_source  # noqa: F401
 

@@ -2,7 +2,7 @@
 
 Pure data, validated by pydantic: no files are read and no plugin is asked here. Loading a
 recipe -- ``extends:``, ``--set``, finding each section's component, checking it against the
-model -- is :mod:`sdsctl.recipe`'s; the components' base classes are
+model -- is :mod:`sdsctl.engine.recipe`'s; the components' base classes are
 :mod:`sdsctl.components`'s. Both, and the run loop, share these types, so they live below all
 of them (``docs/architecture.md``).
 """
@@ -117,7 +117,7 @@ class Recipe(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        from .devices import ACCEPTED, PATTERN
+        from sdsctl.devices import ACCEPTED, PATTERN
 
         if not PATTERN.fullmatch(v):
             raise ValueError(f"expected {ACCEPTED}, got {v!r}")

@@ -156,10 +156,10 @@ def run_interrupted_after(path: Path, out: Path, steps_done: int, monkeypatch):
     ``steps_done`` (the run handles it: it finishes that step and saves); returns the RunResult."""
     import signal
 
-    from sdsctl.loop import Optimization
-    from sdsctl.panel import PlainLog
-    from sdsctl.recipe import load_recipe
-    from sdsctl.run import execute
+    from sdsctl.engine.loop import Optimization
+    from sdsctl.engine.panel import PlainLog
+    from sdsctl.engine.recipe import load_recipe
+    from sdsctl.engine.run import execute
 
     original = Optimization.step
 

@@ -244,3 +244,54 @@ def test_imports_point_down_the_layers():
     upward = [f"{m} ({layer[m]}) -> {t} ({layer[t]})" for m in sorted(graph) for t in sorted(graph[m])
               if layer[t] > layer[m] and (m, t) not in ALLOWED_EDGES]
     assert not upward, "imports pointing up the layers: " + "; ".join(upward)
+
+
+def package_of(module: str) -> str:
+    """The room a module lives in: ``api`` (the modules at the package's top and ``models``),
+    ``engine``, ``experiments``, ``diagnostics``, ``shapes``, ``cli`` or ``plugins``."""
+    parts = module.split(".")
+    if parts[0] == "sdsctl_plugins":
+        return "plugins"
+    if len(parts) > 1 and parts[1] in ("engine", "experiments", "diagnostics", "shapes", "cli"):
+        return parts[1]
+    return "api"
+
+
+#: the packages each package may import (docs/architecture.md, "Packages")
+PACKAGE_RULE = {
+    "api": {"api"},
+    "engine": {"api", "engine"},
+    "experiments": {"api", "engine", "experiments"},
+    "diagnostics": {"api", "engine", "diagnostics"},
+    "shapes": {"api", "engine", "shapes"},
+}
+
+
+def package_violations(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{m} -> {t}" for m in sorted(graph) for t in sorted(graph[m])
+            if package_of(m) in PACKAGE_RULE and package_of(t) not in PACKAGE_RULE[package_of(m)]]
+
+
+def test_packages_import_only_the_packages_below_them():
+    wrong = package_violations(import_graph())
+    assert not wrong, "imports across the package rule: " + "; ".join(wrong)
+
+
+def test_the_package_rule_sees_a_wrong_import():
+    graph = {"sdsctl.engine.loop": {"sdsctl.components", "sdsctl.experiments.compare"},
+             "sdsctl.diagnostics.doctor": {"sdsctl.engine.runread", "sdsctl.shapes.judge"},
+             "sdsctl.models.sdxl": {"sdsctl.errors"}, "sdsctl.cli": {"sdsctl.shapes.commands"}}
+    assert package_violations(graph) == ["sdsctl.diagnostics.doctor -> sdsctl.shapes.judge",
+                                         "sdsctl.engine.loop -> sdsctl.experiments.compare"]
+
+
+def test_every_command_front_end_lives_beside_its_logic():
+    """No command front-end is left in ``plugins/``: the entry points of commands point into sdsctl."""
+    commands = {name: target for name, target in _entry_points().items() if "command" in name}
+    assert commands and all(target.startswith("sdsctl.") for target in commands.values()), commands
+
+
+def _entry_points() -> dict[str, str]:
+    import tomllib
+
+    return dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["sdsctl"])

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from sdsctl.bench import PHASES, PhaseTimer, bench
+from sdsctl.diagnostics.bench import PHASES, PhaseTimer, bench
+from sdsctl.engine.recipe import load_recipe
 from sdsctl.models import Prior
-from sdsctl.recipe import load_recipe
 
 KEYS = {"steps_per_second", "ms_per_step", "unet_calls_per_step", "breakdown_ms", "peak_memory_mb", "device",
         "dtype", "floor_ratio", "floor_ms", "threads"}
@@ -42,7 +42,7 @@ def test_bench_json_has_the_issue_s_keys(cli, recipe_file):
      {"unet", "encode", "decode"}),
 ], ids=["sds", "robust-nfsd", "vsd", "ehc", "ehc-image-target"])
 def test_calls_per_step_and_what_the_floor_replays(recipe_file, prior, monkeypatch, content, unet_calls, kinds):
-    from sdsctl import bench as bench_module
+    from sdsctl.diagnostics import bench as bench_module
 
     replayed = []
     original = bench_module._floor_ms

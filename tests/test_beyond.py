@@ -14,8 +14,8 @@ import torch
 from conftest import run_interrupted_after
 from sdsctl.components import Ramp, StepTimes
 from sdsctl.diffusion import ddim_step, strided_path
-from sdsctl.loop import Optimization
-from sdsctl.recipe import load_recipe
+from sdsctl.engine.loop import Optimization
+from sdsctl.engine.recipe import load_recipe
 from sdsctl_plugins.asd import ASD
 from sdsctl_plugins.csd import CSD
 from sdsctl_plugins.ism import ISM

@@ -159,9 +159,9 @@ DOUBLED = re.compile(r"--([\w-]+)(?: \S+)?: \1:|error: error")
 def bad_input_places(tmp_path_factory, tiny_prior):
     import yaml
 
-    from sdsctl.panel import PlainLog
-    from sdsctl.recipe import load_recipe
-    from sdsctl.run import execute
+    from sdsctl.engine.panel import PlainLog
+    from sdsctl.engine.recipe import load_recipe
+    from sdsctl.engine.run import execute
 
     root = tmp_path_factory.mktemp("bad")
     recipe = root / "recipe.yaml"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdsctl.compare import shapes_pairs, summarize, table
+from sdsctl.experiments.compare import shapes_pairs, summarize, table
 
 
 def _run(prompt: str, match: bool, iou: float, error: float, seconds: float = 1.0) -> dict:
@@ -195,7 +195,7 @@ def test_progress_line_above_the_live_panel():
 
     from rich.console import Console
 
-    from sdsctl.compare import Progress, _live_reporter
+    from sdsctl.experiments.compare import Progress, _live_reporter
     from sdsctl.shapes.judge import outside_world
 
     progress = Progress(total_runs=4, total_steps=400)
@@ -221,7 +221,7 @@ def test_progress_line_above_the_live_panel():
 def test_charts_show_coinciding_lines_constant_series_and_log_axes():
     import re
 
-    from sdsctl.report import svg_plot
+    from sdsctl.experiments.report import svg_plot
 
     colors = {"a": "#111111", "b": "#222222", "c": "#333333"}
     same = [(0, 1.0), (10, 2.0), (20, 3.0)]
@@ -242,7 +242,7 @@ def test_charts_show_coinciding_lines_constant_series_and_log_axes():
 
 
 def test_the_comparisons_eta_moves_while_a_run_is_going():
-    from sdsctl.compare import Progress
+    from sdsctl.experiments.compare import Progress
 
     progress = Progress(total_runs=2, total_steps=200)
     assert progress.eta() == "?"  # nothing measured yet
@@ -260,7 +260,7 @@ def test_run_folders_keep_whole_words_and_earlier_comparisons_are_reused(cli, re
     when names were cut at 32 characters finds its runs again under their old names."""
     import shutil
 
-    from sdsctl.plan import slug
+    from sdsctl.experiments.plan import slug
 
     assert slug("a purple square on a white background") == "a-purple-square-on-a-white-background"
     assert slug("word " * 20).endswith("word") and len(slug("word " * 20)) <= 48
@@ -279,8 +279,8 @@ def test_run_folders_keep_whole_words_and_earlier_comparisons_are_reused(cli, re
 def test_the_summaries_follow_the_metrics_declarations_not_the_shapes_judges_keys(monkeypatch):
     """compare's counts, medians and table come from the verdict metric's declarations
     (``Metric.verdict``, ``headline``, ``verdict_words``): no core module names a metric's keys."""
-    from sdsctl import summaries
     from sdsctl.components import Metric
+    from sdsctl.experiments import summaries
 
     class Aesthetic(Metric):
         verdict = "pleasing"

@@ -7,7 +7,7 @@ import types
 from pathlib import Path
 
 from sdsctl import hookspecs, plugins
-from sdsctl.recipe import OptimizerConfig, OutputConfig, Recipe, load_recipe
+from sdsctl.engine.recipe import OptimizerConfig, OutputConfig, Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = sorted(name for name in vars(hookspecs) if name.startswith("register_"))
@@ -115,8 +115,8 @@ def test_the_plugin_example_in_the_docs_works(register_plugin, recipe_file, tmp_
     module = types.ModuleType("docs_example_plugin")
     exec(compile(code, "docs/plugins.md", "exec"), module.__dict__)
     register_plugin(module, "docs-example")
-    from sdsctl.panel import PlainLog
-    from sdsctl.run import execute
+    from sdsctl.engine.panel import PlainLog
+    from sdsctl.engine.run import execute
 
     loaded = load_recipe(recipe_file({"guidance": {"name": "mine", "guidance_scale": 5}, "steps": 2}))
     assert execute(loaded, tmp_path / "run", PlainLog(100)).status == "completed"

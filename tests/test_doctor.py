@@ -90,7 +90,7 @@ def test_doctor_on_a_folder_that_is_no_run(cli, tmp_path):
 def test_over_smooth_advice_raises_the_guidance_scale_only_where_it_is_low(scale, raise_it):
     """At DreamFusion's CFG 100 a higher scale over-saturates: the advice is a guidance
     without the smoothing term instead."""
-    from sdsctl.doctor import _knobs
+    from sdsctl.diagnostics.doctor import _knobs
 
     advice = _knobs({"guidance": {"name": "sds", "guidance_scale": scale}})["less_correction"]
     assert ("a higher guidance.guidance_scale" in advice) is raise_it
@@ -133,7 +133,7 @@ def test_a_check_that_was_not_judged_says_n_a(cli, runs):
 def test_a_failed_run_is_not_sent_to_resume_unless_resume_can_change_it(cli, tmp_path):
     import shutil
 
-    from sdsctl.doctor import diagnose
+    from sdsctl.diagnostics.doctor import diagnose
 
     for error, expected, refused in (
             ("non-finite value at step 7: score is nan (...)", "change it in a new run", True),

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sdsctl.diffusion import eps_to_x0
+from sdsctl.engine.loop import Optimization
+from sdsctl.engine.recipe import load_recipe
 from sdsctl.errors import RecipeError
-from sdsctl.loop import Optimization
 from sdsctl.models import Prior
-from sdsctl.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")

@@ -248,8 +248,8 @@ def test_rfds_weighting_is_one_recipe_line_and_vsd_adapts_the_transformer(cli, t
         assert r["weight"] == pytest.approx(1 / (1 - float(sigma[r["t"]])), rel=1e-6)
         assert r["weight"] > 1
 
-    from sdsctl.loop import Optimization
-    from sdsctl.recipe import load_recipe
+    from sdsctl.engine.loop import Optimization
+    from sdsctl.engine.recipe import load_recipe
     from sdsctl_plugins.vsd import ADAPTER
 
     loaded = load_recipe("vsd", [f"model={tiny_flow['sd3']}", "device=cpu", "parameterization.resolution=64",

@@ -15,8 +15,8 @@ import torch
 
 from sdsctl.components import RunContext, StepTimes
 from sdsctl.diffusion import cfg
+from sdsctl.engine.recipe import load_recipe
 from sdsctl.models import Prior
-from sdsctl.recipe import load_recipe
 from sdsctl_plugins import sds as sds_module
 from sdsctl_plugins.nfsd import NFSD, NFSD_NEGATIVE_PROMPT
 from sdsctl_plugins.robust_nfsd import RobustNFSD
@@ -433,8 +433,8 @@ def test_vsd_leaves_the_shared_unet_as_it_found_it(tiny_prior, plain):
 
 
 def test_a_vsd_run_detaches_its_lora_when_it_ends(tiny_prior, recipe_file, tmp_path, monkeypatch):
-    from sdsctl import run
-    from sdsctl.panel import PlainLog
+    from sdsctl.engine import run
+    from sdsctl.engine.panel import PlainLog
 
     seen = []
     original = VSD.close

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from sdsctl.images import contact_sheet, half_blocks, save_image, to_pil
-from sdsctl.panel import LivePanel, PlainLog
+from sdsctl.engine.images import contact_sheet, half_blocks, save_image, to_pil
+from sdsctl.engine.panel import LivePanel, PlainLog
 
 
 def test_save_image_is_deterministic_png(tmp_path):
@@ -52,7 +52,7 @@ def test_contact_sheet_labels_each_preview_with_its_step(tmp_path):
 
 
 def test_view_copy_enlarges_small_images_pixel_for_pixel():
-    from sdsctl.images import view_copy
+    from sdsctl.engine.images import view_copy
 
     image = torch.rand(3, 64, 64)
     big = view_copy(image, 512)
@@ -131,7 +131,7 @@ def test_live_panel_says_what_loads_from_the_first_moment_and_keeps_its_width():
 
 
 def test_without_a_terminal_the_reporter_is_plain_lines():
-    from sdsctl.panel import make_reporter
+    from sdsctl.engine.panel import make_reporter
 
     assert isinstance(make_reporter(True), PlainLog)  # pytest captures stdout: not a terminal
     out = io.StringIO()

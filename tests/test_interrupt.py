@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-from sdsctl.images import png_bytes, to_pil
-from sdsctl.loop import Optimization
-from sdsctl.recipe import load_recipe
+from sdsctl.engine.images import png_bytes, to_pil
+from sdsctl.engine.loop import Optimization
+from sdsctl.engine.recipe import load_recipe
 
 STEPS = 200  # a step takes milliseconds: the run is far from done when the signal lands
 POSIX = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

@@ -12,12 +12,12 @@ import torch
 import sdsctl
 from conftest import run_interrupted_after
 from sdsctl.components import ComponentConfig, Guidance, GuidanceOutput, Metric
+from sdsctl.engine.loop import Optimization
+from sdsctl.engine.panel import PlainLog
+from sdsctl.engine.recipe import load_recipe
+from sdsctl.engine.run import execute
 from sdsctl.errors import RunFailed
-from sdsctl.loop import Optimization
 from sdsctl.models import Prior
-from sdsctl.panel import PlainLog
-from sdsctl.recipe import load_recipe
-from sdsctl.run import execute
 from sdsctl_plugins.sds import SDS
 
 RUN_FILES = {"recipe.yaml", "metrics.jsonl", "final.png", "progress.png", "state.pt", "summary.json"}
@@ -255,7 +255,7 @@ def test_exception_while_a_plugin_starts_fails_the_run_cleanly(cli, recipe_file,
 
 
 def test_out_of_memory_message_lists_the_remedies(recipe_file, tmp_path, faulty_guidances, monkeypatch):
-    from sdsctl import loop
+    from sdsctl.engine import loop
 
     def oom(self, z, times):
         raise loop.OOM("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -337,8 +337,8 @@ def test_metrics_that_apply_go_into_the_summary(cli, recipe_file, tmp_path, regi
 
 
 def test_a_run_directory_is_claimed_once(tmp_path):
+    from sdsctl.engine.rundir import RunDir
     from sdsctl.errors import SdsctlError
-    from sdsctl.rundir import RunDir
 
     RunDir.create(tmp_path / "run", overwrite=False)
     with pytest.raises(SdsctlError):
@@ -651,7 +651,7 @@ def test_previews_have_enlarged_copies_and_view_size_sets_every_copy(cli, recipe
 
 
 def test_going_back_to_a_step_drops_later_previews_and_their_copies(tmp_path):
-    from sdsctl.rundir import RunDir
+    from sdsctl.engine.rundir import RunDir
 
     run = RunDir.create(tmp_path / "run", overwrite=False)
     for step in (10, 20):

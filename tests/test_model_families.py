@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from sdsctl.loop import resolve_dtype
+from sdsctl.engine.loop import resolve_dtype
 from sdsctl.models import Prior
 
 CPU = torch.device("cpu")

@@ -8,10 +8,10 @@ import torch
 
 from sdsctl import plugins
 from sdsctl.components import RunContext
+from sdsctl.engine.loop import Optimization
+from sdsctl.engine.recipe import load_recipe
 from sdsctl.hashgrid import fit_to
-from sdsctl.loop import Optimization
 from sdsctl.models import Prior
-from sdsctl.recipe import load_recipe
 
 # name -> (space, channels, pixels per side at the tiny prior's native size)
 EXPECTED = {

@@ -24,8 +24,8 @@ from sdsctl.components import (
     StepTimes,
     Weighting,
 )
+from sdsctl.engine.recipe import load_recipe
 from sdsctl.errors import PluginError, SdsctlError
-from sdsctl.recipe import load_recipe
 from sdsctl_plugins.diffusers_model import DiffusersModel
 from sdsctl_plugins.parameterizations.latent_pixels import LatentPixels
 from sdsctl_plugins.sds import SDS

@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
+from sdsctl.engine.recipe import bundled_recipes, find_recipe, load_recipe, parse_set, to_yaml
 from sdsctl.errors import RecipeError, SdsctlError
 from sdsctl.models import Prior, sources
-from sdsctl.recipe import bundled_recipes, find_recipe, load_recipe, parse_set, to_yaml
 
 GOOD = """\
 model: {model}

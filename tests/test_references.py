@@ -26,8 +26,8 @@ import dataclasses
 import pytest
 import torch
 
-from sdsctl.loop import Optimization
-from sdsctl.recipe import load_recipe
+from sdsctl.engine.loop import Optimization
+from sdsctl.engine.recipe import load_recipe
 
 CPU = torch.device("cpu")
 NEG = "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"

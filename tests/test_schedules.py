@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sdsctl.components import RunContext
+from sdsctl.engine.recipe import load_recipe
 from sdsctl.errors import RecipeError
-from sdsctl.recipe import load_recipe
 from sdsctl_plugins.hifa_schedule import HiFASchedule
 from sdsctl_plugins.uniform_schedule import UniformSchedule
 from sdsctl_plugins.warmup_schedule import WarmupSchedule

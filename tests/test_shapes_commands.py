@@ -435,7 +435,7 @@ def test_edge_loss_grows_with_blur_and_vanishes_on_a_perfect_reconstruction():
 def test_train_shapes_option_defaults_are_the_training_defaults():
     import inspect
 
-    from sdsctl_plugins.shapes_commands import train_shapes
+    from sdsctl.shapes.commands import train_shapes
 
     params = inspect.signature(train_shapes).parameters
     for name in ("seed", "vae_steps", "decoder_steps", "prior_steps"):

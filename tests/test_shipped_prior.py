@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from sdsctl import sampling
 from sdsctl.prior import SHAPES_PRIOR
-from sdsctl.shapes import evaluate, judge, tokenizer, world
+from sdsctl.shapes import evaluate, judge, sampling, tokenizer, world
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def test_quality_word_dark_darkens(pipe):
 def test_cuisine_2_recipes_work_on_the_shipped_prior(recipe, tmp_path):
     """End to end at the recipes' defaults: the judge accepts the final images (release figures
     over 8 pairs: docs/findings.md). Pairs 4 and 5 of the shapes world, two runs per recipe."""
-    from sdsctl.compare import compare, shapes_pairs
+    from sdsctl.experiments.compare import compare, shapes_pairs
 
     results = compare([recipe], shapes_pairs(6)[4:], tmp_path, echo=lambda *_: None)
     (summary,) = [r["summary"] for r in results.values()]

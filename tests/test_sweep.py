@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from sdsctl.errors import SdsctlError
-from sdsctl.ranking import parse_rank_by, rank, ranked_table
-from sdsctl.sweep import parse_grid, parse_grids, settings
+from sdsctl.experiments.ranking import parse_rank_by, rank, ranked_table
+from sdsctl.experiments.sweep import parse_grid, parse_grids, settings
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SDSCTL = [sys.executable, "-c", "from sdsctl.cli import main; main()"]
@@ -39,7 +39,7 @@ def test_grid_values_are_parsed_as_set_parses_them():
 
 
 def test_the_plan_is_the_product_of_grids_prompts_and_seeds(recipe_file, tmp_path):
-    from sdsctl.plan import entries, plan
+    from sdsctl.experiments.plan import entries, plan
 
     grids = parse_grids(["guidance.guidance_scale=7.5,20", "schedule.t_max=500,800,980"], [])
     points = settings(str(recipe_file()), grids)
@@ -221,7 +221,7 @@ def test_a_failed_run_is_retried_once_then_reported(cli, recipe_file, tmp_path, 
 
 
 def test_worker_processes_pin_one_gpu_each_and_share_the_cores(monkeypatch):
-    from sdsctl.executors import worker_env
+    from sdsctl.experiments.executors import worker_env
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -290,8 +290,8 @@ def test_ctrl_c_while_a_worker_starts_still_stops_and_waits_for_it(monkeypatch):
     of running on, unknown, after the driver has exited."""
     import threading
 
-    from sdsctl import executors
-    from sdsctl.runtask import Outcome
+    from sdsctl.experiments import executors
+    from sdsctl.experiments.runtask import Outcome
 
     started = []
     child = ("import json, signal, sys, time\n"
@@ -381,7 +381,7 @@ def _faulty_task(marker_dir: Path, fault: str):
 
         import yaml
 
-        from sdsctl.runtask import Quiet, run_shipped
+        from sdsctl.experiments.runtask import Quiet, run_shipped
 
         failures = int(yaml.safe_load(task.recipe_yaml)["guidance"]["guidance_scale"])
         key = hashlib.sha256(task.recipe_yaml.encode()).hexdigest()[:12]
@@ -401,8 +401,8 @@ def _faulty_task(marker_dir: Path, fault: str):
 
 @pytest.mark.parametrize("fault", ["raise", "kill"])
 def test_ray_retries_a_failed_or_lost_run_and_reports_one_that_keeps_failing(fault, recipe_file, tmp_path, ray_session):
-    from sdsctl.compare import run_settings
-    from sdsctl.executors import RayExecutor
+    from sdsctl.experiments.compare import run_settings
+    from sdsctl.experiments.executors import RayExecutor
 
     recipe = recipe_file({"steps": 2})
     markers = tmp_path / "markers"
@@ -426,8 +426,8 @@ def test_ray_retries_a_failed_or_lost_run_and_reports_one_that_keeps_failing(fau
 
 
 def test_ray_refuses_more_cpus_per_run_than_any_node_has(recipe_file, tmp_path, ray_session):
-    from sdsctl.compare import compare
-    from sdsctl.executors import RayExecutor
+    from sdsctl.experiments.compare import compare
+    from sdsctl.experiments.executors import RayExecutor
 
     with pytest.raises(SdsctlError, match="--cpus-per-run 64: no node of the Ray cluster has that many CPUs"):
         compare([str(recipe_file())], [("a red circle on a blue background", 0)], tmp_path / "cmp",
@@ -490,7 +490,7 @@ def test_rays_own_notices_are_shown_with_v_only(monkeypatch, verbose):
     import logging
 
     pytest.importorskip("ray")
-    from sdsctl.executors import RayExecutor
+    from sdsctl.experiments.executors import RayExecutor
 
     executor = RayExecutor()
     seen = []

@@ -1,5 +1,5 @@
 """No host synchronisation on quiet steps (issue 26): a step's numbers stay on the device until
-a logging step fetches them all at once (``sdsctl.records``).
+a logging step fetches them all at once (``sdsctl.engine.records``).
 
 On the CPU nothing waits, so the test counts the calls that *would* wait on a GPU: reading a
 tensor's value on the host (``item``, ``tolist``, ``float``/``int``/``bool`` of a tensor) --
@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-from sdsctl import records
-from sdsctl.loop import Optimization
+from sdsctl.engine import records
+from sdsctl.engine.loop import Optimization
+from sdsctl.engine.recipe import load_recipe
 from sdsctl.prior import Prior
-from sdsctl.recipe import load_recipe
 
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
 

@@ -16,9 +16,9 @@ and weightings see only the :class:`~sdsctl.models.base.Prior` interface, never 
 The flow-matching families share ``flow.FlowPrior``, which keeps the interface in VP terms.
 """
 
-from . import deepfloyd_if, flux, sd3, sdxl, stable_diffusion  # noqa: F401 -- each registers its family
-from .base import FAMILIES, ModelInfo, Prior, detect
-from .sources import SHAPES_PRIOR, resolve_source
+from sdsctl.models import deepfloyd_if, flux, sd3, sdxl, stable_diffusion  # noqa: F401 -- each registers its family
+from sdsctl.models.base import FAMILIES, ModelInfo, Prior, detect
+from sdsctl.models.sources import SHAPES_PRIOR, resolve_source
 
 describe = Prior.describe
 load = Prior.load

@@ -51,10 +51,10 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from .. import diffusion
-from ..errors import InvalidConfig, SdsctlError
-from ..modelinfo import ModelInfo, unknown_words
-from .sources import (
+from sdsctl import diffusion
+from sdsctl.errors import InvalidConfig, SdsctlError
+from sdsctl.modelinfo import ModelInfo, unknown_words
+from sdsctl.models.sources import (
     check_single_file,
     config_folder,
     hub_hint,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Prior
+from sdsctl.models.base import Prior
 
 
 class IFPrior(Prior):

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .. import diffusion
-from ..errors import SdsctlError
-from .base import Prior
+from sdsctl import diffusion
+from sdsctl.errors import SdsctlError
+from sdsctl.models.base import Prior
 
 
 class FlowPrior(Prior):

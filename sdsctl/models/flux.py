@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .flow import FlowPrior
+from sdsctl.models.flow import FlowPrior
 
 
 class FluxPrior(FlowPrior):
@@ -55,7 +55,7 @@ class FluxPrior(FlowPrior):
     def _describe(cls, folder, source, variant, without=()):
         import dataclasses
 
-        from .sources import read_json
+        from sdsctl.models.sources import read_json
 
         info = super()._describe(folder, source, variant, without)
         embedded = bool(read_json(folder / "transformer" / "config.json").get("guidance_embeds", False))

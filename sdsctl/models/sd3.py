@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .flow import FlowPrior
+from sdsctl.models.flow import FlowPrior
 
 
 class SD3Prior(FlowPrior):

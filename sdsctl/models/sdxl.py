@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Prior
+from sdsctl.models.base import Prior
 
 
 class SDXLPrior(Prior):

@@ -19,7 +19,7 @@ import re
 import struct
 from pathlib import Path
 
-from ..errors import InvalidConfig, SdsctlError
+from sdsctl.errors import InvalidConfig, SdsctlError
 
 SHAPES_PRIOR = Path(__file__).resolve().parent.parent / "shapes" / "prior"
 #: single-file checkpoints as model sites share them (the original, non-diffusers layout)

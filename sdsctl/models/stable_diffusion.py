@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Prior
+from sdsctl.models.base import Prior
 
 
 class StableDiffusionPrior(Prior):

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import sampling
-from . import judge, world
+from sdsctl.shapes import judge, sampling, world
 
 #: quality word -> (judge figure, expected direction of change vs the plain caption)
 QUALITY_CHECKS = {
@@ -101,7 +100,7 @@ def encoder_robustness(vae, *, n: int = 256, seed: int = 3000, sigma: float = 0.
     high-pass noise (white noise minus its 3x3 blur: the fine patterns the world never has,
     what the RGB hash grid's artefacts are made of; the frequencies a blur changes are spared).
     """
-    from .train import _highpass
+    from sdsctl.shapes.train import _highpass
 
     imgs, _ = world.sample_batch(seed, n, degradation=False)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
@@ -139,7 +138,7 @@ def vae_round_trip(vae, *, n: int = 64, seed: int = 4000, strength: float = 0.5)
     """
     import dataclasses
 
-    from .train import _to_tensor
+    from sdsctl.shapes.train import _to_tensor
 
     rng = np.random.default_rng(seed)
     scenes = [world.sample_scene(rng, degradation=False) for _ in range(n)]
@@ -187,7 +186,7 @@ def evaluate(folder: str | Path, *, quick: bool = False, out: Path | None = None
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 12) -> None:
-    from ..images import save_image
+    from sdsctl.engine.images import save_image
 
     n = len(images)
     rows = -(-n // columns)

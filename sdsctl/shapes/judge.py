@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from . import world
+from sdsctl.shapes import world
 
 _PALETTE_NAMES = list(world.COLORS)
 _PALETTE = np.stack([world.palette(n) for n in _PALETTE_NAMES])  # [8, 3]
@@ -68,10 +68,10 @@ def outside_world(prompt: str) -> str | None:
 
 
 def to_array(image) -> np.ndarray:
-    """A 64x64x3 float32 array in [0, 1] from anything ``sdsctl.imagestats.as_array`` reads."""
+    """A 64x64x3 float32 array in [0, 1] from anything ``sdsctl.engine.imagestats.as_array`` reads."""
     from PIL import Image
 
-    from ..imagestats import as_array
+    from sdsctl.engine.imagestats import as_array
 
     arr = as_array(image)
     if arr.shape[:2] != (world.IMAGE_SIZE, world.IMAGE_SIZE):

@@ -14,8 +14,8 @@ import json
 import re
 from pathlib import Path
 
-from ..modelinfo import unknown_words  # noqa: F401 -- the shapes world's checks use it from here
-from . import world
+from sdsctl.modelinfo import unknown_words  # noqa: F401 -- the shapes world's checks use it from here
+from sdsctl.shapes import world
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 32

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import tokenizer as shapes_tokenizer
-from . import world
+from sdsctl.shapes import tokenizer as shapes_tokenizer
+from sdsctl.shapes import world
 
 ProgressFn = Callable[[str, int, int, dict], None]
 
@@ -143,7 +143,7 @@ def load_tokenizer(folder: Path):
 def _atomic_save(obj, path: Path) -> None:
     import io
 
-    from ..rundir import atomic_write
+    from sdsctl.engine.rundir import atomic_write
 
     buf = io.BytesIO()
     torch.save(obj, buf)

@@ -3,7 +3,7 @@
 ``--grid guidance.guidance_scale=7.5,20 --grid schedule.warmup_steps=100,300`` makes four
 settings, each the recipe with one value of every grid applied as ``--set`` would apply it
 (values are YAML, as ``--set``'s are; ``KEY=[a, "b, c"]`` gives a list for values that hold
-commas). The settings then go through the comparison's one code path (``sdsctl.compare``:
+commas). The settings then go through the comparison's one code path (``sdsctl.experiments.compare``:
 the prompts × seeds of each, runs reused and continued, report), ranked by ``--rank-by``.
 
 Every grid is checked before any run: its key and every value are validated against the
@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from .errors import Location, RecipeError, SdsctlError
-from .plan import Setting
+from sdsctl.errors import Location, RecipeError, SdsctlError
+from sdsctl.experiments.plan import Setting
 
 _KEY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
@@ -121,7 +121,7 @@ def settings(recipe: str, grids: list[Grid], sets: list[str] = ()) -> list[Setti
 def validate(recipe: str, grids: list[Grid], sets: list[str], overrides: dict[str, Any]) -> None:
     """Load the recipe with each value of each grid (before any run), so that a bad key or value
     is reported against its ``--grid``, with the recipe's suggestion for a misspelled key."""
-    from .recipe import load_recipe
+    from sdsctl.engine.recipe import load_recipe
 
     for g in grids:
         for expr in g.sets():

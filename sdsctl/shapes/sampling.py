@@ -16,7 +16,7 @@ def load_pipeline(folder: str | Path, device: str | torch.device = "cpu", *, loc
     """A ``StableDiffusionPipeline`` with a DDIM scheduler (offline from a local folder by default)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from .models.base import _quiet_loading
+    from sdsctl.models.base import _quiet_loading
 
     _quiet_loading()
     pipe = StableDiffusionPipeline.from_pretrained(

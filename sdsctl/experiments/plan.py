@@ -2,7 +2,7 @@
 
 ``sdsctl compare`` and ``sdsctl sweep`` differ only in their *settings* -- the rows of the
 report: one per recipe for a comparison, one per point of the grid for a sweep. Everything
-after that is one code path (``sdsctl.compare``): plan → execute → collect → write.
+after that is one code path (``sdsctl.experiments.compare``): plan → execute → collect → write.
 
 A plan is the settings × the (prompt, seed) pairs, each a :class:`RunSpec`. Every setting is
 validated before the first run (a typo in the last one must not cost the others). Its runs
@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SdsctlError
+from sdsctl.errors import SdsctlError
 
 
 def shapes_pairs(n: int, seed: int = 0) -> list[tuple[str, int]]:
     """``n`` (prompt, seed) pairs spread over the shapes world's colour/shape/background
     combinations: the prompts of the first installed metric that has a world
     (``Metric.prompts``; the ``shapes-judge`` plugin's)."""
-    from . import plugins
+    from sdsctl import plugins
 
     prompts = next((p for reg in plugins.components("metrics").values() if (p := reg.obj.prompts())), None)
     if not prompts:
@@ -115,7 +115,7 @@ def entries(settings: list[Setting], overrides: dict[str, Any], out: Path) -> li
 
     An unnamed setting's label is its file's stem; stems that occur twice get their folder's
     name in front (``a/x``, ``b/x``), and if that is not enough, their content key."""
-    from .recipe import find_recipe, load_recipe, to_yaml
+    from sdsctl.engine.recipe import find_recipe, load_recipe, to_yaml
 
     found = []
     for s in settings:
@@ -158,7 +158,7 @@ def _recorded_recipe(path: Path) -> str | None:
 def folder_state(path: Path, run_yaml: str) -> str:
     """What to do with a run folder: ``new``, ``reuse`` (completed), ``resume`` (interrupted with
     a saved state) or ``restart`` (another recipe, a failed run, nothing to continue from)."""
-    from .rundir import RunDir
+    from sdsctl.engine.rundir import RunDir
 
     if not path.exists() or not any(path.iterdir()):
         return "new"
@@ -174,7 +174,7 @@ def folder_state(path: Path, run_yaml: str) -> str:
 
 def plan(items: list[Entry], pairs: list[tuple[str, int]], overrides: dict[str, Any]) -> list[RunSpec]:
     """Every setting on every pair, in report order (row by row), each with its folder's state."""
-    from .recipe import load_recipe, to_yaml
+    from sdsctl.engine.recipe import load_recipe, to_yaml
 
     specs = []
     for e in items:
@@ -196,7 +196,7 @@ def pairs_for(recipe: str, pairs: int | None, prompts: list[str] | None, seeds: 
     (with ``--seeds N``: each with seeds 0..N-1; else prompt i with seed i); ``--seeds N`` alone:
     ``recipe``'s prompt (after ``sets``) with seeds 0..N-1; else ``--pairs`` prompts of the shapes world (8 by
     default), each with seeds 0..N-1 under ``--seeds``."""
-    from .recipe import load_recipe
+    from sdsctl.engine.recipe import load_recipe
 
     if pairs is not None and pairs <= 0:
         raise SdsctlError(f"--pairs {pairs}: must be positive")

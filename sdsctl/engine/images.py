@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .rundir import atomic_write
+from sdsctl.engine.rundir import atomic_write
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

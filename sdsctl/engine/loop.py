@@ -19,7 +19,7 @@ with weight ``image_weight``); x* is HiFA's decoded denoised estimate or the dec
 (``optimizer.image_target``).
 
 A run's life around the steps -- loading, the run directory, signals, failures -- is
-:class:`sdsctl.run.Run`.
+:class:`sdsctl.engine.run.Run`.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from . import devices
-from .components import RunContext
-from .errors import PluginError, SdsctlError
-from .plugins import Registered
-from .recipe import LoadedRecipe
-from .records import NonFinite, StepRecord
+from sdsctl.components import RunContext
+from sdsctl import devices
+from sdsctl.engine.recipe import LoadedRecipe
+from sdsctl.engine.records import NonFinite, StepRecord
+from sdsctl.errors import PluginError, SdsctlError
+from sdsctl.plugins import Registered
 
 #: CUDA out-of-memory (torch.cuda.OutOfMemoryError before torch 2.5)
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -318,7 +318,7 @@ class Optimization:
                 return steps, 1 - remaining / start
 
     def step(self, k: int) -> StepRecord:
-        """Step ``k`` (0-based). Its numbers stay on the device (``sdsctl.records``): no host
+        """Step ``k`` (0-based). Its numbers stay on the device (``sdsctl.engine.records``): no host
         sync here unless the fit itself needs one (``fit: full``'s stop test)."""
         regs = self.regs
         with blame(regs["schedule"], f"giving step {k + 1} its timestep"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SdsctlError
+from sdsctl.errors import SdsctlError
 
 
 class ClipScorer:

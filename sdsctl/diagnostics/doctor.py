@@ -6,7 +6,7 @@ over-saturates, more if nothing shows up); the result must converge; the correct
 weight is raised if the result is over-saturated and lowered if it is over-smooth. NFSD adds
 why: a high guidance scale over-saturates, a low one (7.5) over-smooths, because the
 unconditional term smooths the image. Each check below reads the run's files
-(``sdsctl.runread``), states its evidence in numbers and steps, and names the recipe key
+(``sdsctl.engine.runread``), states its evidence in numbers and steps, and names the recipe key
 to turn.
 
 Thresholds, calibrated on the shapes prior (three prompts and seeds each: plain SDS at CFG
@@ -34,8 +34,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from . import imagestats, plugins
-from .runread import RunData
+from sdsctl import plugins
+from sdsctl.engine import imagestats
+from sdsctl.engine.runread import RunData
 
 OVERSATURATED_CLIPPED = 0.25
 OVERSMOOTH_SHARPNESS = 0.295

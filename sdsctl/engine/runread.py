@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from . import imagestats
-from .errors import SdsctlError
+from sdsctl.engine import imagestats
+from sdsctl.errors import SdsctlError
 
 
 @dataclasses.dataclass

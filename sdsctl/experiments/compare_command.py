@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 import sdsctl
-from sdsctl.executors import (
+from sdsctl.experiments.executors import (
     AddressOption,
     ClipOption,
     CpusPerRunOption,
@@ -25,8 +25,8 @@ from sdsctl.executors import (
 
 def pairs_for(recipes: list[str], pairs: int | None, prompts: list[str] | None,
               seeds: int | None) -> list[tuple[str, int]]:
-    """The (prompt, seed) pairs (``sdsctl.plan.pairs_for``; ``--seeds`` alone: the first recipe's prompt)."""
-    from sdsctl.plan import pairs_for as pairs_of
+    """The (prompt, seed) pairs (``plan.pairs_for``; ``--seeds`` alone: the first recipe's prompt)."""
+    from sdsctl.experiments.plan import pairs_for as pairs_of
 
     return pairs_of(recipes[0], pairs, prompts, seeds)
 
@@ -56,9 +56,9 @@ def compare(
     no_live: NoLiveOption = False,
 ) -> None:
     """Run each recipe on the same (prompt, seed) pairs; write report.html, compare.md, compare.json and grid.png."""
-    from sdsctl.compare import check_folder, command
-    from sdsctl.executors import from_options
-    from sdsctl.plan import Setting
+    from sdsctl.experiments.compare import check_folder, command
+    from sdsctl.experiments.executors import from_options
+    from sdsctl.experiments.plan import Setting
 
     folder = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     check_folder(folder)

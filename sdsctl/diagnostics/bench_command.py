@@ -1,4 +1,4 @@
-"""Command ``bench``: a recipe's step speed, its breakdown and its distance to the floor (``sdsctl.bench``)."""
+"""Command ``bench``: a recipe's step speed, its breakdown and its distance to the floor (logic in ``bench``)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ def bench(
     """Time a recipe's step without writing a run: steps/s, per-phase breakdown, floor_ratio.
 
     floor_ratio is the step's time over the bare time of the model evaluations it needs."""
-    from sdsctl.bench import PHASES
-    from sdsctl.bench import bench as run_bench
-    from sdsctl.recipe import load_recipe
+    from sdsctl.diagnostics.bench import PHASES
+    from sdsctl.diagnostics.bench import bench as run_bench
+    from sdsctl.engine.recipe import load_recipe
 
     if steps < 2 or warmup < 0:
         raise SdsctlError(f"--steps {steps} --warmup {warmup}: need at least 2 timed steps and no negative warm-up")

@@ -1,7 +1,7 @@
 """A comparison's numbers: every number of a run, and per setting its match rate, medians,
 and the mean and spread of every metric -- read by ``compare.md``, ``report.html`` and the
-sweep's ranking alike (``sdsctl.compare`` writes them, ``sdsctl.report`` and
-``sdsctl.ranking`` read them; none of them imports another for these).
+sweep's ranking alike (``sdsctl.experiments.compare`` writes them, ``sdsctl.experiments.report`` and
+``sdsctl.experiments.ranking`` read them; none of them imports another for these).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def metric_summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def verdict_metric() -> tuple[str, Any] | None:
     """(name, class) of the first installed metric that gives a verdict (``Metric.verdict``,
     the shapes judge's ``match``), or None: what compare counts, shows and ranks by default."""
-    from . import plugins
+    from sdsctl import plugins
 
     for name, reg in plugins.components("metrics").items():
         if reg.obj.verdict:

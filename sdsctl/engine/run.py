@@ -5,7 +5,7 @@ The phases, one method each (``docs/architecture.md``, "The life of a run")::
     open      the target directory: a fresh one (refused if it holds something) or a run to resume
     load      the model, under the run's lock; a signal here stops at once, nothing written
     prepare   the directory: recipe.yaml, metrics up to the starting step, previews after it dropped
-    build     the components (:class:`~sdsctl.loop.Optimization`) from the state or fresh
+    build     the components (:class:`~sdsctl.engine.loop.Optimization`) from the state or fresh
     steps     the loop: a step, its records logged every ``log_every``, previews, checkpoints
     finish    final.png, progress.png, state.pt, metrics and summary.json for the last step
     stop      the same for the step a signal left (a second signal: the last checked step)
@@ -32,14 +32,14 @@ from typing import Any
 
 import torch
 
-from . import plugins
-from .devices import peak_memory_mb
-from .errors import PluginError, RunFailed, SdsctlError
-from .images import contact_sheet, save_image, save_view
-from .loop import OOM, Optimization, blame, load_prior, placement, threads_for
-from .recipe import LoadedRecipe, to_yaml
-from .records import NonFinite, PendingRecords
-from .rundir import RunDir, RunLock, check_target
+from sdsctl import plugins
+from sdsctl.devices import peak_memory_mb
+from sdsctl.engine.images import contact_sheet, save_image, save_view
+from sdsctl.engine.loop import OOM, Optimization, blame, load_prior, placement, threads_for
+from sdsctl.engine.recipe import LoadedRecipe, to_yaml
+from sdsctl.engine.records import NonFinite, PendingRecords
+from sdsctl.engine.rundir import RunDir, RunLock, check_target
+from sdsctl.errors import PluginError, RunFailed, SdsctlError
 
 
 @dataclasses.dataclass
@@ -185,7 +185,7 @@ def execute(loaded: LoadedRecipe, path: Path, reporter, *, overwrite: bool = Fal
 
     ``prior``: the recipe's model already loaded on its device and dtype (``sdsctl compare``
     shares one among runs); None loads it. The run directory is locked for the whole call
-    (:class:`~sdsctl.rundir.RunLock`): a second writer gets an error naming this one. Raises
+    (:class:`~sdsctl.engine.rundir.RunLock`): a second writer gets an error naming this one. Raises
     :class:`StopNow` when a signal stopped it while the model loaded (nothing is written then)."""
     return Run(loaded, path, reporter, overwrite=overwrite, resume=resume, prior=prior, command=command).execute()
 

@@ -6,7 +6,7 @@ inline SVG, the style is inline; there is no script and nothing is fetched, so t
 opens the same from a laptop, a mail attachment or a CI artefact. Only the links to each
 run's ``progress.png`` point outside it (relative paths into ``runs/``). Sections:
 
-0. for a sweep, the settings ranked (``sdsctl.ranking``), with every failed run's error;
+0. for a sweep, the settings ranked (``sdsctl.experiments.ranking``), with every failed run's error;
 1. the grid of final images (a row per recipe, a column per prompt and seed);
 2. a table of every metric per recipe (mean ± sample standard deviation over the runs);
 3. the curves over steps of every number the runs logged (loss, score norm, the guidance's
@@ -24,9 +24,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .rundir import atomic_write_text
-from .runread import RunData
-from .summaries import fmt, verdict_metric, verdict_word
+from sdsctl.engine.rundir import atomic_write_text
+from sdsctl.engine.runread import RunData
+from sdsctl.experiments.summaries import fmt, verdict_metric, verdict_word
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2"]
 
@@ -199,7 +199,7 @@ def _ok(run: dict[str, Any]) -> bool:
 
 
 def _ranking(rows, by) -> list[str]:
-    from .ranking import cells, headers, note
+    from sdsctl.experiments.ranking import cells, headers, note
 
     h = ["<h2>Ranking</h2>", f'<p class="small">Ranked by {_e(by.describe())}; mean ± sample standard deviation '
          "over seeds (each seed's value the mean over the prompts).</p>",
@@ -397,7 +397,7 @@ def render(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str,
 def write_report(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, int]],
                  notes: list[str] = (), unknown: dict[str, list[str]] | None = None, ranking=None,
                  kind: str = "compare") -> Path:
-    """``ranking``: (rows, RankBy) of ``sdsctl.ranking``, shown first; ``kind``: compare or sweep."""
+    """``ranking``: (rows, RankBy) of ``sdsctl.experiments.ranking``, shown first; ``kind``: compare or sweep."""
     path = Path(out) / "report.html"
     atomic_write_text(path, render(Path(out), results, pairs, notes, unknown, ranking, kind))
     return path

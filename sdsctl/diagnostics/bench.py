@@ -31,10 +31,10 @@ from typing import Any, Callable
 
 import torch
 
-from .devices import peak_memory_mb
-from .loop import Optimization, load_prior, placement, threads_for
-from .recipe import LoadedRecipe
-from .records import PendingRecords
+from sdsctl.devices import peak_memory_mb
+from sdsctl.engine.loop import Optimization, load_prior, placement, threads_for
+from sdsctl.engine.recipe import LoadedRecipe
+from sdsctl.engine.records import PendingRecords
 
 PHASES = ("render", "encode", "unet", "decode", "guidance", "backward", "optimizer", "other")
 

@@ -31,8 +31,8 @@ def _model_folder(model: str) -> tuple[str, str]:
 
 
 def _pipeline(model: str, device: str):
-    from sdsctl import sampling
     from sdsctl.models.sources import hub_hint
+    from sdsctl.shapes import sampling
 
     kind, source = _model_folder(model)
     try:
@@ -111,8 +111,8 @@ def sample(
     """Draw one image from a prior with DDIM."""
     import torch
 
-    from sdsctl import sampling
-    from sdsctl.images import save_image, save_view
+    from sdsctl.engine.images import save_image, save_view
+    from sdsctl.shapes import sampling
     from sdsctl.shapes.tokenizer import unknown_words
 
     if out.suffix.lower() != ".png":

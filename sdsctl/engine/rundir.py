@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import SdsctlError
+from sdsctl.errors import SdsctlError
 
 try:
     import fcntl

@@ -1,5 +1,5 @@
 """Command ``sweep``: one recipe over the Cartesian product of grids of its values × prompts × seeds,
-its settings ranked (``sdsctl.sweep``, ``sdsctl.ranking``; the outputs are compare's)."""
+its settings ranked (``sdsctl.experiments.sweep``, ``sdsctl.experiments.ranking``; the outputs are compare's)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 
 import sdsctl
 from sdsctl.errors import SdsctlError
-from sdsctl.executors import (
+from sdsctl.experiments.executors import (
     AddressOption,
     ClipOption,
     CpusPerRunOption,
@@ -60,11 +60,11 @@ def sweep(
     """Run a recipe over a grid of its values × prompts × seeds and rank the settings.
 
     Writes report.html, compare.md, compare.json and grid.png, as compare does."""
-    from sdsctl.compare import check_folder, command
-    from sdsctl.executors import from_options
-    from sdsctl.plan import pairs_for
-    from sdsctl.ranking import parse_rank_by
-    from sdsctl.sweep import parse_grids, settings, validate
+    from sdsctl.experiments.compare import check_folder, command
+    from sdsctl.experiments.executors import from_options
+    from sdsctl.experiments.plan import pairs_for
+    from sdsctl.experiments.ranking import parse_rank_by
+    from sdsctl.experiments.sweep import parse_grids, settings, validate
 
     sets = list(set_ or [])
     grids = parse_grids(list(grid or []), sets)

@@ -1,16 +1,16 @@
 """One run as a self-contained task, for a worker that is not the driver: a ``--jobs``
-subprocess, or a Ray task on any node of a cluster (``sdsctl.executors``).
+subprocess, or a Ray task on any node of a cluster (``sdsctl.experiments.executors``).
 
 A :class:`RunTask` carries the run's fully resolved recipe as text, not a path: a worker on
 another node need not see the driver's files. It says what to do with the run's folder
 (``new``, ``resume``, ``restart``) and, for a worker without the driver's filesystem, carries
 the files of a partial run to continue. The worker runs it with the one run loop
-(:func:`sdsctl.run.execute`) and answers with an :class:`Outcome`: a failure is an answer
+(:func:`sdsctl.engine.run.execute`) and answers with an :class:`Outcome`: a failure is an answer
 (its error, as the run's summary states it), not an exception, so a driver can retry it and
 report it. :func:`run_shipped` runs a task in a scratch folder and returns the run
 directory's files as bytes; :func:`install` writes them into the driver's folder.
 
-``python -m sdsctl.runtask`` runs one task read as JSON from stdin in place (the ``--jobs``
+``python -m sdsctl.experiments.runtask`` runs one task read as JSON from stdin in place (the ``--jobs``
 worker) and prints its outcome as JSON on the last line of stdout.
 """
 
@@ -31,7 +31,7 @@ _NOT_SHIPPED = (".lock",)
 
 @dataclasses.dataclass
 class RunTask:
-    recipe_yaml: str  # the fully resolved recipe (sdsctl.recipe.to_yaml)
+    recipe_yaml: str  # the fully resolved recipe (sdsctl.engine.recipe.to_yaml)
     origin: str  # where it came from, for recipe.yaml's header
     run_dir: str  # the run directory on the driver
     mode: str  # new | resume | restart
@@ -65,7 +65,7 @@ class Quiet:
 
 
 def task_for(spec, mode: str | None = None, files: dict[str, bytes] | None = None) -> RunTask:
-    """The task of a planned run (``sdsctl.plan.RunSpec``)."""
+    """The task of a planned run (``sdsctl.experiments.plan.RunSpec``)."""
     return RunTask(spec.recipe_yaml, spec.loaded.origin, str(spec.path), mode or spec.state, files)
 
 
@@ -73,8 +73,8 @@ def load_task_recipe(task: RunTask):
     """The task's recipe, loaded and checked as ``sdsctl run`` would (plugins from this worker's
     environment). It must resolve to the text it was sent as, or the driver would not find
     the run's folder again."""
-    from .errors import RunFailed
-    from .recipe import load_recipe, to_yaml
+    from sdsctl.engine.recipe import load_recipe, to_yaml
+    from sdsctl.errors import RunFailed
 
     with tempfile.TemporaryDirectory(prefix="sdsctl-recipe-") as tmp:
         path = Path(tmp) / "recipe.yaml"
@@ -89,7 +89,7 @@ def load_task_recipe(task: RunTask):
 def describe_error(exc: BaseException) -> str:
     """An exception as the one line a table can show: sdsctl's own messages as they are, a
     library's as its type and first line."""
-    from .errors import SdsctlError, summarize
+    from sdsctl.errors import SdsctlError, summarize
 
     if isinstance(exc, SdsctlError):
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -102,7 +102,7 @@ def run_task(task: RunTask, path: Path | None = None, *, loaded=None, prior=None
     ``loaded`` / ``prior``: the recipe and model already loaded (the in-process executor
     shares one model among runs). Every exception of the run becomes a failed outcome with
     its message; a Ctrl-C (KeyboardInterrupt) is not caught."""
-    from .run import execute
+    from sdsctl.engine.run import execute
 
     started = time.perf_counter()
     path = Path(path or task.run_dir)
@@ -158,7 +158,7 @@ def install(files: dict[str, bytes], path: Path) -> None:
 
     The directory's lock is held meanwhile (a local ``sdsctl run`` on it is refused), and
     ``summary.json`` is written last: a directory cut off half-way never reads as finished."""
-    from .rundir import RunLock, atomic_write
+    from sdsctl.engine.rundir import RunLock, atomic_write
 
     path = Path(path)
     with RunLock(path).held("sdsctl (installing a run that ran on a worker)"):

@@ -1,6 +1,6 @@
 """Run loggers beside the reporter: ``sdsctl run RECIPE --log tensorboard --log wandb``.
 
-The loop talks to one *reporter* (``sdsctl.panel``: ``start``/``step``/``preview``/``note``/
+The loop talks to one *reporter* (``sdsctl.engine.panel``: ``start``/``step``/``preview``/``note``/
 ``close``). :class:`RunLoggers` wraps it and hands the same calls to the chosen loggers
 (``sdsctl.components.Logger``, registered through ``register_loggers``), then, after the run,
 gives them ``summary.json`` and closes them (:meth:`RunLoggers.finish`). No logger code runs
@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import plugins
-from .components import Logger
-from .errors import SdsctlError
+from sdsctl import plugins
+from sdsctl.components import Logger
+from sdsctl.errors import SdsctlError
 
 
 def build(names: list[str], run_dir: Path, recipe) -> tuple[list[tuple[str, Logger]], list[str]]:

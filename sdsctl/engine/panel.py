@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .devices import peak_memory_mb
-from .images import half_blocks
+from sdsctl.devices import peak_memory_mb
+from sdsctl.engine.images import half_blocks
 
 
 def memory_text(device: torch.device) -> str:

@@ -1,4 +1,4 @@
-"""Command ``doctor``: the study's checklist on a run directory (``sdsctl.doctor``)."""
+"""Command ``doctor``: the study's checklist on a run directory (``sdsctl.diagnostics.doctor``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
 ) -> None:
     """Check a run against the study's checklist: warm-up, saturation, smoothness, convergence, score norm."""
-    from sdsctl.doctor import diagnose, text
+    from sdsctl.diagnostics.doctor import diagnose, text
 
     report = diagnose(run_dir)
     typer.echo(json.dumps(report, indent=2) if as_json else text(report), nl=as_json)

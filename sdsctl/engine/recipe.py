@@ -25,11 +25,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from . import plugins
-from .diffusion import true_cfg_note
-from .errors import InvalidConfig, Location, PluginError, Problem, RecipeError, SdsctlError
-from .modelinfo import ModelInfo
-from .schema import ComponentConfig, OptimizerConfig, OutputConfig, Recipe  # noqa: F401 -- the sections' types, re-exported
+from sdsctl import plugins
+from sdsctl.diffusion import true_cfg_note
+from sdsctl.errors import InvalidConfig, Location, PluginError, Problem, RecipeError, SdsctlError
+from sdsctl.modelinfo import ModelInfo
+from sdsctl.schema import ComponentConfig, OptimizerConfig, OutputConfig, Recipe  # noqa: F401 -- the sections' types, re-exported
 
 #: recipe section -> registry kind
 SECTIONS = {
@@ -515,7 +515,7 @@ def check_model(recipe: Recipe, found: dict[str, plugins.Registered], where: _Lo
             raise PluginError(f"{reg.describe()} failed while checking the recipe: "
                               f"{type(exc).__name__}: {exc}") from exc
 
-    from .devices import problem as device_problem
+    from sdsctl.devices import problem as device_problem
 
     why = device_problem(recipe.device)
     if why is not None:

@@ -5,14 +5,14 @@
 rows of the report (one per recipe, one per grid point). For every setting and every
 (prompt, seed) pair:
 
-1. **plan** (``sdsctl.plan``): validate every setting before any run; key each run's folder by
+1. **plan** (``sdsctl.experiments.plan``): validate every setting before any run; key each run's folder by
    its resolved recipe, and find which folders hold a finished run (reused), an interrupted
    one (continued) or nothing yet;
-2. **execute** (``sdsctl.executors``): the runs that are not reused, here, in ``--jobs``
+2. **execute** (``sdsctl.experiments.executors``): the runs that are not reused, here, in ``--jobs``
    worker processes or as Ray tasks; a failed run is retried once, then reported;
 3. **collect**: each run's metrics, figures and status, and per setting a summary (match
    rate, medians, mean and spread of every metric) and, for a sweep, its rank
-   (``sdsctl.ranking``);
+   (``sdsctl.experiments.ranking``);
 4. **write** into ``DIR``:
 
 - ``compare.json``: per setting, every run's prompt, seed, seconds, metrics, figures, status
@@ -21,7 +21,7 @@ rows of the report (one per recipe, one per grid point). For every setting and e
   median shape IoU, median palette error, seconds per run), then the mean ± spread of every
   metric;
 - ``grid.png``: the final images, one labelled row per setting, one column per pair;
-- ``report.html``: the self-contained report (``sdsctl.report``).
+- ``report.html``: the self-contained report (``sdsctl.experiments.report``).
 
 Calling the same comparison again reuses every completed run and continues interrupted
 ones (as ``sdsctl resume`` does), whichever executor ran them.
@@ -36,13 +36,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import SdsctlError
-from .executors import Events, Interrupted, LocalExecutor
-from .images import save_image
-from .plan import Setting, entries, plan, shapes_pairs, unknown_words  # noqa: F401 - shapes_pairs: public here too
-from .rundir import atomic_write_json, atomic_write_text
-from .runtask import Outcome, Quiet
-from .summaries import (  # noqa: F401 -- re-exported
+from sdsctl.engine.images import save_image
+from sdsctl.engine.rundir import atomic_write_json, atomic_write_text
+from sdsctl.errors import SdsctlError
+from sdsctl.experiments.executors import Events, Interrupted, LocalExecutor
+from sdsctl.experiments.plan import Setting, entries, plan, shapes_pairs, unknown_words  # noqa: F401 - shapes_pairs: public here too
+from sdsctl.experiments.runtask import Outcome, Quiet
+from sdsctl.experiments.summaries import (  # noqa: F401 -- re-exported
     completed,
     fmt,
     metric_summary,
@@ -104,7 +104,7 @@ class Progress:
 
 def _live_reporter(progress: Progress):
     """The run's live panel with the comparison's progress line above it."""
-    from .panel import LivePanel
+    from sdsctl.engine.panel import LivePanel
 
     class CompareLive(LivePanel):
         def step(self, record):
@@ -166,7 +166,7 @@ class _Driver(Events):
 
 def collect_run(spec, outcome: Outcome | None, scorer=None) -> dict[str, Any]:
     """One run as compare.json records it (``outcome`` None: reused)."""
-    from .runread import RunData
+    from sdsctl.engine.runread import RunData
 
     base = {"prompt": spec.prompt, "seed": spec.seed, "run_dir": str(spec.path), "reused": outcome is None,
             "attempts": outcome.attempts if outcome else 0}
@@ -206,10 +206,10 @@ def run_settings(settings: list[Setting], pairs: list[tuple[str, int]], out: Pat
     """Plan, execute, collect and write (the module docstring) the settings × ``pairs``.
 
     ``kind``: ``compare`` or ``sweep`` (names the rows and the report); a sweep ranks its
-    settings (``rank_by``, see ``sdsctl.ranking``). Failed runs are in the results, with
+    settings (``rank_by``, see ``sdsctl.experiments.ranking``). Failed runs are in the results, with
     their error (``summary.failed`` counts them). ``warn``: where the recipes' warnings go
     (default ``echo``)."""
-    from .ranking import check_rank_by, parse_rank_by
+    from sdsctl.experiments.ranking import check_rank_by, parse_rank_by
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     by = parse_rank_by(rank_by, clip is not None) if kind == "sweep" or rank_by else None
@@ -222,7 +222,7 @@ def run_settings(settings: list[Setting], pairs: list[tuple[str, int]], out: Pat
             (warn or echo)(f"warning: {e.label}: {note}")
     scorer = None
     if clip is not None:
-        from .clipscore import ClipScorer
+        from sdsctl.experiments.clipscore import ClipScorer
 
         scorer = ClipScorer(clip)  # a bad folder fails now, before any run
     unknown = unknown_words(items, pairs)
@@ -287,8 +287,8 @@ def collect(items, specs, runs: dict[int, dict[str, Any]]) -> dict[str, dict[str
 def write(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, int]], *, by=None,
           kind: str = "compare", clip: bool = False, unknown: dict[str, list[str]] | None = None) -> None:
     """compare.json, compare.md, grid.png and report.html into ``out`` (``by``: rank the settings)."""
-    from .ranking import rank, ranked_table
-    from .report import write_report
+    from sdsctl.experiments.ranking import rank, ranked_table
+    from sdsctl.experiments.report import write_report
 
     notes = [] if clip else ["CLIP score skipped: no --clip DIR given."]
     if not clip:
@@ -310,7 +310,7 @@ def write(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, 
 
 
 def _font(size: int):
-    from .images import font
+    from sdsctl.engine.images import font
 
     return font(size)
 

@@ -22,7 +22,7 @@ import dataclasses
 import statistics
 from typing import Any
 
-from .errors import SdsctlError
+from sdsctl.errors import SdsctlError
 
 JUDGE = "judge"
 #: the run figures for which lower is better; a metric's keys say so themselves (``Metric.lower_is_better``)
@@ -31,7 +31,7 @@ LOWER_IS_BETTER = ("seconds", "seconds_per_step", "peak_memory_mb", "convergence
 
 def _verdict():
     """(name, class) of the metric whose verdict ``judge`` ranks by (``summaries.verdict_metric``)."""
-    from .summaries import verdict_metric
+    from sdsctl.experiments.summaries import verdict_metric
 
     found = verdict_metric()
     if found is None:
@@ -42,7 +42,7 @@ def _verdict():
 
 def _lower_is_better(name: str) -> bool:
     """Whether lower is better for the number ``name`` (``METRIC.KEY`` or a run figure)."""
-    from . import plugins
+    from sdsctl import plugins
 
     metric, _, key = name.rpartition(".")
     reg = plugins.components("metrics").get(metric) if metric else None
@@ -93,8 +93,8 @@ FIGURES = ("convergence", "seconds_per_step", "peak_memory_mb")
 def check_rank_by(by: RankBy, clip: bool) -> None:
     """Refuse a ``--rank-by`` no run will have, before any run: the names are the installed
     metrics' declared keys (``Metric.keys``), the run figures and, with ``--clip``, ``clip.score``."""
-    from . import plugins
-    from .recipe import suggest
+    from sdsctl import plugins
+    from sdsctl.engine.recipe import suggest
 
     if by.metric == JUDGE:
         return
@@ -137,7 +137,7 @@ def _judged(key: str):
 
 
 def _number(name: str):
-    from .summaries import run_numbers
+    from sdsctl.experiments.summaries import run_numbers
 
     return lambda run: run_numbers(run).get(name)
 
@@ -192,7 +192,7 @@ def rank(results: dict[str, dict[str, Any]], by: RankBy) -> list[Row]:
 
 
 def _cell(value: dict[str, float] | None, judge: bool) -> str:
-    from .summaries import fmt
+    from sdsctl.experiments.summaries import fmt
 
     if value is None:
         return "n/a"

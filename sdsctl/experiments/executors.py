@@ -1,6 +1,6 @@
 """Where the runs of a comparison or a sweep execute: here, in worker processes, or on Ray.
 
-Every executor takes the planned runs that are not reused (``sdsctl.plan.RunSpec``) and tells
+Every executor takes the planned runs that are not reused (``sdsctl.experiments.plan.RunSpec``) and tells
 the driver, through :class:`Events`, as each one starts, is retried and finishes. They share
 one policy, so a result never depends on where it ran:
 
@@ -12,7 +12,7 @@ one policy, so a result never depends on where it ran:
 
 :class:`LocalExecutor` runs one run after another in this process (runs that share a model
 share its loaded weights; the live panel shows the current run), or ``--jobs N`` runs at once
-in worker processes (``python -m sdsctl.runtask``), each pinned to one visible GPU
+in worker processes (``python -m sdsctl.experiments.runtask``), each pinned to one visible GPU
 (``CUDA_VISIBLE_DEVICES``) when there are GPUs. :class:`RayExecutor` makes each run a Ray task
 asking for one GPU (or ``--cpus-per-run`` CPUs on a cluster without GPUs) on a local Ray
 instance or the cluster at ``--address``; the task runs in a scratch folder on its node and
@@ -38,9 +38,9 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from .devices import ACCEPTED
-from .errors import SdsctlError, summarize
-from .runtask import Outcome, describe_error, install, pack, run_shipped, run_task, task_for
+from sdsctl.devices import ACCEPTED
+from sdsctl.errors import SdsctlError, summarize
+from sdsctl.experiments.runtask import Outcome, describe_error, install, pack, run_shipped, run_task, task_for
 
 #: tries per run: the first, and one retry from scratch
 ATTEMPTS = 2
@@ -59,7 +59,7 @@ class Events:
 
     def reporter(self, spec):
         """The reporter of a run executed in this process (the live panel, or a quiet one)."""
-        from .runtask import Quiet
+        from sdsctl.experiments.runtask import Quiet
 
         return Quiet()
 
@@ -130,7 +130,7 @@ class Models:
         self.loads = 0
 
     def get(self, loaded):
-        from .loop import load_prior, placement
+        from sdsctl.engine.loop import load_prior, placement
 
         device, dtype, _ = placement(loaded.recipe)
         key = (loaded.recipe.model.model_dump_json(), str(device), str(dtype))
@@ -172,13 +172,13 @@ def worker_env(slot: int, gpus: list[str], jobs: int) -> dict[str, str]:
 
 
 class _Worker:
-    """One ``python -m sdsctl.runtask`` process running one task; its outcome goes to ``done``."""
+    """One ``python -m sdsctl.experiments.runtask`` process running one task; its outcome goes to ``done``."""
 
     def __init__(self, spec, mode: str, attempt: int, slot: int, env: dict[str, str], done: queue.Queue):
         self.spec, self.attempt, self.slot = spec, attempt, slot
         self.reported = threading.Event()
         task = task_for(spec, mode)
-        self.proc = subprocess.Popen([sys.executable, "-m", "sdsctl.runtask"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "sdsctl.experiments.runtask"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      start_new_session=True)  # Ctrl-C reaches it through the driver, once
         payload = json.dumps({k: v for k, v in dataclasses.asdict(task).items() if k != "files"})
@@ -335,7 +335,7 @@ def import_ray():
 
 class RayExecutor:
     """Each run a Ray task (see the module docstring). ``task_fn`` is what the task calls on its
-    worker (default :func:`sdsctl.runtask.run_shipped`); tests pass one that fails on purpose."""
+    worker (default :func:`sdsctl.experiments.runtask.run_shipped`); tests pass one that fails on purpose."""
 
     name = "ray"
 
