@@ -25,7 +25,8 @@ from pathlib import Path
 import tomllib
 import torch
 
-SDSCTL = [sys.executable, "-c", "from sdsctl.cli import main; main()"]
+#: -P: the working directory is not put on the path (it would give both sides this checkout's sdsctl)
+SDSCTL = [sys.executable, "-P", "-c", "from sdsctl.cli import main; main()"]
 
 
 def old_env(old: Path, links: Path) -> dict[str, str]:
@@ -36,6 +37,12 @@ def old_env(old: Path, links: Path) -> dict[str, str]:
         if not link.exists():
             link.symlink_to(old / folder)
     entry_points = tomllib.loads((old / "pyproject.toml").read_text())["project"]["entry-points"]["sdsctl"]
+    # the old checkout's own entry points: a distribution found on PYTHONPATH comes before the
+    # installed one, and importlib.metadata keeps the first distribution of a name
+    info = links / "sdsctl-0.0.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sdsctl\nVersion: 0.0.0\n")
+    (info / "entry_points.txt").write_text("[sdsctl]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
     return {**os.environ, "PYTHONPATH": f"{old}{os.pathsep}{links}", "SDSCTL_LOAD_PLUGINS": ",".join(entry_points)}
 
 

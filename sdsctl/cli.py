@@ -26,8 +26,8 @@ from sdsctl.errors import RunFailed, SdsctlError
 CORE_COMMANDS = ("run", "resume", "validate", "recipes", "plugins")
 #: what `resume --set` may change besides output.*: the rest of a run's recipe is its identity
 RESUMABLE_KEYS = ("steps", "device", "dtype", "threads")
-KIND_ORDER = ("models", "families", "parameterizations", "guidances", "schedules", "weightings", "metrics", "loggers",
-              "commands")
+KIND_ORDER = ("models", "families", "parameterizations", "guidances", "schedules", "weightings", "cameras", "metrics",
+              "loggers", "commands")
 
 
 def _print_error(exc: SdsctlError) -> None:

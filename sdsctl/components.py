@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
+    from sdsctl.cameras import Camera
     from sdsctl.models.base import Prior
     from sdsctl.schema import Recipe
 
@@ -202,6 +203,16 @@ def _define_parameterization() -> type:
 
         kind = "parameterization"
         space: ClassVar[str] = "latent"  # "latent" or "rgb"
+        #: a 3D scene: rendered from a camera the loop sets each step (``camera``), judged on
+        #: held-out views; it provides ``view(camera, size)``, ``render_size``, ``out_size``,
+        #: ``mesh_grid()``, ``surface_colours(points)`` and ``last_regularizer`` (docs/3d.md)
+        scene: ClassVar[bool] = False
+
+        @classmethod
+        def space_for(cls, config: ComponentConfig) -> str:
+            """What a parameterization with ``config`` renders: ``latent`` or ``rgb`` (the class's
+            ``space`` unless an option chooses, as ``nerf``'s ``space``)."""
+            return cls.space
 
         def __init__(self, config: ComponentConfig, ctx: RunContext):
             torch.nn.Module.__init__(self)
@@ -296,6 +307,28 @@ class Weighting(Component):
 
     def __call__(self, t: int) -> float:
         raise NotImplementedError
+
+
+class Cameras(Component):
+    """Where a 3D scene is seen from: a camera per step and the held-out views (docs/3d.md).
+
+    Draw randomness from ``self.ctx.rand()`` (the host generator): a resumed run then draws
+    the same cameras, and no draw waits for the device."""
+
+    kind = "cameras"
+
+    def sample(self, step: int) -> Camera:
+        """The camera of step ``step`` (0-based)."""
+        raise NotImplementedError
+
+    def evaluation(self) -> list[Camera]:
+        """The fixed held-out views the result is judged on, the front view first."""
+        raise NotImplementedError
+
+    @property
+    def view_prompts(self) -> bool:
+        """Whether the prompt gets DreamFusion's view words (``, front view``) per camera."""
+        return False
 
 
 class Metric(Component):
@@ -397,6 +430,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "guidances": ("register_guidances", "Guidance"),
     "schedules": ("register_schedules", "Schedule"),
     "weightings": ("register_weightings", "Weighting"),
+    "cameras": ("register_cameras", "Cameras"),
     "metrics": ("register_metrics", "Metric"),
     "loggers": ("register_loggers", "Logger"),
 }

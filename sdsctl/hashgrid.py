@@ -1,4 +1,5 @@
-"""Multiresolution hash encoding (Instant-NGP, Müller et al. 2022) of 2-D points (u, v) in [0, 1]².
+"""Multiresolution hash encoding (Instant-NGP, Müller et al. 2022) of 2-D points (u, v) in [0, 1]²
+and of 3-D points in [0, 1]³ (the scenes of ``nerf``).
 
 Two backends compute the same function from the same flat parameter vector:
 
@@ -17,9 +18,12 @@ Matched from tiny-cuda-nn (and tested against a loop-based reference in the test
   like ``fmaf``); the cell is ``floor`` of it and the fraction gives (bi)linear weights;
 * entries per level: ``min(2**log2_hashmap_size, next_multiple_of_8(resolution**2))``, levels
   concatenated in order; a level is hashed iff its entry count is below ``resolution**2``,
-  else it is indexed densely as ``x + y * resolution`` (tcnn's wrap-around at the far edge,
-  e.g. ``x = 1``, included); hash = ``x * 1 XOR y * 2654435761`` in uint32 arithmetic (tcnn's
-  default ``CoherentPrime`` hash); every index is taken modulo the level's entry count;
+  else it is indexed densely as ``x + y * resolution (+ z * resolution²)`` (tcnn's wrap-around
+  at the far edge, e.g. ``x = 1``, included); hash = ``x * 1 XOR y * 2654435761 (XOR z *
+  805459861)`` in uint32 arithmetic (tcnn's default ``CoherentPrime`` hash); every index is
+  taken modulo the level's entry count; in 3-D the entries per level are
+  ``min(2**log2_hashmap_size, next_multiple_of_8(resolution**3))`` and the 8 corners'
+  weights are trilinear, corner ``c`` offset by bit ``d`` of ``c`` along axis ``d``;
 * parameter layout: one flat vector, level after level, each level ``[entries, features]``
   row-major; output features level-major ``[l0 f0, l0 f1, l1 f0, ...]``;
 * initialization uniform in ``[-1e-4, 1e-4]`` (tcnn's distribution, not its pcg32 stream);
@@ -74,7 +78,7 @@ __all__ = [
 ]
 
 _U32 = 0xFFFFFFFF
-_PRIME_Y = 2654435761  # tcnn's CoherentPrime hash: primes (1, 2654435761, 805459861, ...)
+_PRIMES = (1, 2654435761, 805459861)  # tcnn's CoherentPrime hash, one prime per axis
 _INIT_RANGE = 1e-4
 
 
@@ -142,20 +146,23 @@ class GridLevel:
     size: int
     offset: int
     hashed: bool
+    dims: int = 2  # the points' dimensions (2: images, 3: scenes)
 
 
-def level_layout(config: HashGridConfig) -> tuple[GridLevel, ...]:
-    """The levels of ``config`` exactly as tcnn lays them out (2-D inputs)."""
+def level_layout(config: HashGridConfig, dims: int = 2) -> tuple[GridLevel, ...]:
+    """The levels of ``config`` exactly as tcnn lays them out for ``dims``-D inputs (2 or 3)."""
+    if dims not in (2, 3):
+        raise ValueError(f"hash grids here take 2-D or 3-D points, got {dims}-D")
     log2_scale = _f32(math.log2(_f32(config.per_level_scale)))
     levels, offset = [], 0
     for level in range(config.n_levels):
         scale = _f32(_f32(_f32(2.0 ** _f32(level * log2_scale)) * config.base_resolution) - 1.0)
         resolution = math.ceil(scale) + 1
-        dense = 2**31 - 1 if float(resolution) ** 2 > 2.0**31 else resolution**2
+        dense = 2**31 - 1 if float(resolution) ** dims > 2.0**31 else resolution**dims
         size = min(-(-dense // 8) * 8, 2**config.log2_hashmap_size)
         # tcnn hashes when the table is smaller than the dense stride (which saturates for huge grids).
-        stride = resolution**2 if resolution <= 0xFFFF else _U32
-        levels.append(GridLevel(scale, resolution, size, offset, size < stride))
+        stride = min(resolution**dims, _U32)
+        levels.append(GridLevel(scale, resolution, size, offset, size < stride, dims))
         offset += size
     return tuple(levels)
 
@@ -171,63 +178,86 @@ def _mul_u32(a: Tensor, constant: int) -> Tensor:
 
 
 def grid_lookup(x: Tensor, levels: tuple[GridLevel, ...]) -> tuple[Tensor, Tensor]:
-    """Table rows and bilinear weights of the 4 corners of every point at every level.
+    """Table rows and (bi/tri)linear weights of the 2^D corners of every point at every level.
 
-    Returns ``rows`` (int64 ``[N, L, 4]``, absolute rows of the ``[entries, F]`` table) and
-    ``weights`` (float32 ``[N, L, 4]``). Corner ``c`` is ``(x + (c & 1), y + (c >> 1))``, tcnn's
-    order. The weights are differentiable w.r.t. ``x`` (d/dx = the level's scale, as in tcnn's
-    input gradient); the rows are not. Both depend only on ``x``, so fixed points can cache them.
+    Returns ``rows`` (int64 ``[N, L, 2^D]``, absolute rows of the ``[entries, F]`` table) and
+    ``weights`` (float32 ``[N, L, 2^D]``). Corner ``c`` is offset by bit ``d`` of ``c`` along
+    axis ``d`` (in 2-D ``(x + (c & 1), y + (c >> 1))``), tcnn's order. The weights are
+    differentiable w.r.t. ``x`` (d/dx = the level's scale, as in tcnn's input gradient); the
+    rows are not. Both depend only on ``x``, so fixed points can cache them.
     """
-    if x.ndim != 2 or x.shape[1] != 2:
-        raise ValueError(f"hash grid inputs must be [N, 2] (u, v), got {tuple(x.shape)}")
+    dims = levels[0].dims
+    if x.ndim != 2 or x.shape[1] != dims:
+        raise ValueError(f"hash grid inputs must be [N, {dims}], got {tuple(x.shape)}")
     x = x.float()
-    all_rows, all_weights = [], []
-    for level in levels:
-        # fmaf(scale, x, 0.5f): the float32 product is exact in float64, then a single rounding.
-        pos = (x.double() * level.scale + 0.5).float()
-        cell = torch.floor(pos).detach()
-        frac = pos - cell
-        grid = cell.to(torch.int64) & _U32  # tcnn's (uint32_t)(int)floor(pos)
-        rows, weights = [], []
-        for corner in range(4):
-            bx, by = corner & 1, corner >> 1
-            cx = (grid[:, 0] + bx) & _U32
-            cy = (grid[:, 1] + by) & _U32
-            if level.hashed:
-                index = cx ^ _mul_u32(cy, _PRIME_Y)
-            else:
-                index = (cx + cy * level.resolution) & _U32
-            rows.append(index % level.size + level.offset)
-            wx = frac[:, 0] if bx else 1 - frac[:, 0]
-            wy = frac[:, 1] if by else 1 - frac[:, 1]
-            weights.append(wx * wy)
-        all_rows.append(torch.stack(rows, dim=-1))
-        all_weights.append(torch.stack(weights, dim=-1))
-    return torch.stack(all_rows, dim=1), torch.stack(all_weights, dim=1)
+    device = x.device
+    scales = torch.tensor([lv.scale for lv in levels], dtype=torch.float64, device=device)
+    # fmaf(scale, x, 0.5f): the float32 product is exact in float64, then a single rounding.
+    pos = (x.double()[:, None, :] * scales[None, :, None] + 0.5).float()  # [N, L, D]
+    cell = torch.floor(pos).detach()
+    frac = pos - cell
+    grid = cell.to(torch.int64) & _U32  # tcnn's (uint32_t)(int)floor(pos)
+    # Per axis the two corner coordinates (cell, cell + 1), [N, L, 2]; the 2^D corners are their
+    # combinations (:func:`_corners`), so the costly integer arithmetic runs on [N, L, 2] per axis.
+    step = torch.arange(2, device=device)
+    coords = [(grid[..., d, None] + step) & _U32 for d in range(dims)]
+    # The resolution grows with the level, so the dense levels come first and the hashed ones after.
+    n_dense = sum(not lv.hashed for lv in levels)
+    assert all(not lv.hashed for lv in levels[:n_dense]), "dense levels after hashed ones"
+    rows = []
+    if n_dense:
+        dense = levels[:n_dense]
+        terms, stride = [], torch.ones(n_dense, 1, dtype=torch.int64, device=device)
+        resolution = torch.tensor([[lv.resolution] for lv in dense], device=device)
+        for d in range(dims):
+            terms.append(coords[d][:, :n_dense] * stride)
+            stride = stride * resolution
+        index = _corners(terms, torch.add) & _U32
+        size, offset = (torch.tensor([[getattr(lv, k)] for lv in dense], device=device) for k in ("size", "offset"))
+        rows.append(index % size + offset)
+    if n_dense < len(levels):
+        hashed = levels[n_dense:]
+        terms = [coords[0][:, n_dense:]] + [_mul_u32(coords[d][:, n_dense:], _PRIMES[d]) for d in range(1, dims)]
+        index = _corners(terms, torch.bitwise_xor)
+        mask, offset = (torch.tensor([[v] for v in values], device=device)
+                        for values in ([lv.size - 1 for lv in hashed], [lv.offset for lv in hashed]))
+        rows.append((index & mask) + offset)  # a hashed level's size is a power of two: & is its modulo
+    rows = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
+    weights = _corners([torch.stack([1 - frac[..., d], frac[..., d]], dim=-1) for d in range(dims)], torch.mul)
+    return rows, weights
+
+
+def _corners(per_axis: list[Tensor], combine) -> Tensor:
+    """``[..., 2]`` values per axis combined into ``[..., 2^D]`` values per corner: corner c takes
+    entry ``(c >> d) & 1`` of axis d (axis 0 varies fastest), axis terms combined in axis order."""
+    out = per_axis[0]
+    for term in per_axis[1:]:
+        out = combine(term[..., :, None], out[..., None, :]).flatten(-2)
+    return out
 
 
 def interpolate(params: Tensor, rows: Tensor, weights: Tensor, n_features_per_level: int) -> Tensor:
     """Encoded features ``[N, L * F]`` (level-major) from a flat ``params`` and a :func:`grid_lookup`.
 
-    A gather of the 4 corners and their weighted sum; differentiable w.r.t. ``params`` and ``weights``.
+    A gather of the 2^D corners and their weighted sum; differentiable w.r.t. ``params`` and ``weights``.
     """
-    n, n_levels, _ = rows.shape
+    n, n_levels, n_corners = rows.shape
     table = params.view(-1, n_features_per_level)
-    corners = table.index_select(0, rows.reshape(-1)).view(n, n_levels, 4, n_features_per_level)
+    corners = table.index_select(0, rows.reshape(-1)).view(n, n_levels, n_corners, n_features_per_level)
     out = (corners * weights.unsqueeze(-1).to(table.dtype)).sum(dim=2)
     return out.reshape(n, n_levels * n_features_per_level)
 
 
 def lookup_matrices(rows: Tensor, weights: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
-    """The lookup as a sparse CSR matrix ``[N * L, n_rows]`` (4 weights per row) and its transpose.
+    """The lookup as a sparse CSR matrix ``[N * L, n_rows]`` (2^D weights per row) and its transpose.
 
     For fixed points the whole encoding is the linear map ``features = matrix @ table``; a CSR
     product with a precomputed transpose for the backward is about 4x faster on a CPU than an
     index gather with its scatter-add backward (1.3 ms vs 5 ms for 64x64 points, default config).
     Corners that land on the same entry are summed.
     """
-    n, n_levels, _ = rows.shape
-    row_ids = torch.arange(n * n_levels, device=rows.device).repeat_interleave(4)
+    n, n_levels, n_corners = rows.shape
+    row_ids = torch.arange(n * n_levels, device=rows.device).repeat_interleave(n_corners)
     with warnings.catch_warnings():  # torch flags sparse CSR as beta; the two ops used here are stable
         warnings.simplefilter("ignore", UserWarning)
         coo = torch.sparse_coo_tensor(
@@ -307,7 +337,8 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 class HashGridEncoding(nn.Module):
-    """``[N, 2]`` points in [0, 1]² -> ``[N, n_levels * n_features_per_level]`` float32 features.
+    """``[N, D]`` points in [0, 1]^D (D = ``n_input_dims``, 2 or 3) -> ``[N, n_levels *
+    n_features_per_level]`` float32 features.
 
     The only parameter is ``params`` (float32 ``[n_params]``) on either backend, so state dicts
     are interchangeable. ``generator`` seeds the initialization (for tcnn: a seed drawn from it).
@@ -318,12 +349,14 @@ class HashGridEncoding(nn.Module):
         config: HashGridConfig | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        n_input_dims: int = 2,
     ):
         super().__init__()
         self.config = config or HashGridConfig()
+        self.n_input_dims = n_input_dims
         device = _resolve_device(device)
         self.backend = resolve_backend(self.config.backend, device)
-        self.levels = level_layout(self.config)
+        self.levels = level_layout(self.config, n_input_dims)
         self.n_params = (self.levels[-1].offset + self.levels[-1].size) * self.config.n_features_per_level
         self.n_output_dims = self.config.n_output_dims
         if self.backend == "tcnn":
@@ -340,7 +373,8 @@ class HashGridEncoding(nn.Module):
         if generator is not None:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
         with torch.cuda.device(device):
-            encoding = tcnn.Encoding(2, self.config.tcnn_encoding_config(), seed=seed, dtype=torch.float32)
+            encoding = tcnn.Encoding(self.n_input_dims, self.config.tcnn_encoding_config(), seed=seed,
+                                     dtype=torch.float32)
         if encoding.params.numel() != self.n_params or encoding.n_output_dims != self.n_output_dims:
             raise RuntimeError(
                 f"tiny-cuda-nn's HashGrid has {encoding.params.numel()} parameters / {encoding.n_output_dims} "

@@ -83,6 +83,15 @@ def register_weightings(register):
 
 
 @hookspec
+def register_cameras(register):
+    """Register cameras (subclasses of ``sdsctl.components.Cameras``) for 3D parameterizations.
+
+    Call ``register(name, cls)`` for each; ``name`` is what ``cameras: {name: ...}`` selects
+    (the section a 3D recipe has; ``orbit`` when it names none). The return value is ignored.
+    """
+
+
+@hookspec
 def register_metrics(register):
     """Register metrics (subclasses of ``sdsctl.components.Metric``).
 

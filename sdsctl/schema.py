@@ -98,6 +98,7 @@ class Recipe(BaseModel):
     guidance: SerializeAsAny[ComponentConfig]
     schedule: SerializeAsAny[ComponentConfig]
     weighting: SerializeAsAny[ComponentConfig]
+    cameras: SerializeAsAny[ComponentConfig] | None = None  # 3D parameterizations only
     optimizer: OptimizerConfig = OptimizerConfig()
     output: OutputConfig = OutputConfig()
     device: str = "auto"

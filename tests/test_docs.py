@@ -26,7 +26,7 @@ def test_every_recipe_key_and_first_party_option_is_documented():
     for model in (Recipe, OptimizerConfig, OutputConfig):
         for key in model.model_fields:
             assert f"| `{key}` |" in text, key
-    for kind in ("models", "parameterizations", "guidances", "schedules", "weightings", "metrics"):
+    for kind in ("models", "parameterizations", "guidances", "schedules", "weightings", "cameras", "metrics"):
         for name, reg in plugins.components(kind).items():
             if reg.distribution != "sdsctl":
                 continue

@@ -184,17 +184,20 @@ def test_input_gradient_is_the_slope_of_the_interpolant():
             assert x.grad[0, dim].item() == pytest.approx(slope, rel=1e-2)
 
 
-def test_tcnn_matches_torch():
+@pytest.mark.parametrize("dims", [2, 3])
+def test_tcnn_matches_torch(dims):
     # tinycudann raises OSError (not ImportError) at import without CUDA, so check CUDA first
     if not torch.cuda.is_available():
         pytest.skip("tiny-cuda-nn needs CUDA")
     pytest.importorskip("tinycudann")
     for cfg in CONFIGS:
-        tcnn_enc = HashGridEncoding(cfg.model_copy(update={"backend": "tcnn"}), device="cuda")
+        tcnn_enc = HashGridEncoding(cfg.model_copy(update={"backend": "tcnn"}), device="cuda", n_input_dims=dims)
         assert tcnn_enc.backend == "tcnn"
-        torch_enc = torch_encoding(cfg).cuda()
+        torch_enc = HashGridEncoding(cfg.model_copy(update={"backend": "torch"}), device="cuda", n_input_dims=dims)
+        with torch.no_grad():  # parameters of order 1 so that a wrong index shows
+            torch_enc.params.copy_(torch.rand(torch_enc.n_params, generator=torch.Generator().manual_seed(0)) * 2 - 1)
         tcnn_enc.load_state_dict(torch_enc.state_dict())  # same key, same layout
-        x = random_points(1000).cuda()
+        x = random_points(1000).cuda() if dims == 2 else torch.rand(1000, 3, generator=torch.Generator()).cuda()
         out_tcnn, out_torch = tcnn_enc(x), torch_enc(x)
         torch.testing.assert_close(out_tcnn, out_torch, atol=1e-4, rtol=0)
         out_tcnn.sum().backward()
@@ -259,3 +262,66 @@ def test_field_fits_an_image_with_adam(size):
     assert losses[0] > 1e-2  # the start is far from the target ...
     assert losses[-1] < 1e-4  # ... and the end close (about 1e-6 at 8x8, 5e-6 at 64x64 when written)
     assert losses[-1] < losses[100] < losses[0]
+
+
+# ----------------------------------------------------------------------------- 3-D (nerf)
+
+
+def reference_lookups_3d(cfg: HashGridConfig, point: tuple[float, float, float]):
+    """tcnn's definition in 3-D: resolution³ entries (dense) or the hash x·1 ⊕ y·2654435761 ⊕
+    z·805459861, trilinear weights, corner bit d along axis d."""
+    log2_scale = f32(math.log2(f32(cfg.per_level_scale)))
+    offset = 0
+    for level in range(cfg.n_levels):
+        scale = f32(f32(f32(2.0 ** f32(level * log2_scale)) * cfg.base_resolution) - 1.0)
+        resolution = math.ceil(scale) + 1
+        size = min((resolution**3 + 7) // 8 * 8, 2**cfg.log2_hashmap_size)
+        hashed = size < resolution**3
+        pos = [f32(scale * f32(c) + 0.5) for c in point]
+        cell = [math.floor(p) for p in pos]
+        frac = [p - c for p, c in zip(pos, cell)]
+        for corner in range(8):
+            bits = [(corner >> d) & 1 for d in range(3)]
+            x, y, z = (cell[d] + bits[d] for d in range(3))
+            weight = 1.0
+            for d in range(3):
+                weight = f32(weight * (frac[d] if bits[d] else f32(1.0 - frac[d])))
+            if hashed:
+                index = (x ^ (y * 2654435761) ^ (z * 805459861)) & MASK
+            else:
+                index = x + y * resolution + z * resolution * resolution
+            yield level, offset + index % size, weight
+        offset += size
+
+
+@pytest.mark.parametrize("cfg", [HashGridConfig(n_levels=4, log2_hashmap_size=10, base_resolution=4),
+                                 HashGridConfig(n_levels=6, n_features_per_level=4, log2_hashmap_size=12,
+                                                base_resolution=3, per_level_scale=1.7)])
+def test_3d_encoding_matches_tcnn_definition(cfg):
+    enc = HashGridEncoding(cfg.model_copy(update={"backend": "torch"}), device="cpu", n_input_dims=3)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        enc.params.copy_(torch.rand(enc.n_params, generator=g) * 2 - 1)
+    levels = level_layout(cfg, 3)
+    assert any(level.hashed for level in levels) and any(not level.hashed for level in levels)
+    points = torch.cat([torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 0.25, 1.0]]),
+                        torch.rand(20, 3, generator=g)])
+    n_f = cfg.n_features_per_level
+    params = enc.params.tolist()
+    expected = torch.zeros(len(points), cfg.n_levels * n_f, dtype=torch.float64)
+    for i, point in enumerate(points.tolist()):
+        for level, row, weight in reference_lookups_3d(cfg, point):
+            for f in range(n_f):
+                expected[i, level * n_f + f] += weight * params[row * n_f + f]
+    assert torch.allclose(enc(points).double(), expected, atol=1e-5)
+    assert enc.n_params == (levels[-1].offset + levels[-1].size) * n_f
+
+
+def test_3d_encoding_refuses_2d_points_and_gives_gradients_to_every_level():
+    enc = HashGridEncoding(HashGridConfig(n_levels=3, backend="torch"), device="cpu", n_input_dims=3)
+    with pytest.raises(ValueError, match=r"\[N, 3\]"):
+        enc(torch.rand(4, 2))
+    enc(torch.rand(64, 3, generator=torch.Generator().manual_seed(0))).sum().backward()
+    for level in enc.levels:
+        start, stop = level.offset * 2, (level.offset + level.size) * 2
+        assert enc.params.grad[start:stop].abs().sum() > 0

@@ -267,6 +267,7 @@ def _bench(loaded: LoadedRecipe, steps: int, warmup: int, prior) -> dict[str, An
         pass_ms = (time.perf_counter() - pass_start) * 1000 / steps
         breakdown = {k: v / steps for k, v in timer.totals().items()}
         breakdown["other"] = max(0.0, pass_ms - sum(breakdown.values()))
+        renderer = _renderer_ms(opt, device, steps) if opt.scene else None
     finally:
         opt.close()
     return {
@@ -283,4 +284,23 @@ def _bench(loaded: LoadedRecipe, steps: int, warmup: int, prior) -> dict[str, An
         "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
+        **({"renderer_ms": renderer} if renderer else {}),
     }
+
+
+def _renderer_ms(opt: Optimization, device: torch.device, repeats: int) -> dict[str, float]:
+    """A 3D parameterization's own cost, apart from the model: rendering a training view from a
+    fresh camera (forward) and back-propagating a gradient of ones into θ (backward), in ms."""
+    clock, forward, backward = Clock(device), 0.0, 0.0
+    for k in range(repeats):
+        opt.param.camera = opt.cameras.sample(k)
+        start = clock.mark()
+        image = opt.param()
+        middle = clock.mark()
+        image.backward(torch.ones_like(image))
+        end = clock.mark()
+        synchronize(device)  # the events are read now
+        forward, backward = forward + clock.ms(start, middle), backward + clock.ms(middle, end)
+    for p in opt.theta:
+        p.grad = None
+    return {"forward": round(forward / repeats, 3), "backward": round(backward / repeats, 3)}

@@ -44,6 +44,9 @@ def bench(
                f"floor_ratio {report['floor_ratio']:.3f}; peak memory {report['peak_memory_mb']:.0f} MiB")
     typer.echo("breakdown (ms/step, separate pass): " +
                ", ".join(f"{k} {report['breakdown_ms'][k]:.2f}" for k in PHASES))
+    if "renderer_ms" in report:
+        r = report["renderer_ms"]
+        typer.echo(f"renderer alone (ms/step, no model): forward {r['forward']:.2f}, backward {r['backward']:.2f}")
 
 
 @sdsctl.hookimpl

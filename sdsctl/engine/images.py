@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,12 @@ def font(size: int):
 
 
 def _step_label(path: Path) -> str:
+    """``step_000020`` → step 20; a 3D view ``az045_el15`` → az 45° el 15°; else the file's stem."""
     stem = path.stem
-    return f"step {int(stem.split('_')[1])}" if stem.startswith("step_") and stem.split("_")[1].isdigit() else stem
+    if stem.startswith("step_") and stem.split("_")[1].isdigit():
+        return f"step {int(stem.split('_')[1])}"
+    view = re.fullmatch(r"az(\d+)_el(-?\d+)(.*)", stem)
+    return f"az {int(view[1])}° el {int(view[2])}°{view[3].replace('_', ' ')}" if view else stem
 
 
 def contact_sheet(paths: list[Path], thumb: int = 128, gap: int = 2, labels: bool = False) -> Image.Image | None:

@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-from sdsctl.components import RunContext
 from sdsctl import devices
+from sdsctl.cameras import VIEW_WORDS, view_prompt, view_word
+from sdsctl.components import RunContext
 from sdsctl.engine.recipe import LoadedRecipe
 from sdsctl.engine.records import NonFinite, StepRecord
 from sdsctl.errors import PluginError, SdsctlError
@@ -139,6 +140,9 @@ class Optimization:
         self.guidance = build("guidance")
         self.schedule = build("schedule")
         self.weighting = build("weighting")
+        self.scene = bool(getattr(self.param, "scene", False))  # 3D: a camera per step
+        self.cameras = build("cameras") if self.scene else None
+        self.view_guidances = self._view_guidances() if self.scene and self.cameras.view_prompts else {}
         fit_config = recipe.optimizer
         self.theta = list(self.param.parameters())
         self.optimizer = torch.optim.Adam(self.theta, lr=fit_config.lr, betas=fit_config.betas,
@@ -146,6 +150,17 @@ class Optimization:
         with blame(self.regs["model"], "preparing its fast paths"):
             prior.accelerate(channels_last=recipe.channels_last, compile=recipe.compile)
         self.latent = self.param.space == "latent"
+
+    def _view_guidances(self) -> dict[str, Any]:
+        """DreamFusion's view-dependent prompts: one guidance per view word, each built on the
+        prompt with its word (``<prompt>, front view``) and the run's context otherwise; the
+        step's camera picks one (validation refuses a guidance with state of its own, VSD's LoRA)."""
+        reg, out = self.regs["guidance"], {}
+        for word in VIEW_WORDS:
+            recipe = self.recipe.model_copy(update={"prompt": view_prompt(self.recipe.prompt, word)})
+            with blame(reg, "starting"):
+                out[word] = reg.obj(self.recipe.guidance, dataclasses.replace(self.ctx, recipe=recipe))
+        return out
 
     def initialize(self) -> None:
         with blame(self.regs["parameterization"], "initializing"):
@@ -206,6 +221,14 @@ class Optimization:
     def image(self) -> torch.Tensor:
         with blame(self.regs["parameterization"], "rendering the image"):
             return self.param.image()
+
+    def final_image(self) -> torch.Tensor:
+        """final.png: the image, or a scene's first held-out view (the front) at the model's size."""
+        if not self.scene:
+            return self.image()
+        with blame(self.regs["parameterization"], "rendering the front view"):
+            front = self.cameras.evaluation()[0]
+            return self.param.view(front, self.param.out_size if self.param.space == "rgb" else None)
 
     # -- the step
     def render(self, encode: bool = True) -> torch.Tensor:
@@ -272,9 +295,14 @@ class Optimization:
         terms = terms or self.residuals(z, target)
         for p in self.theta:  # optimizer.zero_grad(set_to_none=True), without its profiler hooks
             p.grad = None
+        renderings = [rendered for rendered, _, _ in terms]
+        grads = [r if weight == 1.0 else weight * r for _, r, weight in terms]
+        regularizer = self.param.last_regularizer if self.scene else None
+        if regularizer is not None:  # a scene's own losses (sparsity, ...), from the same render
+            renderings.append(regularizer)
+            grads.append(torch.ones_like(regularizer))
         with blame(self.regs["parameterization"], "back-propagating"):
-            torch.autograd.backward([rendered for rendered, _, _ in terms],
-                                    [r if weight == 1.0 else weight * r for _, r, weight in terms])
+            torch.autograd.backward(renderings, grads)
         self.optimizer.step()
 
     def residual(self, z: torch.Tensor, target: FitTarget) -> torch.Tensor:
@@ -323,9 +351,15 @@ class Optimization:
         regs = self.regs
         with blame(regs["schedule"], f"giving step {k + 1} its timestep"):
             times = dataclasses.replace(self.schedule(k), progress=k / self.recipe.steps)
+        camera = None
+        if self.cameras is not None:  # drawn after the timestep, from the same host stream
+            with blame(regs["cameras"], f"placing the camera of step {k + 1}"):
+                camera = self.param.camera = self.cameras.sample(k)
         z = self.render()
+        regularizer = self.param.last_regularizer if self.scene else None
+        guidance = self.view_guidances[view_word(camera)] if self.view_guidances else self.guidance
         with torch.no_grad(), blame(regs["guidance"], f"computing the score at step {k + 1}"):
-            out = self.guidance.score(z.detach(), times)
+            out = guidance.score(z.detach(), times)
         with blame(regs["weighting"], f"weighting t={times.t}"):
             w = float(self.weighting(times.t))
         update = (self.recipe.optimizer.score_scale * w) * out.score  # k·w(t)·score: z* = z − update
@@ -339,8 +373,13 @@ class Optimization:
         if fraction is not None:
             names.append("fit_fraction")
             values.append(fraction)
+        if regularizer is not None:
+            names.append("regularizer")
+            values.append(regularizer.detach())
         host = {"step": k + 1, "phase": times.phase, "t": times.t, "timesteps": {"t": times.t, **out.timesteps},
                 "weight": w, "lr": self.optimizer.param_groups[0]["lr"], "fit_steps": fit_steps}
+        if camera is not None:
+            host["camera"] = camera.as_dict()
         return StepRecord(host=host, names=names, values=torch.stack(values),
                           norms=list(out.norms))
 

@@ -69,6 +69,15 @@ def _timesteps(record: dict[str, Any]) -> str:
     return " ".join(f"{k} {v}" for k, v in record.get("timesteps", {"t": record.get("t")}).items())
 
 
+def _camera(record: dict[str, Any]) -> str:
+    """A 3D step's camera, ``camera az 30° el 12° d 2.2 fov 55°`` (empty for a 2D run)."""
+    c = record.get("camera")
+    if not c:
+        return ""
+    return (f"  camera az {c['azimuth']:.0f}° el {c['elevation']:.0f}° d {c['distance']:.1f} "
+            f"fov {c['fov']:.0f}°")
+
+
 def _norms(record: dict[str, Any]) -> str:
     return "  ".join(f"{k} {_num(v)}" for k, v in record.get("norms", {}).items())
 
@@ -105,7 +114,8 @@ class PlainLog:
         if step % self.every and step != self.total:
             return
         self._print(
-            f"step {step}/{self.total}  {record['phase']}  {_timesteps(record)}  loss {_num(record['loss'])}  "
+            f"step {step}/{self.total}  {record['phase']}  {_timesteps(record)}{_camera(record)}  "
+            f"loss {_num(record['loss'])}  "
             f"{_norms(record)}  lr {record['lr']:.2g}  {self.speed.steps_per_second:.1f} steps/s  "
             f"eta {self.speed.eta(self.total - step)}"
         )
@@ -201,7 +211,7 @@ class LivePanel:
         ]
         if rec:
             lines += [
-                Text(f"phase {rec['phase']}   {_timesteps(rec)}"),
+                Text(f"phase {rec['phase']}   {_timesteps(rec)}{_camera(rec)}"),
                 Text(f"loss {_num(rec['loss'])}   {_norms(rec)}"),
                 Text(f"lr {rec['lr']:.2g}   device {info['device']}"
                      + (f" ({info['threads']} thread{'s' if info['threads'] != 1 else ''})"

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from sdsctl import plugins
+from sdsctl.components import Guidance
 from sdsctl.diffusion import true_cfg_note
 from sdsctl.errors import InvalidConfig, Location, PluginError, Problem, RecipeError, SdsctlError
 from sdsctl.modelinfo import ModelInfo
@@ -38,6 +39,7 @@ SECTIONS = {
     "guidance": "guidances",
     "schedule": "schedules",
     "weighting": "weightings",
+    "cameras": "cameras",  # 3D parameterizations only
 }
 #: the component a section selects when it names none
 DEFAULT_NAMES = {
@@ -46,6 +48,7 @@ DEFAULT_NAMES = {
     "guidance": "sds",
     "schedule": "uniform",
     "weighting": "one-minus-alpha-bar",
+    "cameras": "orbit",
 }
 
 
@@ -395,6 +398,8 @@ def validate(data: dict[str, Any], where: _Locator) -> tuple[Recipe, dict[str, p
     found: dict[str, plugins.Registered] = {}
     for section, kind in SECTIONS.items():
         raw = data.get(section)
+        if section == "cameras" and not _cameras_wanted(raw, found, where, problems):
+            continue
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             problems.append(Problem(where((section,)), section,
@@ -420,7 +425,8 @@ def validate(data: dict[str, Any], where: _Locator) -> tuple[Recipe, dict[str, p
         except ValidationError as err:
             problems += _problems(err, (section,), reg.obj.Config, where)
     rest = {k: v for k, v in data.items() if k in fields and k not in SECTIONS}
-    placeholder = {s: configs.get(s, ComponentConfig(name=DEFAULT_NAMES[s])) for s in SECTIONS}
+    placeholder = {s: configs.get(s, None if s == "cameras" else ComponentConfig(name=DEFAULT_NAMES[s]))
+                   for s in SECTIONS}
     recipe = None
     try:
         recipe = Recipe.model_validate({**rest, **placeholder})
@@ -430,6 +436,22 @@ def validate(data: dict[str, Any], where: _Locator) -> tuple[Recipe, dict[str, p
         raise RecipeError(sorted(problems, key=_order))
     assert recipe is not None
     return recipe, found
+
+
+def _cameras_wanted(raw: Any, found: dict[str, plugins.Registered], where: _Locator,
+                    problems: list[Problem]) -> bool:
+    """Whether the ``cameras`` section is validated: always for a 3D parameterization (``orbit``
+    when the recipe names none), never for a 2D one, where writing it is a mistake."""
+    param = found.get("parameterization")
+    if param is None:
+        return False
+    if getattr(param.obj, "scene", False):
+        return True
+    if raw is not None:
+        problems.append(Problem(where(("cameras",), key=True), "cameras",
+                                f"cameras are for 3D parameterizations (nerf, ...); {param.name!r} renders a "
+                                "single image: remove the cameras section"))
+    return False
 
 
 def _order(p: Problem):
@@ -449,15 +471,12 @@ def _fit_problems(recipe: Recipe, found: dict[str, plugins.Registered], info: Mo
     """Combinations of sections that cannot run: a latent parameterization on a pixel model, an
     image fit without RGB, HiFA's target without a denoised estimate, inner steps with a full fit."""
     problems: list[Problem] = []
-    if info.space == "pixel" and found["parameterization"].obj.space != "rgb":
-        fits = sorted(n for n, r in plugins.components("parameterizations").items() if r.obj.space == "rgb")
-        problems.append(Problem(where(("parameterization", "name")), "parameterization.name",
-                                f"{recipe.parameterization.name!r} renders latents, but "
-                                f"{info.pipeline} ({info.family}) denoises pixels (it has no VAE); "
-                                f"use a parameterization that renders RGB: "
-                                f"{', '.join(fits)} (--set parameterization.name={fits[0] if fits else '...'})"))
+    param_cls = found["parameterization"].obj
+    space = param_cls.space_for(recipe.parameterization)
+    if info.space == "pixel" and space != "rgb":
+        problems.append(_latent_on_pixels(recipe, param_cls, info, where))
     fit_config = recipe.optimizer
-    if fit_config.fit_space != "latent" and found["parameterization"].obj.space != "rgb":
+    if fit_config.fit_space != "latent" and space != "rgb":
         problems.append(Problem(where(("optimizer", "fit_space")), "optimizer.fit_space",
                                 f"{fit_config.fit_space!r} needs an RGB parameterization; "
                                 f"{recipe.parameterization.name!r} renders latents "
@@ -467,11 +486,30 @@ def _fit_problems(recipe: Recipe, found: dict[str, plugins.Registered], info: Mo
         problems.append(Problem(where(("optimizer", "image_target")), "optimizer.image_target",
                                 f"'hifa' needs the guidance's denoised estimate, which {recipe.guidance.name!r} "
                                 "does not give (use image_target: decoded-target)"))
+    guidance_cls = found["guidance"].obj
+    if getattr(recipe.cameras, "view_prompts", False) and guidance_cls.state_dict is not Guidance.state_dict:
+        problems.append(Problem(where(("cameras", "view_prompts")), "cameras.view_prompts",
+                                f"view_prompts builds one {recipe.guidance.name!r} per view word, but it keeps "
+                                "state of its own (a model trained alongside θ) that the views would not share; "
+                                "use view_prompts: false with this guidance"))
     if fit_config.fit == "full" and fit_config.inner_steps != 1:
         problems.append(Problem(where(("optimizer", "inner_steps")), "optimizer.inner_steps",
                                 "inner_steps is for fit: adam; with fit: full the fit stops at fit_tolerance "
                                 "or max_fit_steps"))
     return problems
+
+
+def _latent_on_pixels(recipe: Recipe, param_cls: type, info: ModelInfo, where: _Locator) -> Problem:
+    """A latent parameterization (or ``space: latent``) on a model that denoises pixels."""
+    what = f"{info.pipeline} ({info.family}) denoises pixels (it has no VAE)"
+    if param_cls.space_for(recipe.parameterization) != param_cls.space:  # an option chose latents
+        return Problem(where(("parameterization", "space")), "parameterization.space",
+                       f"space: latent renders the model's latents, but {what}; use space: rgb "
+                       "(--set parameterization.space=rgb)")
+    fits = sorted(n for n, r in plugins.components("parameterizations").items() if r.obj.space == "rgb")
+    return Problem(where(("parameterization", "name")), "parameterization.name",
+                   f"{recipe.parameterization.name!r} renders latents, but {what}; use a parameterization that "
+                   f"renders RGB: {', '.join(fits)} (--set parameterization.name={fits[0] if fits else '...'})")
 
 
 def _text_warnings(recipe: Recipe, info: ModelInfo) -> list[str]:
@@ -556,6 +594,7 @@ def to_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe (every default written out) as YAML; ``threads`` only when set
     (a recipe written before it existed reads the same)."""
     data = recipe.model_dump(mode="json")
-    if data.get("threads") is None:
-        data.pop("threads", None)
+    for key in ("threads", "cameras"):  # unset: left out (a 2D recipe has no cameras)
+        if data.get(key) is None:
+            data.pop(key, None)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)

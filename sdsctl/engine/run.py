@@ -34,6 +34,7 @@ import torch
 
 from sdsctl import plugins
 from sdsctl.devices import peak_memory_mb
+from sdsctl.engine import scene
 from sdsctl.engine.images import contact_sheet, save_image, save_view
 from sdsctl.engine.loop import OOM, Optimization, blame, load_prior, placement, threads_for
 from sdsctl.engine.recipe import LoadedRecipe, to_yaml
@@ -350,7 +351,8 @@ class Run:
         self.reporter.close()
         image = self.finish(self.done)
         metrics = _metrics(self.opt, image, self.reporter)
-        self.dir.write_summary(self.summary("completed", self.done, metrics=metrics))
+        extra = self.scene_outputs() if self.opt.scene else {}
+        self.dir.write_summary(self.summary("completed", self.done, metrics=metrics, **extra))
         return RunResult("completed", self.done, self.recipe.steps, self.path)
 
     # -- stops
@@ -447,7 +449,7 @@ class Run:
 
     def finish(self, step: int) -> torch.Tensor:
         """final.png (and its enlarged copy), progress.png, state.pt and the metrics for ``step``."""
-        image, view_size = self.opt.image(), self.recipe.output.view_size
+        image, view_size = self.opt.final_image(), self.recipe.output.view_size
         save_image(image, self.dir.file("final.png"))
         if view_size:
             save_view(image, self.dir.file(f"final_{view_size}.png"), view_size)
@@ -456,6 +458,26 @@ class Run:
             save_image(sheet, self.dir.file("progress.png"))
         self.save(step)
         return image
+
+    def scene_outputs(self) -> dict[str, Any]:
+        """A 3D run's views/, turntable, mesh and per-view metrics (:mod:`sdsctl.engine.scene`);
+        what goes into summary.json about them."""
+        opt = self.opt
+        with blame(self.loaded.components["cameras"], "giving the held-out views"):
+            cameras = opt.cameras.evaluation()
+        with blame(self.loaded.components["parameterization"], "rendering the held-out views"):
+            images = scene.render_views(opt.param, cameras)
+            scene.write_views(self.dir.file("views"), cameras, images, self.recipe.output.view_size)
+            scene.write_turntable(self.path, scene.render_views(opt.param, scene.orbit(cameras[0])))
+            mesh = scene.extract_mesh(opt.param, cameras)
+        if mesh is not None:
+            scene.write_mesh(self.path, mesh)
+        per_view = [_metrics(opt, image, self.reporter) for image in images]
+        views = [{"camera": camera.as_dict(), "file": f"views/{scene.view_name(camera)}.png", "metrics": metrics}
+                 for camera, metrics in zip(cameras, per_view)]
+        found = None if mesh is None else {"vertices": len(mesh.vertices), "faces": len(mesh.faces),
+                                           "files": ["mesh.ply", "mesh.glb"]}
+        return {"views": views, "view_metrics": scene.aggregate(per_view), "mesh": found}
 
     def summary(self, status: str, done: int, **extra) -> dict[str, Any]:
         session = time.perf_counter() - self.started
