@@ -81,8 +81,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/bit-identity"))
     args = parser.parse_args()
     env_old, env_new = old_env(args.old.resolve(), args.out / "links"), {**os.environ}
+    # the recipes the old checkout bundles: a recipe added since has nothing to be compared with
     names = [line.split()[0] for line in subprocess.run([*SDSCTL, "recipes"], capture_output=True, text=True,
-                                                         env=env_new).stdout.splitlines() if line.strip()]
+                                                         env=env_old).stdout.splitlines() if line.strip()]
     different = []
     for name in names:
         same_here = identical(run(name, args.out / "old" / name, args.steps, env_old),

@@ -13,7 +13,9 @@ import typer
 
 import sdsctl
 from sdsctl import hookspecs, plugins
+from sdsctl.cameras import Camera
 from sdsctl.components import (
+    Cameras,
     ComponentConfig,
     Guidance,
     Logger,
@@ -38,6 +40,7 @@ FIRST_PARTY = {
     "guidances": {"sds"},
     "schedules": {"uniform"},
     "weightings": {"one-minus-alpha-bar", "uniform", "fantasia3d", "sigma-over-alpha", "rfds"},
+    "cameras": {"orbit"},
     "families": {"stable-diffusion", "sdxl", "deepfloyd-if", "sd3", "flux"},
 }
 
@@ -97,6 +100,19 @@ class AllHooks:
                 return {"height": image.shape[1]}
 
         register("test-size", Size)
+
+    @sdsctl.hookimpl
+    def register_cameras(self, register):
+        class Still(Cameras):
+            Config = _config("test-still")
+
+            def sample(self, step):
+                return Camera(azimuth=0, elevation=0, distance=2, fov=50)
+
+            def evaluation(self):
+                return [self.sample(0)]
+
+        register("test-still", Still)
 
     @sdsctl.hookimpl
     def register_loggers(self, register):
@@ -206,7 +222,7 @@ def test_plugins_json_lists_every_kind(all_hooks, cli):
     assert result.exit_code == 0
     listing = json.loads(result.stdout)
     assert list(listing) == ["models", "families", "parameterizations", "guidances", "schedules", "weightings",
-                             "metrics", "loggers", "commands"]
+                             "cameras", "metrics", "loggers", "commands"]
     assert {"tensorboard", "wandb"} <= {e["name"] for e in listing["loggers"]}
     for kind, names in FIRST_PARTY.items():
         assert names <= {e["name"] for e in listing[kind]}
