@@ -8,7 +8,7 @@ the run directory's file list. The old code runs with its own plugins and entry 
 the two sides never mix::
 
     git worktree add /tmp/old HEAD~1
-    OMP_NUM_THREADS=1 python benchmarks/bit_identity.py --old /tmp/old [--steps 12] [--out /tmp/bitid]
+    OMP_NUM_THREADS=1 python benchmarks/bit_identity.py --old /tmp/old [--new /tmp/new] [--steps 12] [--out /tmp/bitid]
 
 Prints one line per recipe and the count; exits 1 when any differs.
 """
@@ -77,10 +77,13 @@ def identical(old: Path, new: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", type=Path, required=True, help="a checkout of the code to compare against")
+    parser.add_argument("--new", type=Path, default=None,
+                        help="a checkout to use as the new side (default: the installed sdsctl, this checkout)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bit-identity"))
     args = parser.parse_args()
-    env_old, env_new = old_env(args.old.resolve(), args.out / "links"), {**os.environ}
+    env_old = old_env(args.old.resolve(), args.out / "links")
+    env_new = old_env(args.new.resolve(), args.out / "links-new") if args.new else {**os.environ}
     # the recipes the old checkout bundles: a recipe added since has nothing to be compared with
     names = [line.split()[0] for line in subprocess.run([*SDSCTL, "recipes"], capture_output=True, text=True,
                                                          env=env_old).stdout.splitlines() if line.strip()]

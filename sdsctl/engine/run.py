@@ -469,14 +469,13 @@ class Run:
             images = scene.render_views(opt.param, cameras)
             scene.write_views(self.dir.file("views"), cameras, images, self.recipe.output.view_size)
             scene.write_turntable(self.path, scene.render_views(opt.param, scene.orbit(cameras[0])))
-            mesh = scene.extract_mesh(opt.param, cameras)
-        if mesh is not None:
-            scene.write_mesh(self.path, mesh)
+            mesh, textured = scene.meshes_of(opt.param, cameras)
+        written = scene.write_mesh(self.path, mesh, textured) if mesh is not None else []
         per_view = [_metrics(opt, image, self.reporter) for image in images]
         views = [{"camera": camera.as_dict(), "file": f"views/{scene.view_name(camera)}.png", "metrics": metrics}
                  for camera, metrics in zip(cameras, per_view)]
         found = None if mesh is None else {"vertices": len(mesh.vertices), "faces": len(mesh.faces),
-                                           "files": ["mesh.ply", "mesh.glb"]}
+                                           "files": [path.name for path in written]}
         return {"views": views, "view_metrics": scene.aggregate(per_view), "mesh": found}
 
     def summary(self, status: str, done: int, **extra) -> dict[str, Any]:

@@ -122,18 +122,32 @@ def extract_mesh(param, cameras: list[Camera], threshold: float | None = None, r
     return trimesh.Trimesh(vertices=vertices, faces=faces[:, ::-1], vertex_colors=rgba, process=False)
 
 
+def meshes_of(param, cameras: list[Camera]):
+    """(the mesh with vertex colours or None, the mesh with a UV texture or None) of a scene: a
+    scene with a given surface (``mesh-texture``) bakes its field on it (``param.textured()``),
+    a field (``nerf``) is meshed by :func:`extract_mesh`."""
+    if hasattr(param, "textured"):
+        return param.textured()
+    return extract_mesh(param, cameras), None
+
+
 def mesh_bytes(mesh, file_type: str) -> bytes:
     """The mesh in ``ply``, ``glb`` or ``obj`` (vertex colours kept in each)."""
     data = mesh.export(file_type=file_type)
     return data.encode("utf-8") if isinstance(data, str) else data
 
 
-def write_mesh(folder: Path, mesh) -> list[Path]:
-    written = []
-    for file_type in ("ply", "glb"):
-        path = folder / f"mesh.{file_type}"
-        atomic_write(path, mesh_bytes(mesh, file_type))
-        written.append(path)
+def write_mesh(folder: Path, mesh, textured=None) -> list[Path]:
+    """``mesh.ply`` (vertex colours), ``mesh.glb`` (the UV texture as its material where there
+    is one, else vertex colours) and ``texture.png`` (where there is a texture)."""
+    atomic_write(folder / "mesh.ply", mesh_bytes(mesh, "ply"))
+    atomic_write(folder / "mesh.glb", mesh_bytes(textured if textured is not None else mesh, "glb"))
+    written = [folder / "mesh.ply", folder / "mesh.glb"]
+    if textured is not None:
+        buffer = io.BytesIO()
+        textured.visual.material.image.save(buffer, format="PNG")
+        atomic_write(folder / "texture.png", buffer.getvalue())
+        written.append(folder / "texture.png")
     return written
 
 

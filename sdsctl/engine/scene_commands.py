@@ -110,19 +110,24 @@ def export(
 ) -> None:
     """Write a 3D run's mesh: marching cubes of its density, with vertex colours."""
     from sdsctl.engine.rundir import atomic_write
-    from sdsctl.engine.scene import extract_mesh, mesh_bytes
+    from sdsctl.engine.scene import extract_mesh, mesh_bytes, meshes_of
 
     if format_ not in FORMATS:
         raise SdsctlError(f"--format {format_!r}: choose one of {', '.join(FORMATS)}")
     target = out or run_dir / f"mesh.{format_}"
     param, cameras, _ = open_scene(run_dir)
-    mesh = extract_mesh(param, cameras.evaluation(), threshold)
+    if threshold is not None and not hasattr(param, "mesh_grid"):
+        raise SdsctlError(f"--threshold is for fields (nerf); {run_dir}'s mesh is given, not found by a threshold")
+    if threshold is not None:
+        mesh, textured = extract_mesh(param, cameras.evaluation(), threshold), None
+    else:
+        mesh, textured = meshes_of(param, cameras.evaluation())
     if mesh is None:
         raise SdsctlError(f"{run_dir}: the density never crosses the surface level "
                           f"{param.config.mesh_threshold if threshold is None else threshold:g}; "
                           "try a lower --threshold")
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(target, mesh_bytes(mesh, format_))
+    atomic_write(target, mesh_bytes(textured if format_ == "glb" and textured is not None else mesh, format_))
     print(f"wrote {target}: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces")
 
 
