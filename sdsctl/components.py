@@ -221,6 +221,12 @@ def _define_parameterization() -> type:
         def initialize(self) -> None:
             """Set θ's starting value (a fresh run only; a resumed run loads its state)."""
 
+        def parameter_groups(self, lr: float) -> list[dict[str, Any]] | None:
+            """Adam's parameter groups when some of θ learns at another rate than ``lr``
+            (``optimizer.lr``): ``[{"params": [...]}, {"params": [...], "lr": ...}]`` covering
+            every parameter once, the first group at ``lr``; None (the default): one group."""
+            return None
+
         def assign(self, target: Tensor) -> bool:
             """Set θ so that it renders ``target`` exactly, if this parameterization can (a full
             fit in one move: ``optimizer.fit: full``); return whether it did. ``target`` is in the

@@ -6,8 +6,9 @@ are joined into one mesh); ``mesh: sphere | cube | torus | cylinder`` builds a p
 time (no binary assets). Every problem a file can have -- missing, not a mesh, a point cloud,
 no faces, more faces than :data:`FACE_LIMIT` -- is one :class:`MeshError` with its fix.
 
-Ray casting uses trimesh's intersector: Embree (``pip install embreex``) when installed, else
-its rtree-accelerated triangle test. The hits carry no gradient: the geometry does not move.
+Ray casting uses trimesh's intersector: Embree (``embreex``, a dependency on x86-64) where it
+is installed, else its rtree-accelerated triangle test (about 200 times slower: 310 ms against
+1.6 ms for a 32×32 view of the sphere). The hits carry no gradient: the geometry does not move.
 """
 
 from __future__ import annotations

@@ -227,3 +227,22 @@ def test_the_3d_recipes_run_on_other_families(cli, tiny_families, tmp_path, fami
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and len(summary["views"]) == 2
     assert (tmp_path / "run" / "turntable.gif").is_file()
+
+
+def test_the_background_learns_background_lr_times_faster(recipe_file):
+    """Adam's first step moves every value by about its learning rate: the background's by
+    ``background_lr`` × ``optimizer.lr``, the field's by ``optimizer.lr``."""
+    from sdsctl.engine.loop import Optimization, load_prior
+    from sdsctl.engine.recipe import load_recipe
+
+    loaded = load_recipe(small(recipe_file, parameterization__background_lr=10.0))
+    device = torch.device("cpu")
+    opt = Optimization(loaded, load_prior(loaded, device, torch.float32), device, torch.float32)
+    opt.initialize()
+    lr = loaded.recipe.optimizer.lr
+    before = {name: p.detach().clone() for name, p in opt.param.named_parameters()}
+    opt.step(0)
+    moved = {name: float((p.detach() - before[name]).abs().max()) for name, p in opt.param.named_parameters()}
+    assert moved["background_colour"] == pytest.approx(10 * lr, rel=0.01)
+    assert moved["mlp.2.bias"] == pytest.approx(lr, rel=0.01)
+    assert [len(g["params"]) for g in opt.optimizer.param_groups] == [len(before) - 1, 1]

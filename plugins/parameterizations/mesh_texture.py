@@ -58,6 +58,7 @@ class MeshTexture(SceneParameterization):
 
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
+        self.render_size = config.render_size or self.out_size  # casting is cheap: no upsampling by default
         self.source = load_mesh(config.mesh)
         self.mesh = normalized(self.source, config.scale * RADIUS)
         g = ctx.generator

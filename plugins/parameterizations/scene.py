@@ -38,6 +38,8 @@ class SceneOptions(ComponentConfig):
     hidden_width: int = Field(64, gt=0, description="width of the MLP's hidden layer")
     background: Literal["solid", "view"] = Field("solid", description="solid: one learned colour; view: a learned "
                                                  "colour of the view direction")
+    background_lr: float = Field(10.0, gt=0, description="the background's learning rate as a multiple of "
+                                 "optimizer.lr (a few parameters that must cross the colour range in one run)")
 
 
 def seeded(layers: list[nn.Module], generator: torch.Generator) -> None:
@@ -94,6 +96,15 @@ class SceneParameterization(Parameterization):
         return None
 
     # -- shared
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """The background learns ``background_lr`` times faster than the scene (its few values
+        must move from grey to any colour within a run; the scene's many values need not)."""
+        background = [p for p in (self.background_colour, self.background_map) if p is not None]
+        background = [q for p in background for q in ([p] if isinstance(p, nn.Parameter) else p.parameters())]
+        ids = {id(p) for p in background}
+        return [{"params": [p for p in self.parameters() if id(p) not in ids]},
+                {"params": background, "lr": lr * self.config.background_lr}]
+
     def colour(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(raw) if self.space == "rgb" else raw
 

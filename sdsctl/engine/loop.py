@@ -145,7 +145,8 @@ class Optimization:
         self.view_guidances = self._view_guidances() if self.scene and self.cameras.view_prompts else {}
         fit_config = recipe.optimizer
         self.theta = list(self.param.parameters())
-        self.optimizer = torch.optim.Adam(self.theta, lr=fit_config.lr, betas=fit_config.betas,
+        groups = self.param.parameter_groups(fit_config.lr)  # e.g. a scene's faster background
+        self.optimizer = torch.optim.Adam(groups or self.theta, lr=fit_config.lr, betas=fit_config.betas,
                                           eps=fit_config.eps)
         with blame(self.regs["model"], "preparing its fast paths"):
             prior.accelerate(channels_last=recipe.channels_last, compile=recipe.compile)
