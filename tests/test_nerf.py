@@ -246,3 +246,25 @@ def test_the_background_learns_background_lr_times_faster(recipe_file):
     assert moved["background_colour"] == pytest.approx(10 * lr, rel=0.01)
     assert moved["mlp.2.bias"] == pytest.approx(lr, rel=0.01)
     assert [len(g["params"]) for g in opt.optimizer.param_groups] == [len(before) - 1, 1]
+
+
+def test_compare_mixes_2d_and_3d_recipes_and_counts_views(cli, recipe_file, tmp_path):
+    """A 3D row counts its held-out views (``2/4 views``), carries each view's readings in
+    compare.json, and shows its turntable, animated and embedded, and its worst view in the report."""
+    flat = recipe_file({"steps": 2}, name="flat.yaml")
+    scene = small(recipe_file, steps=2)
+    scene = scene.rename(tmp_path / "scene.yaml")
+    result = cli("compare", flat, scene, "--pairs", "2", "--out", tmp_path / "cmp", "--no-live")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    flat_row, scene_row = data["flat"], data["scene"]
+    assert flat_row["summary"]["unit"] == "runs" and scene_row["summary"]["unit"] == "views"
+    assert scene_row["summary"]["judged"] == 2 * 3 and len(scene_row["runs"][0]["views"]) == 3
+    assert "shapes-judge" in scene_row["runs"][0]["views"][0]["metrics"]
+    worst = scene_row["summary"]["worst_view"]
+    assert worst["file"].endswith(".png") and set(worst["camera"]) == {"azimuth", "elevation", "distance", "fov"}
+    matches = scene_row["summary"]["matches"]
+    assert f"| scene | {matches}/6 views" in (tmp_path / "cmp" / "compare.md").read_text()
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    assert page.count("data:image/gif;base64,") == 2 and "worst view" in page
+    assert "views match" in page or "views miss" in page or "/3 views" in page

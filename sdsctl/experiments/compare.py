@@ -177,8 +177,9 @@ def collect_run(spec, outcome: Outcome | None, scorer=None) -> dict[str, Any]:
     metrics = dict(data.summary.get("metrics", {}))
     if scorer is not None:
         metrics["clip"] = {"score": scorer.score(spec.path / "final.png", spec.prompt)}
+    scene = {k: data.summary[k] for k in ("views", "view_metrics") if k in data.summary}  # a 3D run's readings
     return {**base, "seconds": data.summary["seconds"], "metrics": metrics, "figures": data.figures(),
-            "status": "completed"}
+            "status": "completed", **scene}
 
 
 def check_folder(folder: Path, option: str = "--out") -> None:

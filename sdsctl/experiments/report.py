@@ -26,7 +26,7 @@ from typing import Any
 
 from sdsctl.engine.rundir import atomic_write_text
 from sdsctl.engine.runread import RunData
-from sdsctl.experiments.summaries import fmt, verdict_metric, verdict_word
+from sdsctl.experiments.summaries import fmt, verdict_count, verdict_metric, verdict_word
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2"]
 
@@ -257,8 +257,11 @@ def _grid(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, 
             if not _ok(r):
                 h.append(f'<td title="{_e(r.get("error"))}"><span class="worse">failed</span></td>')
                 continue
-            verdict = verdict_word(r, found)
             title = f"{lab}: {r['prompt']}, seed {r['seed']}"
+            if r.get("views"):  # a 3D run: its turntable (animated) and held-out views
+                h.append(_scene_cell(out, r, run_dir, title, found))
+                continue
+            verdict = verdict_word(r, found)
             h.append(f'<td><a href="{_e(_rel(run_dir / "progress.png", out))}">'
                      f'{_img(run_dir / "final.png", 96, title)}</a>'
                      f'<span class="small">{verdict}</span></td>')
@@ -266,6 +269,19 @@ def _grid(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, 
     h.append('</tbody></table><p class="small">Click an image for the run\'s progress sheet '
              '(previews over the steps).</p>')
     return h
+
+
+def _scene_cell(out: Path, run: dict[str, Any], run_dir: Path, title: str, found) -> str:
+    """A 3D run's cell: its turntable (an animated GIF, embedded) above its held-out views, and
+    how many of them the verdict metric matches."""
+    turntable = run_dir / "turntable.gif"
+    top = (f'<img src="data:image/gif;base64,{base64.b64encode(turntable.read_bytes()).decode()}" width="96" '
+           f'height="96" alt="{_e(title)}" title="{_e(title)} (turntable)">' if turntable.is_file()
+           else _img(run_dir / "final.png", 96, title))
+    views = "".join(_img(run_dir / v["file"], 24, f"{title}: az {v['camera']['azimuth']:g}°")
+                    for v in run["views"] if (run_dir / v["file"]).is_file())
+    return (f'<td><a href="{_e(_rel(run_dir / "views.png", out))}">{top}</a><br>{views}'
+            f'<span class="small">{_e(verdict_word(run, found))}</span></td>')
 
 
 def _metrics_table(results: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
@@ -280,14 +296,27 @@ def _metrics_table(results: dict[str, dict[str, Any]], names: list[str]) -> list
     found = verdict_metric()
     column = found[1].verdict_words["column"] if found else "verdict"
     h.append(f"<tr><td>{_e(column)}</td>" + "".join(
-        f'<td class="num">{res["summary"]["matches"]}/{res["summary"]["runs"]}</td>'
+        f'<td class="num">{verdict_count(res["summary"])}</td>'
         if res["summary"]["match_rate"] is not None else '<td class="num">n/a</td>'
         for res in results.values()) + "</tr>")
+    if any(res["summary"].get("worst_view") for res in results.values()):
+        h.append("<tr><td>worst view</td>" + "".join(_worst_cell(res["summary"].get("worst_view"))
+                                                      for res in results.values()) + "</tr>")
     for k in names:
         cells = "".join(_metric_cell(res["summary"]["metrics"].get(k)) for res in results.values())
         h.append(f"<tr><td>{_e(k)}</td>{cells}</tr>")
     h.append("</tbody></table>")
     return h
+
+
+def _worst_cell(worst: dict[str, Any] | None) -> str:
+    """A 3D setting's worst held-out view: its picture, prompt, seed and camera."""
+    if not worst:
+        return '<td class="num">n/a</td>'
+    camera = worst["camera"]
+    label = (f"{worst['prompt']}, seed {worst['seed']}, az {camera['azimuth']:g}° el {camera['elevation']:g}°")
+    picture = _img(Path(worst["file"]), 48, label) if Path(worst["file"]).is_file() else ""
+    return f'<td>{picture}<br><span class="small">{_e(label)}</span></td>'
 
 
 def _curves(results: dict[str, dict[str, Any]], colors: dict[str, str]) -> list[str]:
