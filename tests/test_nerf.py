@@ -268,3 +268,42 @@ def test_compare_mixes_2d_and_3d_recipes_and_counts_views(cli, recipe_file, tmp_
     page = (tmp_path / "cmp" / "report.html").read_text()
     assert page.count("data:image/gif;base64,") == 2 and "worst view" in page
     assert "views match" in page or "views miss" in page or "/3 views" in page
+
+
+def test_doctor_reads_a_3d_run_view_by_view(cli, recipe_file, tmp_path):
+    """doctor's multi-view checks: an empty view, the object at the frame, a view the judge
+    reads differently, floaters in the mesh -- each found on a doctored copy of a run."""
+    import shutil
+
+    import trimesh
+    from PIL import Image
+
+    assert cli("run", small(recipe_file), "--out", tmp_path / "run", "--no-live").exit_code == 0
+    report = json.loads(cli("doctor", tmp_path / "run", "--json").output)
+    checks = {f["check"]: f for f in report["findings"]}
+    assert {"views-empty", "views-frame", "views-agree", "floaters"} <= set(checks)
+    assert checks["convergence"]["ok"] is None  # previews are views from different cameras
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "run", bad)
+    summary = json.loads((bad / "summary.json").read_text())
+    views = summary["views"]
+    size = Image.open(bad / views[0]["file"]).size
+    Image.new("RGB", size, (0, 0, 255)).save(bad / views[0]["file"])  # nothing but background
+    frame = Image.new("RGB", size, (255, 0, 0))
+    frame.paste((0, 0, 255), (0, 0, 4, 4))  # corners background, the object everywhere else
+    for box in [(size[0] - 4, 0, size[0], 4), (0, size[1] - 4, 4, size[1]), (size[0] - 4, size[1] - 4, *size)]:
+        frame.paste((0, 0, 255), box)
+    frame.save(bad / views[1]["file"])
+    views[2]["metrics"]["shapes-judge"]["shape"] = "hexagon"  # one view read differently
+    (bad / "summary.json").write_text(json.dumps(summary))
+    two = trimesh.util.concatenate([trimesh.creation.icosphere(radius=0.4),
+                                    trimesh.creation.icosphere(radius=0.2).apply_translation([0.8, 0, 0])])
+    two.export(bad / "mesh.ply")
+    report = json.loads(cli("doctor", bad, "--json").output)
+    checks = {f["check"]: f for f in report["findings"]}
+    assert checks["views-empty"]["ok"] is False and "az 0" in checks["views-empty"]["evidence"]
+    assert checks["views-frame"]["ok"] is False and "distance_range" in checks["views-frame"]["knob"]
+    assert checks["views-agree"]["ok"] is False and "'hexagon'" in checks["views-agree"]["evidence"]
+    assert checks["floaters"]["ok"] is False and "sparsity_weight" in checks["floaters"]["knob"]
+    assert report["healthy"] is False

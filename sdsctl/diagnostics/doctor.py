@@ -34,7 +34,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from sdsctl import plugins
+from sdsctl.diagnostics.scene_checks import scene_findings
 from sdsctl.engine import imagestats
 from sdsctl.engine.runread import RunData
 
@@ -108,8 +111,9 @@ def diagnose(path: Path) -> dict[str, Any]:
     findings.append(warm)
     if warm.ok is False:  # the warm-up wants to be longer: no advice to shorten it
         warm_saturated = False
-    findings += _final_image_findings(run, knobs, steps, warm_saturated)
+    findings += _final_image_findings(run, knobs, steps, warm_saturated, scene=bool(summary.get("views")))
     findings += _score_norm_findings(run.records)
+    findings += scene_findings(path, summary, recipe, Finding)  # a 3D run's views and mesh
     healthy = all(f.ok is not False for f in findings)
     return {
         "run_dir": str(path), "status": summary.get("status", "unknown"), "steps_done": run.steps_done,
@@ -164,8 +168,9 @@ def _warmup_finding(run: RunData, knobs: dict[str, str]) -> tuple[Finding, bool]
     return Finding("warmup", True, "the warm-up built a global structure", evidence), warm_saturated
 
 
-def _final_image_findings(run: RunData, knobs: dict[str, str], steps: int, warm_saturated: bool) -> list[Finding]:
-    """Saturation, smoothness and convergence of the final image."""
+def _final_image_findings(run: RunData, knobs: dict[str, str], steps: int, warm_saturated: bool,
+                          scene: bool = False) -> list[Finding]:
+    """Saturation, smoothness and convergence of the final image (a 3D run's front view)."""
     final = run.final
     if final is None:
         return []
@@ -179,14 +184,23 @@ def _final_image_findings(run: RunData, knobs: dict[str, str], steps: int, warm_
                         sat_evidence, knob if over else "")]
     smooth = st["sharpness"] < OVERSMOOTH_SHARPNESS and not over
     sharpness = f"edge sharpness {st['sharpness']:.3f} (over-smooth below {OVERSMOOTH_SHARPNESS})"
+    rendered = run.recipe.get("parameterization", {}).get("render_size")
+    side = max(Image.open(final).size) if scene and rendered else 0
     if over:  # an over-saturated image has hard edges whatever the score did: not judged
         findings.append(Finding("smoothness", None, "smoothness not judged",
                                 sharpness + " -- not judged: the image is over-saturated"))
+    elif rendered and rendered < side:  # a 3D run's upsampled views are smooth by construction
+        findings.append(Finding("smoothness", None, "smoothness not judged",
+                                f"{sharpness} -- not judged: the views are rendered at {rendered} px and upsampled "
+                                f"to {side} px"))
     else:
         findings.append(Finding("smoothness", not smooth, "over-smooth" if smooth else "not over-smooth",
                                 sharpness, knobs["less_correction"] if smooth else ""))
     conv = run.convergence()
-    if conv:
+    if conv and scene:  # each preview is the training view of its step: another camera every time
+        findings.append(Finding("convergence", None, "convergence not judged", "the previews of a 3D run are "
+                                "training views from different cameras; compare the turntable with a resumed run's"))
+    elif conv:
         moving = conv["change"] > CONVERGED_CHANGE
         findings.append(Finding(
             "convergence", not moving, "not converged" if moving else "converged",

@@ -63,7 +63,7 @@ def font(size: int):
         return ImageFont.load_default()
 
 
-def _step_label(path: Path) -> str:
+def picture_label(path: Path) -> str:
     """``step_000020`` → step 20; a 3D view ``az045_el15`` → az 45° el 15°; else the file's stem."""
     stem = path.stem
     if stem.startswith("step_") and stem.split("_")[1].isdigit():
@@ -98,7 +98,7 @@ def contact_sheet(paths: list[Path], thumb: int = 128, gap: int = 2, labels: boo
         x, y = (i % cols) * (size + gap), (i // cols) * (cell_h + gap)
         sheet.paste(im, (x, y))
         if draw is not None:
-            draw.text((x + 2, y + size + 2), _step_label(path), fill=(0, 0, 0), font=small)
+            draw.text((x + 2, y + size + 2), picture_label(path), fill=(0, 0, 0), font=small)
     return sheet
 
 
