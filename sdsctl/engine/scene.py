@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from sdsctl.cameras import Camera
-from sdsctl.engine.images import contact_sheet, save_image, save_view, to_pil, view_copy
+from sdsctl.engine.images import contact_sheet, save_image, save_view, view_copy
 from sdsctl.engine.rundir import atomic_write
 
 #: frames of the turntable (the issue asks for at least 24) and their size in pixels
@@ -170,19 +169,3 @@ def aggregate(per_view: list[dict[str, Any]]) -> dict[str, Any]:
                                 "max": round(float(max(values)), 6)}
         out[name] = summary
     return out
-
-
-def label(image: Image.Image, text: str) -> Image.Image:
-    """``image`` with ``text`` written under it (the render command's sheets)."""
-    from PIL import ImageDraw
-
-    from sdsctl.engine.images import font
-
-    out = Image.new("RGB", (image.width, image.height + 16), (255, 255, 255))
-    out.paste(image, (0, 0))
-    ImageDraw.Draw(out).text((2, image.height + 2), text, fill=(0, 0, 0), font=font(12))
-    return out
-
-
-__all__ = ["aggregate", "extract_mesh", "label", "orbit", "render_views", "to_pil", "view_name",
-           "write_mesh", "write_turntable", "write_views"]
