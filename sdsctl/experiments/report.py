@@ -280,7 +280,8 @@ def _scene_cell(out: Path, run: dict[str, Any], run_dir: Path, title: str, found
            else _img(run_dir / "final.png", 96, title))
     views = "".join(_img(run_dir / v["file"], 24, f"{title}: az {v['camera']['azimuth']:g}°")
                     for v in run["views"] if (run_dir / v["file"]).is_file())
-    return (f'<td><a href="{_e(_rel(run_dir / "views.png", out))}">{top}</a><br>{views}'
+    return (f'<td><a href="{_e(_rel(run_dir / "views.png", out))}">{top}</a>'
+            f'<div style="display:grid;grid-template-columns:repeat(4,24px);gap:0 0">{views}</div>'
             f'<span class="small">{_e(verdict_word(run, found))}</span></td>')
 
 
