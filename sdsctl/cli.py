@@ -275,7 +275,9 @@ def _run(loaded, path: Path, reporter, overwrite: bool, resume: bool, log: list[
               f"progress.png in {path} hold step {result.steps_done}. Continue with: sdsctl resume {path}",
               file=sys.stderr)
         raise typer.Exit(130)
-    print(f"done: {result.steps_done} steps -> {path / 'final.png'}")
+    scene = (path / "turntable.gif").is_file()  # a 3D run's outputs, named where to look
+    print(f"done: {result.steps_done} steps -> {path / 'final.png'}"
+          + (f" (3D: views.png, turntable.gif, mesh.glb in {path})" if scene else ""))
 
 
 def _result_from_summary(path: Path):

@@ -60,6 +60,7 @@ def test_a_nerf_run_writes_views_turntable_mesh_and_per_view_metrics(cli, recipe
     assert len(glb.vertices) == len(mesh.vertices)
     assert all("camera" in r for r in records(run))
     assert "camera az" in result.output  # the log line shows the step's camera
+    assert "(3D: views.png, turntable.gif, mesh.glb in" in result.output
 
 
 def test_gradients_reach_every_field_parameter(recipe_file):
