@@ -10,7 +10,10 @@ if time allows, SDXL base (1024 px) -- in memory, on the GPU, in the asked dtype
    steps that neither log nor preview (SDS, robust NFSD in both phases, VSD);
 3. half precision: an EHC step in float16 keeps finite encoder gradients; bf16 and fp16 SDS
    steps are finite;
-4. the compiled denoiser agrees with the eager one (bf16 tolerance).
+4. the compiled denoiser agrees with the eager one (bf16 tolerance);
+5. 3D: ``sdsctl bench`` of nerf_robust_nfsd, nerf_latent_robust_nfsd and texture_robust_nfsd
+   (views rendered at 64 px; the hash grid's backend is tiny-cuda-nn where it imports), with
+   the renderer's own forward and backward.
 
 Results go to ``OUT/gpu.json`` (and are printed). ``--tiny`` runs the same script with small
 configurations on the CPU: that is how it is tested without a GPU.
@@ -250,6 +253,18 @@ def main() -> int:
 
     section("bench_sd21_compiled", compiled)
     section("half_precision", lambda: check_half_precision(device, args.tiny))
+
+    def scenes():
+        table = {}
+        sets = () if args.tiny else ("parameterization.render_size=64",)
+        for name in ("nerf_robust_nfsd", "nerf_latent_robust_nfsd", "texture_robust_nfsd"):
+            report = bench(recipe(name, device, dtype_name, *sets), steps=steps, warmup=3, prior=prior)
+            table[name] = report
+            print(f"  {name}: {report['steps_per_second']} steps/s, renderer {report.get('renderer_ms')}, "
+                  f"peak {report['peak_memory_mb']} MiB", flush=True)
+        return table
+
+    section("bench_3d", scenes)
     prior = None  # free the SD model before SDXL loads (the closures above have run)
     if not args.tiny:
         def sdxl():
