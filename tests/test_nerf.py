@@ -308,3 +308,15 @@ def test_doctor_reads_a_3d_run_view_by_view(cli, recipe_file, tmp_path):
     assert checks["views-agree"]["ok"] is False and "'hexagon'" in checks["views-agree"]["evidence"]
     assert checks["floaters"]["ok"] is False and "sparsity_weight" in checks["floaters"]["knob"]
     assert report["healthy"] is False
+
+
+def test_render_size_means_pixels_for_a_latent_scene_too(cli, recipe_file, tmp_path):
+    from PIL import Image
+
+    path = small(recipe_file, parameterization__space="latent", parameterization__render_size=None)
+    assert cli("run", path, "--out", tmp_path / "run", "--no-live").exit_code == 0
+    assert cli("render", tmp_path / "run", "--azimuth", "30", "--size", "32", "--out", tmp_path / "pics").exit_code == 0
+    (picture,) = [p for p in (tmp_path / "pics").iterdir() if p.name != "sheet.png"]
+    assert Image.open(picture).size == (32, 32)
+    final = Image.open(tmp_path / "run" / "final.png")
+    assert final.size == Image.open(tmp_path / "run" / "views" / "az000_el15.png").size

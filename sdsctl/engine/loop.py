@@ -36,6 +36,7 @@ from sdsctl.cameras import VIEW_WORDS, view_prompt, view_word
 from sdsctl.components import RunContext
 from sdsctl.engine.recipe import LoadedRecipe
 from sdsctl.engine.records import NonFinite, StepRecord
+from sdsctl.engine.scene import render_views
 from sdsctl.errors import PluginError, SdsctlError
 from sdsctl.plugins import Registered
 
@@ -229,7 +230,7 @@ class Optimization:
             return self.image()
         with blame(self.regs["parameterization"], "rendering the front view"):
             front = self.cameras.evaluation()[0]
-            return self.param.view(front, self.param.out_size if self.param.space == "rgb" else None)
+            return render_views(self.param, [front])[0]
 
     # -- the step
     def render(self, encode: bool = True) -> torch.Tensor:

@@ -36,8 +36,14 @@ def view_name(camera: Camera) -> str:
 
 
 def render_views(param, cameras: list[Camera], size: int | None = None) -> list[torch.Tensor]:
-    """RGB ``[3, H, W]`` of each camera at the model's resolution (or ``size``)."""
-    return [param.view(camera, size or param.out_size if param.space == "rgb" else size) for camera in cameras]
+    """RGB ``[3, H, W]`` of each camera, ``size`` pixels per side (default: the model's
+    resolution): an RGB scene is rendered at that size, a latent one at size / the VAE's factor
+    and decoded."""
+    if param.space == "rgb":
+        size = size or param.out_size
+    elif size is not None:
+        size = max(1, size // param.ctx.prior.vae_scale_factor)
+    return [param.view(camera, size) for camera in cameras]
 
 
 def write_views(folder: Path, cameras: list[Camera], images: list[torch.Tensor], view_size: int) -> list[Path]:

@@ -71,7 +71,7 @@ def render(
     """Render a 3D run from any cameras: one PNG per view and a labelled sheet."""
     from sdsctl.cameras import Camera
     from sdsctl.engine.images import contact_sheet, save_image
-    from sdsctl.engine.scene import view_name
+    from sdsctl.engine.scene import render_views, view_name
 
     if size is not None and size < 1:
         raise SdsctlError(f"--size {size}: give a positive number of pixels")
@@ -90,7 +90,7 @@ def render(
     paths = []
     for camera in chosen:
         path = folder / f"{view_name(camera)}_d{camera.distance:g}.png"
-        save_image(param.view(camera, size or (param.out_size if param.space == "rgb" else None)), path)
+        save_image(render_views(param, [camera], size)[0], path)
         paths.append(path)
     sheet = contact_sheet(paths, labels=True)
     if sheet is not None:
