@@ -84,10 +84,7 @@ class MeshTexture(SceneParameterization):
         return pixels.t().reshape(1, 3, size, size), {"hit": hit}
 
     def _lit(self, colour: torch.Tensor, normals: torch.Tensor, camera: Camera, jitter: bool) -> torch.Tensor:
-        light = torch.tensor(camera.position(), device=colour.device)
-        if jitter:
-            light = light + self.ctx.randn((3,)).to(colour.device) * 0.5 * light.norm()
-        light = light / light.norm()
+        light = self.light(camera, jitter, colour.device)
         diffuse = (normals * light).sum(-1, keepdim=True).abs()  # either side of the surface
         return colour * (self.config.ambient + (1 - self.config.ambient) * diffuse)
 

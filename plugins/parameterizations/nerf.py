@@ -117,12 +117,8 @@ class NeRF(SceneParameterization):
         return image, {"opacity": opacity, "weights": weights, "normals": normals, "directions": directions}
 
     def _shade(self, colour, normals, camera: Camera, jitter: bool) -> torch.Tensor:
-        """Lambertian shading under a light near the camera (DreamFusion: the light's position
-        is the camera's, perturbed; here a unit normal perturbation of its direction)."""
-        light = torch.tensor(camera.position(), device=colour.device)
-        if jitter:
-            light = light + self.ctx.randn((3,)).to(colour.device) * 0.5 * light.norm()
-        light = light / light.norm()
+        """Lambertian shading under a light near the camera (:meth:`light`)."""
+        light = self.light(camera, jitter, colour.device)
         diffuse = (normals * light).sum(-1, keepdim=True).clamp_min(0)
         shade = self.config.ambient + (1 - self.config.ambient) * diffuse
         albedo = torch.ones_like(colour) if self.config.shading == "textureless" else colour

@@ -113,6 +113,14 @@ class SceneParameterization(Parameterization):
             return self.colour(self.background_map(directions))
         return self.colour(self.background_colour)
 
+    def light(self, camera: Camera, jitter: bool, device) -> torch.Tensor:
+        """The unit direction towards a light near the camera (DreamFusion: the light's position is
+        the camera's, perturbed; here a normal perturbation of half its distance, when training)."""
+        light = torch.tensor(camera.position(), device=device)
+        if jitter:
+            light = light + self.ctx.randn((3,)).to(device) * 0.5 * light.norm()
+        return light / light.norm()
+
     def upsampled(self, image: torch.Tensor) -> torch.Tensor:
         if image.shape[-1] == self.out_size:
             return image
