@@ -35,48 +35,97 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+#: every family written, in the order of docs/performance.md's table
+FAMILIES = ("sd15", "sd21base", "sdxl", "if_m", "sd3_medium", "flux_dev", "flux_schnell")
 SDSCTL = [sys.executable, "-c", "from sdsctl.cli import main; main()"]
 
 
-def build(family: str, folder: Path) -> dict:
-    """Write ``family``'s pipeline with random weights to ``folder`` (fp16 variant, sharded)."""
+#: the component class where a family's file does not name one (``_class_name``)
+DEFAULT_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+                   "text_encoder_2": "CLIPTextModelWithProjection"}
+
+
+def spec_of(family: str) -> dict:
+    """``benchmarks/fullsize/<family>.json``: the published configurations, plus how users download them
+    (``dtype``, ``variant``, ``max_shard_size``) and the family's ``native_resolution``."""
+    return json.loads((HERE / "fullsize" / f"{family}.json").read_text())
+
+
+def settings(config: dict) -> dict:
+    """A component's configuration without the notes (keys starting with ``_``)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def t5_tokenizer(clip_tokenizer):
+    """A T5 tokenizer built offline (a ``tokenizers`` Unigram model: pad 0, eos 1, unk 2) over the shapes
+    prior's words: the published SentencePiece model cannot be downloaded here; the encoder keeps T5's
+    32,128-row embedding."""
+    from transformers import T5Tokenizer
+
+    words = sorted({w.removesuffix("</w>") for w in clip_tokenizer.get_vocab() if w.isalpha()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def component(name: str, config: dict, ids: dict):
+    """One pipeline component from its configuration: a diffusers model or scheduler, or a transformers
+    text encoder built from its ``config_class`` (a CLIP encoder gets the tokenizer's special ids)."""
     import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    import transformers
+
+    cls_name = config.get("_class_name") or DEFAULT_CLASSES[name]
+    if hasattr(diffusers, cls_name):
+        cls = getattr(diffusers, cls_name)
+        return cls.from_config(settings(config)) if "Scheduler" in cls_name else cls(**settings(config))
+    cls = getattr(transformers, cls_name)
+    extra = ids if cls_name.startswith("CLIP") else {}
+    return cls(cls.config_class(**settings(config), **extra))
+
+
+def build(family: str, folder: Path) -> dict:
+    """Write ``family``'s pipeline with random weights to ``folder`` in the dtype, variant and shards users
+    download; return the parameter count per component."""
+    import diffusers
+    from transformers import CLIPTokenizer
 
     from sdsctl.models import SHAPES_PRIOR
 
-    spec = json.loads((HERE / "fullsize" / f"{family}.json").read_text())
+    spec = spec_of(family)
     torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(str(SHAPES_PRIOR / "tokenizer"))
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    parts = {"unet": diffusers.UNet2DConditionModel(**spec["unet"]),
-             "vae": diffusers.AutoencoderKL(**spec["vae"]),
-             "text_encoder": CLIPTextModel(CLIPTextConfig(**spec["text_encoder"], **ids)),
-             "tokenizer": tokenizer}
-    if "text_encoder_2" in spec:
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"], **ids))
-        parts["tokenizer_2"] = tokenizer
-    scheduler = dict(spec["scheduler"])
-    parts["scheduler"] = getattr(diffusers, scheduler.pop("_class_name")).from_config(scheduler)
-    pipeline = getattr(diffusers, spec["pipeline"])
-    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
-        if spec["pipeline"] == "StableDiffusionPipeline" else {}
-    pipe = pipeline(**parts, **extra)
-    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True, variant="fp16", max_shard_size="5GB")
+    clip = CLIPTokenizer.from_pretrained(str(SHAPES_PRIOR / "tokenizer"))
+    ids = {"bos_token_id": clip.bos_token_id, "eos_token_id": clip.eos_token_id, "pad_token_id": clip.pad_token_id}
+    parts = {}
+    for name, config in spec.items():
+        if isinstance(config, dict):
+            parts[name] = component(name, config, ids)
+        if name.startswith("text_encoder"):
+            t5 = parts[name].__class__.__name__.startswith("T5")
+            parts[name.replace("text_encoder", "tokenizer")] = t5_tokenizer(clip) if t5 else clip
+    extra = {"StableDiffusionPipeline": {"safety_checker": None, "feature_extractor": None,
+                                         "requires_safety_checker": False},
+             "IFPipeline": {"safety_checker": None, "feature_extractor": None, "watermarker": None,
+                            "requires_safety_checker": False},
+             "StableDiffusionXLPipeline": {"add_watermarker": False}}.get(spec["pipeline"], {})
+    pipe = getattr(diffusers, spec["pipeline"])(**parts, **extra)
+    pipe.to(getattr(torch, spec.get("dtype", "float16"))).save_pretrained(
+        folder, safe_serialization=True, variant=spec.get("variant", "fp16"),
+        max_shard_size=spec.get("max_shard_size", "5GB"))
     return {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items() if hasattr(m, "parameters")}
 
 
 def measure(family: str, folder: Path, device: str, resolution: int, steps: int, work: Path) -> dict:
     """Every figure in a process of its own, one after another: a full-size model's memory is
     given back between them (SDXL in float32 takes 14 GB of the machine's 24)."""
-    sets = [f"model={folder}", "model.variant=fp16", f"device={device}", f"parameterization.resolution={resolution}"]
+    variant = spec_of(family).get("variant", "fp16")
+    sets = [f"model={folder}", f"device={device}", f"parameterization.resolution={resolution}"]
+    sets += [f"model.variant={variant}"] if variant else []
+    sets += spec_of(family).get("sets", [])
     set_args = [a for s in sets for a in ("--set", s)]
-    described = subprocess.run([*SDSCTL, "model", str(folder), "--json", "--variant", "fp16"], capture_output=True,
-                               text=True, check=True)
-    load = subprocess.run([sys.executable, "-c", LOAD, str(folder), device], capture_output=True, text=True, check=True)
-    report = json.loads(subprocess.run([*SDSCTL, "bench", "sds", *set_args, "--steps", str(steps), "--warmup", "1",
-                                        "--json"], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    described = checked([*SDSCTL, "model", str(folder), "--json", *(["--variant", variant] if variant else [])])
+    load = checked([sys.executable, "-c", LOAD, str(folder), device, variant or ""])
+    report = json.loads(checked([*SDSCTL, "bench", "sds", *set_args, "--steps", str(max(steps, 2)), "--warmup", "1",
+                                 "--json"]).splitlines()[-1])
     runs = {}
     for recipe, extra in (("sds", []), ("robust_nfsd", ["--set", "schedule.warmup_steps=1"])):
         out = work / f"{family}-{recipe}"
@@ -91,24 +140,34 @@ def measure(family: str, folder: Path, device: str, resolution: int, steps: int,
         summary = json.loads((out / "summary.json").read_text())
         runs[recipe] = {"wall_s": round(wall, 1), "loop_s": summary["seconds"],
                         "peak_memory_mb": summary["peak_memory_mb"], "status": summary["status"]}
-    return {"model": json.loads(described.stdout), "load_s": float(load.stdout.split()[-1]),
+    return {"model": json.loads(described), "load_s": float(load.split()[-1]),
             "ms_per_step": report["ms_per_step"], "floor_ratio": report["floor_ratio"],
             "bench_peak_memory_mb": report["peak_memory_mb"], "threads": report["threads"], "runs": runs}
 
 
-#: the load time, in a process of its own: ``Prior.load`` in float32 from the fp16 files
+def checked(command: list[str]) -> str:
+    """``command``'s standard output; on failure, stop with its standard error (what broke, not a traceback of
+    ``subprocess``)."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command[3:] if command[:3] == SDSCTL else command[:2])}: exit {done.returncode}\n"
+                 f"{done.stderr[-3000:]}")
+    return done.stdout
+
+
+#: the load time, in a process of its own: ``Prior.load`` in float32 from the half-precision files
 LOAD = """
 import sys, time, torch
 from sdsctl.models import Prior
 start = time.perf_counter()
-Prior.load(sys.argv[1], torch.device(sys.argv[2]), torch.float32, variant="fp16")
+Prior.load(sys.argv[1], torch.device(sys.argv[2]), torch.float32, variant=sys.argv[3] or None)
 print(round(time.perf_counter() - start, 1))
 """
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default="sd15,sd21base,sdxl")
+    parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--resolution", type=int, default=None, help="default: the family's native one")
     parser.add_argument("--steps", type=int, default=3)
@@ -123,11 +182,11 @@ def main() -> None:
             parameters = build(family, folder)
             results.setdefault(family, {})["write_s"] = round(time.perf_counter() - start, 1)
             results[family]["parameters"] = parameters
-        spec = json.loads((HERE / "fullsize" / f"{family}.json").read_text())
-        resolution = args.resolution or spec["unet"]["sample_size"] * 8
+        spec = spec_of(family)
+        resolution = args.resolution or spec["native_resolution"]
         results.setdefault(family, {}).update(
             measure(family, folder, args.device, resolution, args.steps, args.work),
-            resolution=resolution, device=args.device, dtype="float32 (fp16 files)",
+            resolution=resolution, device=args.device, dtype=f"float32 ({spec.get('dtype', 'float16')} files)",
             machine=f"{os.cpu_count()} CPUs" if args.device == "cpu" else torch.cuda.get_device_name(0))
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(family, json.dumps({k: results[family][k] for k in ("load_s", "ms_per_step", "floor_ratio")}),

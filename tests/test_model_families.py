@@ -218,11 +218,17 @@ def test_unknown_pipeline_class_names_it_and_the_families(cli, tmp_path, tiny_fa
         assert "Traceback" not in result.stderr
 
 
-def test_latent_parameterization_on_a_pixel_model_names_those_that_fit(cli, tmp_path, tiny_families, no_load):
-    result = cli("run", "robust_nfsd", "--model", str(tiny_families["if"]), "--no-live", "--out", tmp_path / "r")
+@pytest.mark.parametrize("recipe, latent, fits", [
+    ("robust_nfsd", "latent-pixels", "rgb-pixels, rgb-hashgrid, mesh-texture, nerf"),
+    ("robust_nfsd_ehl", "latent-hashgrid", "rgb-hashgrid, rgb-pixels, mesh-texture, nerf"),
+])
+def test_latent_parameterization_on_a_pixel_model_names_those_that_fit(recipe, latent, fits, cli, tmp_path,
+                                                                       tiny_families, no_load):
+    """The RGB counterpart first and suggested, then the other 2D ones, then the 3D ones."""
+    result = cli("run", recipe, "--model", str(tiny_families["if"]), "--no-live", "--out", tmp_path / "r")
     assert result.exit_code == 2
-    assert "parameterization.name" in result.stderr and "'latent-pixels' renders latents" in result.stderr
-    assert "rgb-hashgrid, rgb-pixels" in result.stderr
+    assert "parameterization.name" in result.stderr and f"'{latent}' renders latents" in result.stderr
+    assert f"renders RGB: {fits} (--set parameterization.name={fits.split(',')[0]})" in result.stderr
 
 
 @pytest.mark.parametrize("name, resolution", [("sd1", 60), ("sdxl", 72), ("if", 15)])

@@ -506,9 +506,12 @@ def _latent_on_pixels(recipe: Recipe, param_cls: type, info: ModelInfo, where: _
         return Problem(where(("parameterization", "space")), "parameterization.space",
                        f"space: latent renders the model's latents, but {what}; use space: rgb "
                        "(--set parameterization.space=rgb)")
-    fits = sorted(n for n, r in plugins.components("parameterizations").items() if r.obj.space == "rgb")
+    name, scene = recipe.parameterization.name, getattr(param_cls, "scene", False)
+    rgb = {n: r.obj for n, r in plugins.components("parameterizations").items() if r.obj.space == "rgb"}
+    # the RGB counterpart first (latent-pixels -> rgb-pixels), then those of the same kind (2D or 3D)
+    fits = sorted(rgb, key=lambda n: (n != name.replace("latent", "rgb"), getattr(rgb[n], "scene", False) != scene, n))
     return Problem(where(("parameterization", "name")), "parameterization.name",
-                   f"{recipe.parameterization.name!r} renders latents, but {what}; use a parameterization that "
+                   f"{name!r} renders latents, but {what}; use a parameterization that "
                    f"renders RGB: {', '.join(fits)} (--set parameterization.name={fits[0] if fits else '...'})")
 
 
