@@ -2,8 +2,8 @@
 
 For each family (``benchmarks/fullsize/<family>.json``: the published model's component
 configurations, values copied from its config files), write a diffusers folder with random
-weights in the dtype and variant users download (fp16 safetensors, ``variant="fp16"``, sharded
-over 5 GB like the published UNets), then measure what a user's first hour meets:
+weights in the dtype, variant and shards users download (fp16 safetensors with ``variant="fp16"``
+for SD and IF, fp16 files for SD3, bf16 for FLUX; 5 GB shards), then measure what a user's first hour meets:
 
 * ``sdsctl model DIR --json`` (the configuration read without weights);
 * the load time (``Prior.load``, the recipe's dtype);
@@ -12,13 +12,17 @@ over 5 GB like the published UNets), then measure what a user's first hour meets
   normal CLI (validation, text encoders released, the loop, the run directory): wall time and
   peak memory (RSS on the CPU, the allocator's peak on CUDA) from ``summary.json``.
 
-The prompts go through the shipped shapes prior's CLIP tokenizer (offline: no tokenizer can be
-downloaded here); the text encoders keep the published vocabulary size and widths. One JSON
+The prompts go through the shipped shapes prior's CLIP tokenizer, and a T5 tokenizer built offline
+over its words (no tokenizer can be downloaded here); the text encoders keep the published
+vocabulary sizes and widths. One JSON
 object per family is written to ``--out``::
 
-    python benchmarks/fullsize.py --families sd15,sd21base,sdxl --device cpu --resolution 256 --out fullsize.json
+    python benchmarks/fullsize.py --device cpu --resolution 256 --out fullsize.json
 
-Families written so far: SD 1.5, SD 2.1-base, SDXL base (docs/performance.md has the table).
+Families (``FAMILIES``): SD 1.5, SD 2.1-base, SDXL base, DeepFloyd IF-I-M, SD3-medium, FLUX.1 dev and
+schnell. Where a component does not fit the 24 GB machine (T5-XXL's 4.8 B parameters, FLUX's 12 B
+transformer) its file keeps the published widths with fewer layers and says so (``_published_num_layers``).
+docs/performance.md has the table.
 """
 
 from __future__ import annotations
@@ -169,7 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--resolution", type=int, default=None, help="default: the family's native one")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="at most this many pixels a side (default: each family's native resolution; IF-I's is 64)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdsctl-fullsize"))
     parser.add_argument("--out", type=Path, default=Path("fullsize.json"))
@@ -183,7 +188,7 @@ def main() -> None:
             results.setdefault(family, {})["write_s"] = round(time.perf_counter() - start, 1)
             results[family]["parameters"] = parameters
         spec = spec_of(family)
-        resolution = args.resolution or spec["native_resolution"]
+        resolution = min(args.resolution or spec["native_resolution"], spec["native_resolution"])
         results.setdefault(family, {}).update(
             measure(family, folder, args.device, resolution, args.steps, args.work),
             resolution=resolution, device=args.device, dtype=f"float32 ({spec.get('dtype', 'float16')} files)",

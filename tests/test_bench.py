@@ -48,7 +48,7 @@ def test_calls_per_step_and_what_the_floor_replays(recipe_file, prior, monkeypat
     original = bench_module._floor_ms
 
     def recording(prior_, calls, device, repeats):
-        replayed.append({kind for kind, _, _ in calls})
+        replayed.append({kind for kind, *_ in calls})
         return original(prior_, calls, device, repeats)
 
     monkeypatch.setattr(bench_module, "_floor_ms", recording)

@@ -234,6 +234,28 @@ def test_sds_on_flux_dev_is_one_row_with_the_scale_as_input(cli, tmp_path, tiny_
     assert calls == [(3, None)]  # true CFG rows: unconditional, conditional, negative
 
 
+def test_bench_on_flux_dev_replays_the_guidance_scale_in_its_floor(cli, tiny_flow, monkeypatch):
+    """``sdsctl bench`` records each model call to replay it alone (the floor); FLUX.1-dev's calls
+    carry the guidance scale as an input, which the recording once dropped (found at full size:
+    ``benchmarks/fullsize.py``, issue 42)."""
+    from sdsctl.models.flux import FluxPrior
+
+    scales = []
+    original = FluxPrior.predict_noise
+
+    def spy(self, z_t, t, embeddings, guidance=None):
+        scales.append(guidance)
+        return original(self, z_t, t, embeddings, guidance)
+
+    monkeypatch.setattr(FluxPrior, "predict_noise", spy)
+    result = cli("bench", "sds", "--model", str(tiny_flow["flux-dev"]), "--set", "parameterization.resolution=64",
+                 "--set", "guidance.guidance_scale=4", "--steps", "2", "--warmup", "0", "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["unet_calls_per_step"] == 1 and report["floor_ratio"] > 0
+    assert len(scales) > 4 and set(scales) == {4.0}  # the steps' calls and the floor's replays alike
+
+
 def test_rfds_weighting_is_one_recipe_line_and_vsd_adapts_the_transformer(cli, tmp_path, tiny_flow, priors):
     """RFDS: every step's recorded weight is 1/(1 − σ_t) of its t (the residual it multiplies:
     ``test_sds_eps_residual_is_the_velocity_residual_weighted_and_rfds_undoes_the_weight``). VSD:

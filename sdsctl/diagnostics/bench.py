@@ -128,20 +128,20 @@ def _instrumented(opt: Optimization, timer: PhaseTimer | None, calls: list | Non
     prior = opt.prior
     if calls is not None:
         def recording(fn):
-            def predict(z_t, t, embeddings):
-                calls.append(("unet", (z_t.detach(), t, embeddings.detach()), torch.is_grad_enabled()))
-                return fn(z_t, t, embeddings)
+            def predict(z_t, t, embeddings, **options):  # options: FLUX.1-dev's guidance scale
+                calls.append(("unet", (z_t.detach(), t, embeddings.detach()), torch.is_grad_enabled(), options))
+                return fn(z_t, t, embeddings, **options)
             return predict
 
         def recording_encode(fn):
             def encode(rgb):
-                calls.append(("encode", (rgb.detach(),), torch.is_grad_enabled() and rgb.requires_grad))
+                calls.append(("encode", (rgb.detach(),), torch.is_grad_enabled() and rgb.requires_grad, {}))
                 return fn(rgb)
             return encode
 
         def recording_decode(fn):
             def decode(z):
-                calls.append(("decode", (z.detach(),), False))
+                calls.append(("decode", (z.detach(),), False, {}))
                 return fn(z)
             return decode
 
@@ -186,10 +186,10 @@ def _floor_ms(prior, calls: list, device: torch.device, repeats: int) -> float:
     inputs (mean)."""
 
     def once():
-        for kind, args, grad in calls:
+        for kind, args, grad, options in calls:
             with torch.set_grad_enabled(grad):
                 if kind == "unet":
-                    out = prior.predict_noise(*args)
+                    out = prior.predict_noise(*args, **options)
                     if grad:
                         torch.autograd.backward(out.sum())
                 elif kind == "decode":
@@ -255,7 +255,7 @@ def _bench(loaded: LoadedRecipe, steps: int, warmup: int, prior) -> dict[str, An
         calls: list = []
         with _instrumented(opt, None, calls):  # one step's model evaluations, on its real inputs
             _run_steps(opt, warmup, 1, 1)
-        unet_calls = sum(1 for kind, _, _ in calls if kind == "unet")
+        unet_calls = sum(1 for kind, *_ in calls if kind == "unet")
         ms_per_step, floor = _timed_against_floor(opt, prior, calls, device, warmup, steps)
 
         timer = PhaseTimer(Clock(device))
