@@ -124,10 +124,10 @@ def measure(family: str, folder: Path, device: str, resolution: int, steps: int,
     variant = spec_of(family).get("variant", "fp16")
     sets = [f"model={folder}", f"device={device}", f"parameterization.resolution={resolution}"]
     sets += [f"model.variant={variant}"] if variant else []
-    sets += spec_of(family).get("sets", [])
+    sets += spec_of(family).get("sets", []) + [f"dtype={run_dtype(family, device)}"]
     set_args = [a for s in sets for a in ("--set", s)]
     described = checked([*SDSCTL, "model", str(folder), "--json", *(["--variant", variant] if variant else [])])
-    load = checked([sys.executable, "-c", LOAD, str(folder), device, variant or ""])
+    load = checked([sys.executable, "-c", LOAD, str(folder), device, variant or "", run_dtype(family, device)])
     report = json.loads(checked([*SDSCTL, "bench", "sds", *set_args, "--steps", str(max(steps, 2)), "--warmup", "1",
                                  "--json"]).splitlines()[-1])
     runs = {}
@@ -159,12 +159,18 @@ def checked(command: list[str]) -> str:
     return done.stdout
 
 
-#: the load time, in a process of its own: ``Prior.load`` in float32 from the half-precision files
+def run_dtype(family: str, device: str) -> str:
+    """The dtype a user runs the family in: its files' (float16, FLUX's bfloat16) on CUDA, float32 on the CPU
+    (float16 has few fast CPU kernels; ``resolve_dtype``)."""
+    return spec_of(family).get("dtype", "float16") if device == "cuda" else "float32"
+
+
+#: the load time, in a process of its own: ``Prior.load`` in the run's dtype from the half-precision files
 LOAD = """
 import sys, time, torch
 from sdsctl.models import Prior
 start = time.perf_counter()
-Prior.load(sys.argv[1], torch.device(sys.argv[2]), torch.float32, variant=sys.argv[3] or None)
+Prior.load(sys.argv[1], torch.device(sys.argv[2]), getattr(torch, sys.argv[4]), variant=sys.argv[3] or None)
 print(round(time.perf_counter() - start, 1))
 """
 
@@ -191,7 +197,8 @@ def main() -> None:
         resolution = min(args.resolution or spec["native_resolution"], spec["native_resolution"])
         results.setdefault(family, {}).update(
             measure(family, folder, args.device, resolution, args.steps, args.work),
-            resolution=resolution, device=args.device, dtype=f"float32 ({spec.get('dtype', 'float16')} files)",
+            resolution=resolution, device=args.device,
+            dtype=f"{run_dtype(family, args.device)} ({spec.get('dtype', 'float16')} files)",
             machine=f"{os.cpu_count()} CPUs" if args.device == "cpu" else torch.cuda.get_device_name(0))
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print(family, json.dumps({k: results[family][k] for k in ("load_s", "ms_per_step", "floor_ratio")}),
