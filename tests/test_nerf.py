@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from conftest import run_interrupted_after
 
@@ -113,7 +117,6 @@ def test_render_and_export_a_3d_run(cli, recipe_file, tmp_path):
     result = cli("render", tmp_path / "run", "--azimuth", "0,90", "--elevation", "30", "--size", "12",
                  "--out", tmp_path / "pics")
     assert result.exit_code == 0, result.output
-    from PIL import Image
 
     assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["az000_el30_d2.3.png", "az090_el30_d2.3.png",
                                                                        "sheet.png"]
@@ -268,6 +271,11 @@ def test_compare_mixes_2d_and_3d_recipes_and_counts_views(cli, recipe_file, tmp_
     assert f"| scene | {matches}/6 views" in (tmp_path / "cmp" / "compare.md").read_text()
     page = (tmp_path / "cmp" / "report.html").read_text()
     assert page.count("data:image/gif;base64,") == 2 and "worst view" in page
+    embedded = re.search(r'data:image/gif;base64,([^"]+)"', page).group(1)
+    with Image.open(io.BytesIO(base64.b64decode(embedded))) as gif:  # scaled to the cell, still animated
+        run_dir = Path(scene_row["runs"][0]["run_dir"])
+        with Image.open(run_dir / "turntable.gif") as written:
+            assert gif.size == (96, 96) and gif.n_frames == written.n_frames > 1
     assert "views match" in page or "views miss" in page or "/3 views" in page
 
 
@@ -277,7 +285,6 @@ def test_doctor_reads_a_3d_run_view_by_view(cli, recipe_file, tmp_path):
     import shutil
 
     import trimesh
-    from PIL import Image
 
     assert cli("run", small(recipe_file), "--out", tmp_path / "run", "--no-live").exit_code == 0
     report = json.loads(cli("doctor", tmp_path / "run", "--json").output)
@@ -311,7 +318,6 @@ def test_doctor_reads_a_3d_run_view_by_view(cli, recipe_file, tmp_path):
 
 
 def test_render_size_means_pixels_for_a_latent_scene_too(cli, recipe_file, tmp_path):
-    from PIL import Image
 
     path = small(recipe_file, parameterization__space="latent", parameterization__render_size=None)
     assert cli("run", path, "--out", tmp_path / "run", "--no-live").exit_code == 0

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+from PIL import Image, ImageSequence
 
 from sdsctl.engine.rundir import atomic_write_text
 from sdsctl.engine.runread import RunData
@@ -56,6 +59,20 @@ def _e(x: Any) -> str:
 
 def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def gif_thumbnail_uri(path: Path, size: int) -> str:
+    """An animated GIF as a ``data:`` URI, every frame scaled to ``size`` pixels a side: a run's
+    turntable is written at the render size (36 frames of 256 px, about 600 KB), and a page of
+    144 runs embedding those would weigh 100 MB to show them at 96 px."""
+    with Image.open(path) as gif:
+        duration, loop = gif.info.get("duration", 80), gif.info.get("loop", 0)
+        frames = [frame.convert("RGB").resize((size, size), Image.Resampling.BOX)
+                  for frame in ImageSequence.Iterator(gif)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=loop,
+                   optimize=True)
+    return "data:image/gif;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _img(path: Path, size: int, title: str) -> str:
@@ -275,7 +292,7 @@ def _scene_cell(out: Path, run: dict[str, Any], run_dir: Path, title: str, found
     """A 3D run's cell: its turntable (an animated GIF, embedded) above its held-out views, and
     how many of them the verdict metric matches."""
     turntable = run_dir / "turntable.gif"
-    top = (f'<img src="data:image/gif;base64,{base64.b64encode(turntable.read_bytes()).decode()}" width="96" '
+    top = (f'<img src="{gif_thumbnail_uri(turntable, 96)}" width="96" '
            f'height="96" alt="{_e(title)}" title="{_e(title)} (turntable)">' if turntable.is_file()
            else _img(run_dir / "final.png", 96, title))
     views = "".join(_img(run_dir / v["file"], 24, f"{title}: az {v['camera']['azimuth']:g}°")
