@@ -175,6 +175,35 @@ print(round(time.perf_counter() - start, 1))
 """
 
 
+#: the table's names for the families
+NAMES = {"sd15": "SD 1.5", "sd21base": "SD 2.1-base", "sdxl": "SDXL base", "if_m": "DeepFloyd IF-I-M",
+         "sd3_medium": "SD3-medium", "flux_dev": "FLUX.1-dev", "flux_schnell": "FLUX.1-schnell"}
+
+
+def table(results: dict) -> str:
+    """docs/performance.md's table from a results file: one row per family."""
+    def millions(n: int) -> str:
+        return f"{n / 1e6:,.1f} M"
+
+    rows = ["| family (parameters: denoiser / text encoders / VAE) | pixels | load | ms/step (`bench`) | floor_ratio "
+            "| peak RSS: sds / robust NFSD | `run` wall time: sds / robust NFSD |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for family, r in results.items():
+        parameters = r["model"]["parameters"]
+        denoiser = parameters.get("unet") or parameters.get("transformer")
+        encoders = " + ".join(millions(parameters[k]) for k in sorted(parameters) if k.startswith("text_encoder"))
+        cut = [k for k, v in spec_of(family).items() if isinstance(v, dict) and any(x.startswith("_published")
+                                                                                  for x in v)]
+        note = f" ({', '.join(cut)} with fewer layers)" if cut else ""
+        vae = f" / {millions(parameters['vae'])}" if "vae" in parameters else ""
+        sds, robust = r["runs"]["sds"], r["runs"]["robust_nfsd"]
+        rows.append(f"| {NAMES.get(family, family)}{note} ({millions(denoiser)} / {encoders}{vae}) | {r['resolution']} "
+                    f"| {r['load_s']:.1f} s | {r['ms_per_step']:,.0f} | {r['floor_ratio']:.3f} "
+                    f"| {sds['peak_memory_mb'] / 1000:.1f} GB / {robust['peak_memory_mb'] / 1000:.1f} GB "
+                    f"| {sds['wall_s']:.1f} s / {robust['wall_s']:.1f} s |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(FAMILIES))
@@ -184,8 +213,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdsctl-fullsize"))
     parser.add_argument("--out", type=Path, default=Path("fullsize.json"))
+    parser.add_argument("--table", action="store_true", help="print --out's results as docs/performance.md's table")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.table:
+        print(table(results))
+        return
     for family in args.families.split(","):
         folder = args.work / family
         if not (folder / "model_index.json").is_file():

@@ -158,15 +158,20 @@ def _header(path: Path) -> dict:
 def _weight_files(folder: Path, variant: str | None) -> list[Path]:
     """The safetensors files a ``from_pretrained(..., variant=variant)`` would read in ``folder``."""
 
-    def variant_of(name: str) -> str | None:  # model.fp16.safetensors -> fp16
-        parts = name.removesuffix(".index.json").split(".")
+    def variant_of(name: str) -> str | None:
+        """model.safetensors -> None, model.fp16.safetensors -> fp16; a sharded component's index:
+        model.safetensors.index.json -> None, model.safetensors.index.fp16.json -> fp16 (diffusers'
+        and transformers' ``_add_variant``; its shards are model.fp16-00001-of-00002.safetensors)."""
+        if ".safetensors.index" in name:
+            return name.removesuffix(".json").split(".safetensors.index")[1].lstrip(".") or None
+        parts = name.split(".")
         return parts[-2] if len(parts) > 2 else None
 
-    for pattern in ("*.safetensors.index.json", "*.safetensors"):
+    for pattern in ("*.safetensors.index*.json", "*.safetensors"):
         found = sorted(p for p in folder.glob(pattern) if variant_of(p.name) == variant)
         if not found:
             continue
-        if pattern.endswith("index.json"):
+        if pattern.endswith(".json"):
             shards = sorted(set(read_json(found[0]).get("weight_map", {}).values()))
             return [folder / s for s in shards]
         return found
