@@ -66,7 +66,12 @@ def resolve(name: str, option: str = "--device") -> torch.device:
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory in MiB (``peak_memory_mb`` in summary.json and ``bench``): allocated on a CUDA
-    device (since the last reset), else the process's peak RSS."""
+    device (since the last reset), else the process's peak RSS.
+
+    On Linux the peak RSS is ``VmHWM`` (/proc/self/status), this process's own: ``ru_maxrss``
+    keeps the peak of whatever the process was before ``exec`` -- with ``vfork``, as Python's
+    ``subprocess`` uses, the *parent's* peak -- so a run started by a script that had held a
+    15 GB model reported 15 GB whatever it used itself (found by ``benchmarks/fullsize.py``)."""
     import resource
     import sys
 
@@ -74,5 +79,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return (peak if sys.platform == "darwin" else peak * 1024) / 2**20

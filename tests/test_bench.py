@@ -104,3 +104,20 @@ def test_ops_per_step_counts_the_step_s_own_operations_apart_from_the_model_s():
     assert "aten.randn.generator" in outside  # the guidance's noise is the step's own work
     assert not any("convolution" in op for op in outside)  # the UNet's are not
     assert report["ops_per_step_in_model_calls"] > report["ops_per_step_outside"] > 0
+
+
+def test_peak_memory_is_the_process_own_not_its_launchers():
+    """``peak_memory_mb`` on the CPU: a process started by one that once held far more memory
+    reports its own peak. ``ru_maxrss`` carries the launcher's peak across a ``vfork`` + ``exec``
+    (Python's ``subprocess``), so every run ``benchmarks/fullsize.py`` started after building a
+    15 GB model read 15 GB (issue 42)."""
+    import subprocess
+    import sys
+
+    ballast = b"\x01" * (1200 * 2**20)  # 1.2 GB, every page touched
+    del ballast
+    probe = ("import torch; from sdsctl.devices import peak_memory_mb; "
+             "print(peak_memory_mb(torch.device('cpu')))")
+    child_peak = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                      check=True).stdout.split()[-1])
+    assert 50 < child_peak < 1000  # importing torch, not the launcher's 1.2 GB

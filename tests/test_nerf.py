@@ -270,13 +270,29 @@ def test_compare_mixes_2d_and_3d_recipes_and_counts_views(cli, recipe_file, tmp_
     matches = scene_row["summary"]["matches"]
     assert f"| scene | {matches}/6 views" in (tmp_path / "cmp" / "compare.md").read_text()
     page = (tmp_path / "cmp" / "report.html").read_text()
-    assert page.count("data:image/gif;base64,") == 2 and "worst view" in page
-    embedded = re.search(r'data:image/gif;base64,([^"]+)"', page).group(1)
-    with Image.open(io.BytesIO(base64.b64decode(embedded))) as gif:  # scaled to the cell, still animated
-        run_dir = Path(scene_row["runs"][0]["run_dir"])
-        with Image.open(run_dir / "turntable.gif") as written:
-            assert gif.size == (96, 96) and gif.n_frames == written.n_frames > 1
+    assert page.count("data:image/webp;base64,") == 2 and "worst view" in page
+    embedded = re.search(r'data:image/webp;base64,([^"]+)"', page).group(1)
+    with Image.open(io.BytesIO(base64.b64decode(embedded))) as shown:  # scaled to the cell
+        assert shown.size == (96, 96)
     assert "views match" in page or "views miss" in page or "/3 views" in page
+
+
+def test_the_report_embeds_a_turntable_scaled_with_every_frame(tmp_path):
+    """``turntable_uri``: the GIF a run writes becomes an animated WebP at the cell's size, frame
+    for frame (a 144-run page embedding the GIFs themselves weighed 100 MB)."""
+    from sdsctl.experiments.report import turntable_uri
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+    frames = [Image.new("RGB", (256, 256), c) for c in colours]
+    frames[0].save(tmp_path / "turntable.gif", save_all=True, append_images=frames[1:], duration=80, loop=0)
+    uri = turntable_uri(tmp_path / "turntable.gif", 96)
+    assert uri.startswith("data:image/webp;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as shown:
+        assert shown.size == (96, 96) and shown.n_frames == len(colours)
+        for i, colour in enumerate(colours):
+            shown.seek(i)
+            centre = shown.convert("RGB").getpixel((48, 48))
+            assert max(abs(a - b) for a, b in zip(centre, colour)) < 24  # lossy, but that frame's colour
 
 
 def test_doctor_reads_a_3d_run_view_by_view(cli, recipe_file, tmp_path):

@@ -61,18 +61,20 @@ def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def gif_thumbnail_uri(path: Path, size: int) -> str:
-    """An animated GIF as a ``data:`` URI, every frame scaled to ``size`` pixels a side: a run's
-    turntable is written at the render size (36 frames of 256 px, about 600 KB), and a page of
-    144 runs embedding those would weigh 100 MB to show them at 96 px."""
+def turntable_uri(path: Path, size: int) -> str:
+    """A run's turntable (an animated GIF) as an animated WebP ``data:`` URI, every frame scaled to
+    ``size`` pixels a side. The GIF is written at the render size (36 frames of 256 px, about
+    600 KB); even scaled to 96 px a GIF of a NeRF's soft gradients stays about 200 KB, and a page
+    of 144 runs weighed 100 MB, then 41 MB. As a lossy WebP the same turntable is about 17 KB
+    (every browser shows animated WebP)."""
     with Image.open(path) as gif:
         duration, loop = gif.info.get("duration", 80), gif.info.get("loop", 0)
         frames = [frame.convert("RGB").resize((size, size), Image.Resampling.BOX)
                   for frame in ImageSequence.Iterator(gif)]
     buffer = io.BytesIO()
-    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=loop,
-                   optimize=True)
-    return "data:image/gif;base64," + base64.b64encode(buffer.getvalue()).decode()
+    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=duration, loop=loop,
+                   quality=75, method=4)
+    return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _img(path: Path, size: int, title: str) -> str:
@@ -289,10 +291,10 @@ def _grid(out: Path, results: dict[str, dict[str, Any]], pairs: list[tuple[str, 
 
 
 def _scene_cell(out: Path, run: dict[str, Any], run_dir: Path, title: str, found) -> str:
-    """A 3D run's cell: its turntable (an animated GIF, embedded) above its held-out views, and
+    """A 3D run's cell: its turntable (animated, embedded) above its held-out views, and
     how many of them the verdict metric matches."""
     turntable = run_dir / "turntable.gif"
-    top = (f'<img src="{gif_thumbnail_uri(turntable, 96)}" width="96" '
+    top = (f'<img src="{turntable_uri(turntable, 96)}" width="96" '
            f'height="96" alt="{_e(title)}" title="{_e(title)} (turntable)">' if turntable.is_file()
            else _img(run_dir / "final.png", 96, title))
     views = "".join(_img(run_dir / v["file"], 24, f"{title}: az {v['camera']['azimuth']:g}°")
