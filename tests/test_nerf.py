@@ -270,8 +270,10 @@ def test_compare_mixes_2d_and_3d_recipes_and_counts_views(cli, recipe_file, tmp_
     matches = scene_row["summary"]["matches"]
     assert f"| scene | {matches}/6 views" in (tmp_path / "cmp" / "compare.md").read_text()
     page = (tmp_path / "cmp" / "report.html").read_text()
-    assert page.count("data:image/webp;base64,") == 2 and "worst view" in page
-    embedded = re.search(r'data:image/webp;base64,([^"]+)"', page).group(1)
+    turntables = re.findall(r'<img src="data:image/webp;base64,([^"]+)" width="96"', page)
+    views = re.findall(r'<img src="data:image/webp;base64,[^"]+" width="24"', page)
+    assert len(turntables) == 2 and len(views) == 2 * 3 and "worst view" in page
+    embedded = turntables[0]
     with Image.open(io.BytesIO(base64.b64decode(embedded))) as shown:  # scaled to the cell
         assert shown.size == (96, 96)
     assert "views match" in page or "views miss" in page or "/3 views" in page
