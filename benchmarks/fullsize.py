@@ -189,7 +189,9 @@ def table(results: dict) -> str:
             "| peak RSS: sds / robust NFSD | `run` wall time: sds / robust NFSD |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for family, r in results.items():
-        parameters = r["model"]["parameters"]
+        # the built modules' counts where this script built them (the headers also count saved
+        # buffers: SD3's positional embedding, 56.6 M), else the headers' (``sdsctl model``)
+        parameters = {**r["model"]["parameters"], **r.get("parameters", {})}
         denoiser = parameters.get("unet") or parameters.get("transformer")
         encoders = " + ".join(millions(parameters[k]) for k in sorted(parameters) if k.startswith("text_encoder"))
         cut = [k for k, v in spec_of(family).items() if isinstance(v, dict) and any(x.startswith("_published")
