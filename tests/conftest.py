@@ -75,6 +75,21 @@ def _plugins_loaded():
     plugins.load_plugins()
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_left_as_found(request):
+    """Every test leaves SIGINT's and SIGTERM's handlers as it found them: one left changed makes
+    the Ctrl-C tests that follow it (and the processes they start, which inherit an ignored
+    SIGINT) deaf to Ctrl-C."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    changed = [signal.Signals(sig).name for sig, handler in before.items() if signal.getsignal(sig) is not handler]
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    assert not changed, f"{request.node.nodeid} left the {', '.join(changed)} handler changed"
+
+
 @pytest.fixture
 def recipe_file(tmp_path, tiny_prior):
     """Write a recipe (a dict, merged over a small valid one, or raw YAML text) and return its path."""
