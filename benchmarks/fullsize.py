@@ -121,13 +121,13 @@ def build(family: str, folder: Path) -> dict:
 def measure(family: str, folder: Path, device: str, resolution: int, steps: int, work: Path) -> dict:
     """Every figure in a process of its own, one after another: a full-size model's memory is
     given back between them (SDXL in float32 takes 14 GB of the machine's 24)."""
-    variant = spec_of(family).get("variant", "fp16")
-    sets = [f"model={folder}", f"device={device}", f"parameterization.resolution={resolution}"]
-    sets += [f"model.variant={variant}"] if variant else []
-    sets += spec_of(family).get("sets", []) + [f"dtype={run_dtype(family, device)}"]
+    spec, dtype = spec_of(family), run_dtype(family, device)
+    variant = spec.get("variant", "fp16")
+    sets = [f"model={folder}", f"device={device}", f"parameterization.resolution={resolution}", f"dtype={dtype}"]
+    sets += ([f"model.variant={variant}"] if variant else []) + spec.get("sets", [])
     set_args = [a for s in sets for a in ("--set", s)]
     described = checked([*SDSCTL, "model", str(folder), "--json", *(["--variant", variant] if variant else [])])
-    load = checked([sys.executable, "-c", LOAD, str(folder), device, variant or "", run_dtype(family, device)])
+    load = checked([sys.executable, "-c", LOAD, str(folder), device, variant or "", dtype])
     report = json.loads(checked([*SDSCTL, "bench", "sds", *set_args, "--steps", str(max(steps, 2)), "--warmup", "1",
                                  "--json"]).splitlines()[-1])
     runs = {}

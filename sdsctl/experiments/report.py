@@ -61,6 +61,13 @@ def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
+def _webp_uri(frames: list[Image.Image], **options) -> str:
+    """Pictures (one, or an animation's frames) as a lossy WebP ``data:`` URI."""
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="WEBP", save_all=len(frames) > 1, append_images=frames[1:], **options)
+    return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def turntable_uri(path: Path, size: int) -> str:
     """A run's turntable (an animated GIF) as an animated WebP ``data:`` URI, every frame scaled to
     ``size`` pixels a side. The GIF is written at the render size (36 frames of 256 px, about
@@ -71,10 +78,7 @@ def turntable_uri(path: Path, size: int) -> str:
         duration, loop = gif.info.get("duration", 80), gif.info.get("loop", 0)
         frames = [frame.convert("RGB").resize((size, size), Image.Resampling.BOX)
                   for frame in ImageSequence.Iterator(gif)]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=duration, loop=loop,
-                   quality=75, method=4)
-    return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return _webp_uri(frames, duration=duration, loop=loop, quality=75, method=4)
 
 
 def thumbnail_uri(path: Path, size: int) -> str:
@@ -82,10 +86,7 @@ def thumbnail_uri(path: Path, size: int) -> str:
     render size and shown at 24 px: 144 runs' 8 views embedded as PNGs were 6 MB of a page; as
     48 px WebPs, under 0.5 MB)."""
     with Image.open(path) as picture:
-        small = picture.convert("RGB").resize((size, size), Image.Resampling.BOX)
-    buffer = io.BytesIO()
-    small.save(buffer, format="WEBP", quality=80)
-    return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode()
+        return _webp_uri([picture.convert("RGB").resize((size, size), Image.Resampling.BOX)], quality=80)
 
 
 def _img(path: Path, size: int, title: str) -> str:
